@@ -1,0 +1,162 @@
+"""One training config: dataclasses loaded from YAML, overridable with ``--set a.b=value``.
+
+Unknown keys and ill-typed values are errors that name the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "revcol_tiny"
+    # Fields of RevColConfig to override (channels, layers, num_columns, num_classes, ...).
+    args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    # "digits" is the embedded scikit-learn handwritten digits set; otherwise an ImageFolder path.
+    dataset: str = "digits"
+    img_size: int = 32
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 10
+    batch_size: int = 64  # global, across all ranks
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    seed: int = 0
+    log_every: int = 10
+    max_steps: Optional[int] = None  # stop early (smoke runs)
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if tp is Any or origin in (dict, Dict):
+        if origin in (dict, Dict) and not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; valid keys here: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: Dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r} (e.g. --set train.lr=1e-3)")
+    dotted, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {e}") from None
+    parts = dotted.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for o in overrides:
+        _apply_override(tree, o)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from .models import get_variant
+
+    try:
+        get_variant(cfg.model.name).replace(**cfg.model.args)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise ConfigError(f"model: {msg}") from None
+    t = cfg.train
+    problems: List[str] = []
+    if t.epochs < 1:
+        problems.append(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.batch_size < 1:
+        problems.append(f"train.batch_size must be >= 1, got {t.batch_size}")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if cfg.data.img_size < 32:
+        problems.append(f"data.img_size must be >= 32 (RevCol's stride 32), got {cfg.data.img_size}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,170 @@
+"""One RevCol column: four levels joined by reversible alpha shortcuts.
+
+The column is written as plain per-level functions (``level_forward``) so that the
+reversible engine can run, invert and recompute one level at a time.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import ConvNeXtBlock, Conv2d, LayerNorm2d, Linear
+
+ALPHA_MIN = 1e-3
+ALPHA_INIT = 0.5
+
+
+def clamp_alpha(alpha: torch.Tensor, min_abs: float = ALPHA_MIN) -> torch.Tensor:
+    """sign(alpha) * max(|alpha|, min_abs), computed functionally.
+
+    The published code edits ``alpha.data`` in place inside forward; under ZeRO-3/FSDP that
+    edit lands on a temporary gathered copy. Here the stored parameter is never touched and
+    the gradient passes straight through (identity), which is what the published update
+    sees after its in-place clamp. Zero counts as positive.
+    """
+    sign = torch.where(alpha < 0, -1.0, 1.0).to(alpha.dtype)
+    clamped = sign * alpha.abs().clamp_min(min_abs)
+    # exactly the clamped value (alpha - alpha is exactly 0), gradient exactly 1
+    return clamped.detach() + (alpha - alpha.detach())
+
+
+class UpSample(nn.Module):
+    """Linear channel change + channels-last LayerNorm, then nearest upsampling to a target size."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.channel_reschedule = nn.Sequential(
+            Linear(in_channels, out_channels), nn.LayerNorm(out_channels, eps=1e-6)
+        )
+
+    def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        x = self.channel_reschedule(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # Resizing to the target size (not by a fixed factor) accepts any input size and is
+        # identical to the published x2 / x8 nearest upsample where that one works.
+        return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
+class Fusion(nn.Module):
+    def __init__(self, level: int, channels: Sequence[int], first_column: bool, up2: bool) -> None:
+        super().__init__()
+        self.level = level
+        self.first_column = first_column
+        if level == 0:
+            self.down = nn.Identity()
+        else:
+            self.down = nn.Sequential(
+                Conv2d(channels[level - 1], channels[level], kernel_size=2, stride=2),
+                LayerNorm2d(channels[level]),
+            )
+        self.up = UpSample(channels[level + 1], channels[level]) if (not first_column and level < 3) else None
+        self.up2 = UpSample(channels[3], channels[0]) if (not first_column and level == 0 and up2) else None
+
+    def forward(
+        self, down_in: torch.Tensor, up_in: Optional[torch.Tensor], up2_in: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        y = self.down(down_in)
+        if self.up is not None:
+            y = self.up(up_in, y.shape[-2:]) + y
+        if self.up2 is not None:
+            y = y + self.up2(up2_in, y.shape[-2:])
+        return y
+
+
+class Level(nn.Module):
+    def __init__(
+        self,
+        level: int,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        kernel_size: int,
+        first_column: bool,
+        drop_path_rates: Sequence[float],
+        up2: bool,
+    ) -> None:
+        super().__init__()
+        start = sum(layers[:level])
+        self.fusion = Fusion(level, channels, first_column, up2)
+        self.blocks = nn.Sequential(
+            *[
+                ConvNeXtBlock(channels[level], 4 * channels[level], kernel_size, drop_path_rates[start + i])
+                for i in range(layers[level])
+            ]
+        )
+
+    def forward(self, down_in, up_in=None, up2_in=None) -> torch.Tensor:
+        return self.blocks(self.fusion(down_in, up_in, up2_in))
+
+
+class Column(nn.Module):
+    """c_l = alpha_l * c_l' + L_l(c_{l-1}, c_{l+1}'), with c_{-1} = stem output x.
+
+    Primes are the previous column's maps; the first column starts from zeros.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        layers: Sequence[int],
+        kernel_size: int,
+        first_column: bool,
+        drop_path_rates: Sequence[float],
+        up2: bool = False,
+    ) -> None:
+        super().__init__()
+        self.first_column = first_column
+        self.up2 = up2
+        for l in range(4):
+            self.register_parameter(f"alpha{l}", nn.Parameter(torch.full((1, channels[l], 1, 1), ALPHA_INIT)))
+        for l in range(4):
+            self.add_module(
+                f"level{l}", Level(l, channels, layers, kernel_size, first_column, drop_path_rates, up2)
+            )
+
+    def alphas(self) -> List[torch.Tensor]:
+        """Clamped alphas, the values both the forward and the inverse use."""
+        return [clamp_alpha(getattr(self, f"alpha{l}")) for l in range(4)]
+
+    def level_inputs(self, l: int, x: torch.Tensor, cur: Sequence[torch.Tensor], prev: Sequence[Optional[torch.Tensor]]):
+        """Arguments of level l: this column's level l-1 (or x), the previous column's l+1 (and 3 for H)."""
+        down = x if l == 0 else cur[l - 1]
+        if self.first_column:
+            return (down,)
+        if l == 3:
+            return (down,)
+        if l == 0 and self.up2:
+            return (down, prev[1], prev[3])
+        return (down, prev[l + 1])
+
+    def level_forward(self, l: int, *inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self, f"level{l}")(*inputs)
+
+    def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+        """Plain autograd forward (the non-reversible path)."""
+        alphas = self.alphas()
+        cur: List[torch.Tensor] = []
+        for l in range(4):
+            f = self.level_forward(l, *self.level_inputs(l, x, cur, prev if prev is not None else [None] * 4))
+            cur.append(shortcut(alphas[l], None if prev is None else prev[l], f))
+        return cur
+
+
+def shortcut(alpha: torch.Tensor, prev: Optional[torch.Tensor], f: torch.Tensor) -> torch.Tensor:
+    """alpha * prev + f; under autocast f may be bf16/fp16 while alpha and prev stay fp32,
+    so type promotion keeps the residual stream in fp32.
+
+    Column 0 has no previous map: alpha still enters the graph (times zero) so that every
+    parameter receives a gradient, as in the published model, and DDP without
+    find_unused_parameters works.
+    """
+    if prev is None:
+        return f + alpha * 0.0
+    return alpha * prev + f
+
+
+def invert_shortcut(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """prev = (cur - f) / alpha, the inverse of ``shortcut``."""
+    return (cur - f) / alpha

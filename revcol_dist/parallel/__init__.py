@@ -1,0 +1,1 @@
+"""Parallelism applied to plain models: DeepSpeed ZeRO, DDP, pipeline, offload."""

@@ -1,0 +1,39 @@
+"""What the reversible engine keeps and what it reconstructs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ReversiblePolicy:
+    # Keep the column boundary after every k-th column; reconstruct the ones between.
+    # None keeps only the segment's outputs (memory constant in the number of columns).
+    boundary_interval: Optional[int] = None
+    # Keep the input of any level whose |alpha| is below this: reconstruction divides by
+    # alpha, so rounding grows by 1/|alpha| there.
+    min_reconstruct_alpha: float = 0.1
+    # Run the last column with ordinary autograd: its activations are kept, not recomputed.
+    keep_last_column: bool = True
+    # Move kept boundaries to host memory until backward.
+    offload_boundaries: bool = False
+
+
+@dataclass
+class DriftStats:
+    """Largest relative reconstruction error seen at a kept boundary in the last backward
+    (max |reconstructed - kept| / max |kept|). Stays a tensor until read: no sync in backward."""
+
+    _last: Optional[torch.Tensor] = field(default=None, repr=False)
+    boundaries_checked: int = 0
+
+    def record(self, drift: torch.Tensor, checked: int) -> None:
+        self._last = drift
+        self.boundaries_checked = checked
+
+    @property
+    def last_drift(self) -> Optional[float]:
+        return None if self._last is None else float(self._last)

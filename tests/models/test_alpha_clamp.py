@@ -1,0 +1,27 @@
+import torch
+
+from revcol_dist.models import create_model
+from revcol_dist.models.column import clamp_alpha
+
+
+def test_clamp_is_sign_preserving_and_functional():
+    a = torch.tensor([1e-5, -1e-5, 0.5, -0.7, 0.0, 1e-3], requires_grad=True)
+    c = clamp_alpha(a)
+    assert torch.equal(c.detach(), torch.tensor([1e-3, -1e-3, 0.5, -0.7, 1e-3, 1e-3]))
+    c.sum().backward()
+    assert torch.equal(a.grad, torch.ones(6))  # straight-through: the stored value receives the update
+    assert a.detach()[0] == torch.tensor(1e-5)  # the parameter itself is never edited
+
+
+def test_model_forward_uses_clamped_alpha_and_leaves_parameter():
+    torch.manual_seed(0)
+    m = create_model("revcol_tiny", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), num_columns=2, num_classes=3).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        m.columns[1].alpha2.fill_(1e-5)
+        out_small = m.forward_features(x)
+        m.columns[1].alpha2.fill_(1e-3)
+        out_clamp = m.forward_features(x)
+        m.columns[1].alpha2.fill_(1e-5)
+    assert torch.equal(out_small[2], out_clamp[2])
+    assert torch.all(m.columns[1].alpha2 == 1e-5)
