@@ -54,6 +54,7 @@ class RevCol(nn.Module):
             boundary_interval=config.boundary_interval,
             min_reconstruct_alpha=config.min_reconstruct_alpha,
             offload_boundaries=config.offload_boundaries,
+            keep_last_column=config.keep_last_column,
         )
         self.drift = DriftStats()
 

@@ -1,175 +1,158 @@
-"""Reversible execution of a run of RevCol columns.
+"""Reversible execution of RevCol columns, one autograd node per (column, level).
 
-Forward runs the columns without building a graph and keeps only the segment's outputs,
-every k-th column boundary, and the inputs of levels whose alpha is too small to divide by.
-Backward walks the columns from last to first and, one level at a time, recomputes the
-level (same RNG, same autocast), reconstructs the previous column's map from it
-(``c' = (c - L(...)) / alpha``) and backpropagates through it. Parameters, alphas
-included, are inputs of the Function and their gradients are returned, so
-``torch.autograd.grad``, DDP and hooks on parameters see ordinary gradients.
+Forward runs each level without keeping its activations. The nodes are wired exactly as
+the network's dataflow, so autograd orders backward by the real dependencies and each
+node finds what it needs already reconstructed by the nodes that ran before it:
+
+- its own output c_l(j): kept, or reconstructed by node (j+1, l);
+- its down input c_{l-1}(j): likewise (or the stem output x for level 0);
+- its up input c_{l+1}(j-1): reconstructed by node (j, l+1), which always runs first.
+
+Each node recomputes its level once (same RNG, same autocast), reconstructs its shortcut
+input c_l(j-1) = (c_l(j) - L(...)) / alpha_l from it, and backpropagates. Parameters and
+alpha are node inputs and their gradients are returned, level by level: hooks, DDP buckets
+and ``torch.autograd.grad`` see ordinary gradients, and no more than one level's
+parameter gradients are in flight at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.column import Column, invert_shortcut, shortcut
+from ..models.column import Column, clamp_alpha, invert_shortcut, shortcut
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy
 from .replay import AutocastState, RNGState
 
-
-@dataclass
-class _Spec:
-    """Everything the Function needs that is not a tensor input."""
-
-    columns: Sequence[Column]
-    taps: Tuple[int, ...]  # indices (within the segment) whose c3 is also an output
-    policy: ReversiblePolicy
-    stats: Optional[DriftStats]
-    level_params: List[List[List[int]]]  # [column][level] -> positions in the flat param list
-    alpha_params: List[List[int]]  # [column][level] -> position of alpha_l
+Key = Tuple[int, int]
 
 
-def _has_randomness(columns: Sequence[Column]) -> bool:
-    return any(getattr(m, "p", 0.0) > 0.0 and m.training for c in columns for m in c.modules())
+class _StepState:
+    """Values shared by the nodes of one forward/backward: kept maps and reconstructions."""
+
+    def __init__(self, columns, policy: ReversiblePolicy, stats: Optional[DriftStats], x: torch.Tensor) -> None:
+        self.columns = columns
+        self.stats = stats
+        self.x = x.detach()
+        self.autocast = AutocastState.capture(x.device)
+        self.random = any(getattr(m, "p", 0.0) > 0.0 and m.training for c in columns for m in c.modules())
+        self.offloader = Offloader(policy.offload_boundaries, x.device)
+        self.values: Dict[Key, object] = {}
+        self.kept: set = set()
+        self.drift: Optional[torch.Tensor] = None
+        self.checked = 0
+
+    def keep(self, key: Key, t: torch.Tensor) -> None:
+        if key not in self.kept:
+            self.kept.add(key)
+            self.values[key] = self.offloader.stash(t.detach())
+
+    def get(self, key: Key) -> torch.Tensor:
+        if key not in self.values:
+            raise RuntimeError(
+                f"reversible engine: column {key[0]} level {key[1]} was never reconstructed. Backward through "
+                "reversible columns must cover the whole graph once (no partial autograd.grad, no second backward); "
+                "set model.reversible = False for that use."
+            )
+        v = self.values[key]
+        return self.offloader.fetch(v) if key in self.kept else v
+
+    def pop(self, key: Key) -> torch.Tensor:
+        v = self.get(key)
+        del self.values[key]
+        return v
+
+    def reconstructed(self, key: Key, rec: torch.Tensor) -> torch.Tensor:
+        """Store a reconstruction; at a kept map, measure the drift and use the kept value."""
+        if key not in self.kept:
+            self.values[key] = rec
+            return rec
+        kept = self.get(key)
+        err = (rec - kept).abs().max() / kept.abs().max().clamp_min(torch.finfo(kept.dtype).tiny)
+        self.drift = err if self.drift is None else torch.maximum(self.drift, err)
+        self.checked += 1
+        if self.stats is not None:
+            self.stats.record(self.drift.detach(), self.checked)
+        return kept
 
 
-class ReversibleColumns(torch.autograd.Function):
+class _Level(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: _Spec, x: torch.Tensor, *params: torch.Tensor):
-        policy = spec.policy
-        n = len(spec.columns)
-        device = x.device
-        ctx.spec = spec
-        ctx.autocast = AutocastState.capture(device)
-        ctx.rng: Dict[Tuple[int, int], RNGState] = {}
-        random = _has_randomness(spec.columns)
-        offloader = Offloader(policy.offload_boundaries, device)
-        kept: Dict[Tuple[int, int], object] = {}
-        k = policy.boundary_interval
-        alpha_mins = _alpha_mins(spec.columns)
-        tapped = []
-        prev: Optional[List[torch.Tensor]] = None
-        for j, col in enumerate(spec.columns):
-            alphas = col.alphas()
-            if prev is not None:
-                boundary = k is not None and j % k == 0
-                for l in range(4):
-                    if boundary or alpha_mins[j][l] < policy.min_reconstruct_alpha:
-                        kept[(j, l)] = offloader.stash(prev[l])
-            cur: List[torch.Tensor] = []
-            for l in range(4):
-                if random:
-                    ctx.rng[(j, l)] = RNGState.capture(device)
-                f = col.level_forward(l, *col.level_inputs(l, x, cur, prev or [None] * 4))
-                cur.append(shortcut(alphas[l], None if prev is None else prev[l], f))
-            prev = cur
-            if j in spec.taps and j != n - 1:
-                tapped.append(cur[3])
-        ctx.kept = kept
-        ctx.offloader = offloader
-        ctx.num_params = len(params)
-        ctx.param_meta = [(p.requires_grad) for p in params]
-        ctx.save_for_backward(x, *params, *prev)
-        return (*prev, *tapped)
+    def forward(ctx, st: _StepState, j: int, l: int, down, up, up2, prev, alpha, *params):
+        col = st.columns[j]
+        ctx.st, ctx.j, ctx.l = st, j, l
+        ctx.has = (up is not None, up2 is not None, prev is not None)
+        ctx.rng = RNGState.capture(st.x.device) if st.random else None
+        ins = [t for t in (down, up, up2) if t is not None]
+        f = col.level_forward(l, *ins)
+        ctx.save_for_backward(alpha, *params)
+        return shortcut(clamp_alpha(alpha), prev, f)
 
     @staticmethod
-    def backward(ctx, *grad_outputs):
-        spec: _Spec = ctx.spec
-        saved = ctx.saved_tensors
-        x = saved[0]
-        params = saved[1 : 1 + ctx.num_params]
-        c: List[Optional[torch.Tensor]] = list(saved[1 + ctx.num_params :])
-        n = len(spec.columns)
-        g: List[Optional[torch.Tensor]] = [
-            grad_outputs[l] if grad_outputs[l] is not None else torch.zeros_like(c[l]) for l in range(4)
-        ]
-        tap_grads = {}
-        tap_cols = [j for j in spec.taps if j != n - 1]
-        for j, gt in zip(tap_cols, grad_outputs[4:]):
-            if gt is not None:
-                tap_grads[j] = gt
-        param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
-        g_x = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
-        device = x.device
-        drift = None
-        checked = 0
-
-        for j in reversed(range(n)):
-            col = spec.columns[j]
-            if j in tap_grads:
-                g[3] = g[3] + tap_grads[j]
+    def backward(ctx, g):
+        st: _StepState = ctx.st
+        j, l = ctx.j, ctx.l
+        has_up, has_up2, has_prev = ctx.has
+        col = st.columns[j]
+        alpha, *params = ctx.saved_tensors
+        out = st.pop((j, l))
+        vals = [st.x if l == 0 else st.get((j, l - 1))]
+        if has_up:
+            vals.append(st.get((j - 1, l + 1)))
+        if has_up2:
+            vals.append(st.get((j - 1, 3)))
+        needs = ctx.needs_input_grad
+        in_needs = [needs[3]] + ([needs[4]] if has_up else []) + ([needs[5]] if has_up2 else [])
+        ins = [v.detach().requires_grad_(n) for v, n in zip(vals, in_needs)]
+        with torch.enable_grad(), st.autocast.context():
+            if ctx.rng is not None:
+                with ctx.rng.restored(st.x.device):
+                    f = col.level_forward(l, *ins)
+            else:
+                f = col.level_forward(l, *ins)
+        a = clamp_alpha(alpha.detach())
+        prev = None
+        if has_prev:
             with torch.no_grad():
-                alphas = [a.detach() for a in col.alphas()]
-            first = j == 0
-            prev: List[Optional[torch.Tensor]] = [None] * 4
-            g_prev: List[Optional[torch.Tensor]] = [None] * 4
-            for l in (3, 2, 1, 0):
-                rng = ctx.rng.get((j, l))
-                with torch.enable_grad(), ctx.autocast.context():
-                    inputs = [t.detach().requires_grad_() for t in col.level_inputs(l, x, c, prev)]
-                    if rng is not None:
-                        with rng.restored(device):
-                            f = col.level_forward(l, *inputs)
-                    else:
-                        f = col.level_forward(l, *inputs)
-                if not first:
-                    with torch.no_grad():
-                        stash = ctx.kept.pop((j, l), None)
-                        if stash is None:
-                            prev[l] = invert_shortcut(alphas[l], c[l], f)
-                        else:
-                            kept_val = ctx.offloader.fetch(stash)
-                            rec = invert_shortcut(alphas[l], c[l], f)
-                            err = (rec - kept_val).abs().max() / kept_val.abs().max().clamp_min(1e-30)
-                            drift = err if drift is None else torch.maximum(drift, err)
-                            checked += 1
-                            prev[l] = kept_val
-                # Backprop through the level: inputs first, then its parameters.
-                lp = [i for i in spec.level_params[j][l] if ctx.param_meta[i]]
-                wrt = [t for t in inputs] + [params[i] for i in lp]
-                grads = torch.autograd.grad(f, wrt, g[l].to(f.dtype), allow_unused=True)
-                del f
-                gin, gpar = grads[: len(inputs)], grads[len(inputs) :]
-                if l == 0:
-                    if g_x is not None and gin[0] is not None:
-                        g_x = g_x + gin[0]
-                else:
-                    if gin[0] is not None:
-                        g[l - 1] = g[l - 1] + gin[0]
-                if len(inputs) >= 2 and gin[1] is not None:
-                    g_prev[l + 1] = _acc(g_prev[l + 1], gin[1])
-                if len(inputs) == 3 and gin[2] is not None:
-                    g_prev[3] = _acc(g_prev[3], gin[2])
-                for i, gp in zip(lp, gpar):
-                    if gp is not None:
-                        param_grads[i] = _acc(param_grads[i], gp)
-                # The shortcut: c_l = alpha_l * c_l' + f.
-                ai = spec.alpha_params[j][l]
-                with torch.no_grad():
-                    if first:
-                        ga = torch.zeros_like(params[ai])
-                    else:
-                        ga = (g[l] * prev[l]).sum(dim=(0, 2, 3), keepdim=True).to(params[ai].dtype)
-                        g_prev[l] = _acc(g_prev[l], alphas[l] * g[l])
-                if ctx.param_meta[ai]:
-                    param_grads[ai] = _acc(param_grads[ai], ga)
-                c[l] = None
-                g[l] = None
-            c, g = prev, g_prev
-        if spec.stats is not None and drift is not None:
-            spec.stats.record(drift.detach(), checked)
-        ctx.kept.clear()
-        ctx.rng.clear()
-        return (None, g_x, *param_grads)
+                prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
+        wrt_ins = [t for t, n in zip(ins, in_needs) if n]
+        p_idx = [i for i, p in enumerate(params) if needs[8 + i]]
+        wrt = wrt_ins + [params[i] for i in p_idx]
+        grads = list(torch.autograd.grad(f, wrt, g.to(f.dtype), allow_unused=True)) if wrt else []
+        del f
+        g_ins = iter(grads[: len(wrt_ins)])
+        in_grads = [next(g_ins) if n else None for n in in_needs]
+        g_params: List[Optional[torch.Tensor]] = [None] * len(params)
+        for i, gp in zip(p_idx, grads[len(wrt_ins) :]):
+            g_params[i] = gp
+        g_down = in_grads[0]
+        g_up = in_grads[1] if has_up else None
+        g_up2 = in_grads[-1] if has_up2 else None
+        with torch.no_grad():
+            g_prev = a * g if (has_prev and needs[6]) else None
+            if not needs[7]:
+                g_alpha = None
+            elif has_prev:
+                g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True).to(alpha.dtype)
+            else:
+                g_alpha = torch.zeros_like(alpha)
+        return (None, None, None, g_down, g_up, g_up2, g_prev, g_alpha, *g_params)
 
 
-def _acc(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else a + b
+class _Outputs(torch.autograd.Function):
+    """Joins a segment's outputs so that all of its last column's nodes run in backward
+    (their reconstructions are needed) even when only some maps are used."""
+
+    @staticmethod
+    def forward(ctx, *outs):
+        ctx.set_materialize_grads(True)
+        return tuple(o.view_as(o) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
 
 
 def _alpha_mins(columns: Sequence[Column]) -> List[List[float]]:
@@ -195,27 +178,32 @@ def run_reversible(
     n = len(columns)
     last_plain = policy.keep_last_column and n >= 2
     seg = columns[:-1] if last_plain else columns
-    seg_taps = tuple(sorted(t for t in taps if t < len(seg)))
-    params: List[torch.Tensor] = []
-    level_params: List[List[List[int]]] = []
-    alpha_params: List[List[int]] = []
-    for col in seg:
-        per_level = []
-        for l in range(4):
-            ps = list(getattr(col, f"level{l}").parameters())
-            per_level.append(list(range(len(params), len(params) + len(ps))))
-            params.extend(ps)
-        level_params.append(per_level)
-        alpha_params.append(list(range(len(params), len(params) + 4)))
-        params.extend(getattr(col, f"alpha{l}") for l in range(4))
-    spec = _Spec(seg, seg_taps, policy, stats, level_params, alpha_params)
-    out = ReversibleColumns.apply(spec, x, *params)
-    state, extra = list(out[:4]), list(out[4:])
+    st = _StepState(seg, policy, stats, x)
+    k = policy.boundary_interval
+    mins = _alpha_mins(seg)
     tapped: Dict[int, torch.Tensor] = {}
-    inner = [t for t in seg_taps if t != len(seg) - 1]
-    for t, c3 in zip(inner, extra):
-        tapped[t] = c3
-    if len(seg) - 1 in seg_taps:
+    prev: Optional[List[torch.Tensor]] = None
+    for j, col in enumerate(seg):
+        boundary = j == len(seg) - 1 or (k is not None and (j + 1) % k == 0)
+        cur: List[torch.Tensor] = []
+        for l in range(4):
+            p = None if prev is None else prev[l]
+            if p is not None and mins[j][l] < policy.min_reconstruct_alpha:
+                st.keep((j - 1, l), p)
+            ins = col.level_inputs(l, x, cur, prev or [None] * 4)
+            down = ins[0]
+            up = ins[1] if len(ins) > 1 else None
+            up2 = ins[2] if len(ins) > 2 else None
+            level = getattr(col, f"level{l}")
+            out = _Level.apply(st, j, l, down, up, up2, p, getattr(col, f"alpha{l}"), *level.parameters())
+            if boundary:
+                st.keep((j, l), out)
+            cur.append(out)
+        prev = cur
+        if j in taps:
+            tapped[j] = cur[3]
+    state = list(_Outputs.apply(*prev))
+    if len(seg) - 1 in tapped:
         tapped[len(seg) - 1] = state[3]
     if last_plain:
         state = columns[-1](x, state)

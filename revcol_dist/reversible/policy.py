@@ -12,7 +12,7 @@ import torch
 class ReversiblePolicy:
     # Keep the column boundary after every k-th column; reconstruct the ones between.
     # None keeps only the segment's outputs (memory constant in the number of columns).
-    boundary_interval: Optional[int] = None
+    boundary_interval: Optional[int] = 2
     # Keep the input of any level whose |alpha| is below this: reconstruction divides by
     # alpha, so rounding grows by 1/|alpha| there.
     min_reconstruct_alpha: float = 0.1

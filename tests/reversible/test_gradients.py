@@ -176,3 +176,37 @@ def test_bf16_autocast_replay():
     rev_err = worst_relative_error(ref, res[1])
     assert plain_err > 1e-4  # bf16 really was used
     assert rev_err < 1.5 * plain_err, (rev_err, plain_err)
+
+
+@pytest.mark.parametrize("k", [2, None])
+def test_lean_mode_recomputes_last_column_too(k):
+    m = build(torch.float64, inter_supv=True, boundary_interval=k, keep_last_column=False)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    _, gp = grads(m, x, labels, False)
+    _, gr = grads(m, x, labels, True)
+    assert worst_relative_error(gp, gr) < 1e-10
+
+
+def test_partial_use_of_features():
+    """Only c0 of the last column used: every node still runs and reconstructs."""
+    for keep_last in (True, False):
+        m = build(torch.float64, keep_last_column=keep_last)
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        res = []
+        for rev in (False, True):
+            m.reversible = rev
+            m.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            m.forward_features(x)[0].square().mean().backward()
+            res.append({n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()})
+        assert worst_relative_error(res[0], res[1]) < 1e-10
+
+
+def test_second_backward_is_explained():
+    m = build(keep_last_column=False)
+    out = m.forward_features(torch.randn(1, 3, 64, 64))
+    loss = out[3].sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="never reconstructed"):
+        loss.backward()

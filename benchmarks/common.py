@@ -1,0 +1,65 @@
+"""Shared helpers for the benchmarks: one training step per execution mode, peak memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+from revcol_dist.models import create_model
+
+from live_bytes import LiveBytes  # benchmarks/ is on sys.path when run as a script
+from published_reversible import run_published
+
+MODES = ("plain", "published", "rev_k1", "rev_k2", "rev_kN", "rev_kN_lean")
+
+
+def build(name: str, mode: str, inter_supv: bool, **kw):
+    """mode: plain autograd, the published per-column Function, or ours with boundary
+    interval 1, 2 or num_columns (rev_kN_lean: also recomputes the last column)."""
+    torch.manual_seed(0)
+    k = {"rev_k1": 1, "rev_k2": 2}.get(mode)
+    lean = mode == "rev_kN_lean"
+    m = create_model(name, num_classes=1000, inter_supv=inter_supv, boundary_interval=k,
+                     keep_last_column=not lean, **kw).train()
+    m.reversible = mode != "plain"
+    if mode == "published":
+        m._run_columns = lambda x, taps: run_published(m.columns, x, taps)
+    return m
+
+
+def loss_fn(out, labels):
+    loss = F.cross_entropy(out.logits, labels)
+    for a in out.aux_logits:
+        loss = loss + F.cross_entropy(a, labels)
+    for r in out.reconstructions:
+        loss = loss + r.square().mean()
+    return loss
+
+
+def step(model, x, labels) -> None:
+    loss_fn(model(x), labels).backward()
+
+
+def peak_step_bytes(model, x, labels) -> Dict[str, int]:
+    """Peak live tensor bytes created during one forward+backward (activations, kept
+    boundaries, temporaries). Gradient buffers exist beforehand, so every mode is charged
+    for the same thing."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with LiveBytes() as meter:
+        step(model, x, labels)
+    return {"peak_bytes": int(meter.peak)}
+
+
+def median_time(fn: Callable[[], None], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
