@@ -6,8 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# System libraries the optional ffcv extra builds against.
+APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
 
-.PHONY: setup pretrain test test-fast clean
+.PHONY: setup apt pretrain test test-fast clean
 
 setup: $(STAMP)
 
@@ -18,7 +20,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	# deepspeed/fairscale are sdists that import torch while building: build them against it
 	$(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev]"
+	# FFCV (optional: without it the data pipelines fall back to a torch DataLoader)
+	$(MAKE) --no-print-directory apt && $(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev,ffcv]" \
+	  || echo "warning: the ffcv extra did not install; data loading will use the torch DataLoader fallback"
 	touch $(STAMP)
+
+apt:
+	@if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "no apt-get here: install $(APT_PKGS) with your package manager to build ffcv"; exit 1; fi; \
+	missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
 
 pretrain: setup
 	$(PY) launchers/pretrain.py --config configs/default.yaml $(ARGS)
