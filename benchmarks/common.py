@@ -15,17 +15,24 @@ from revcol_dist.models import create_model
 from live_bytes import LiveBytes  # benchmarks/ is on sys.path when run as a script
 from published_reversible import run_published
 
-MODES = ("plain", "published", "rev_k1", "rev_k2", "rev_kN", "rev_kN_lean")
+MODES = ("plain", "published", "rev_k1", "rev_k2", "rev_kN", "rev_kN_lean", "rev_kN_block")
+
+# Reversible policies by benchmark mode name.
+POLICIES = {
+    "rev_k1": dict(boundary_interval=1),
+    "rev_k2": dict(boundary_interval=2),  # the default
+    "rev_kN": dict(boundary_interval=None),
+    "rev_kN_lean": dict(boundary_interval=None, plain_columns=0),
+    "rev_kN_block": dict(boundary_interval=None, plain_columns=0, recompute="block"),
+    "rev_k2_fast": dict(boundary_interval=2, plain_columns=2),
+}
 
 
 def build(name: str, mode: str, inter_supv: bool, **kw):
-    """mode: plain autograd, the published per-column Function, or ours with boundary
-    interval 1, 2 or num_columns (rev_kN_lean: also recomputes the last column)."""
+    """mode: plain autograd, the published per-column Function, or one of POLICIES."""
     torch.manual_seed(0)
-    k = {"rev_k1": 1, "rev_k2": 2}.get(mode)
-    lean = mode == "rev_kN_lean"
-    m = create_model(name, num_classes=1000, inter_supv=inter_supv, boundary_interval=k,
-                     keep_last_column=not lean, **kw).train()
+    policy = POLICIES.get(mode, {})
+    m = create_model(name, num_classes=1000, inter_supv=inter_supv, **{**policy, **kw}).train()
     m.reversible = mode != "plain"
     if mode == "published":
         m._run_columns = lambda x, taps: run_published(m.columns, x, taps)

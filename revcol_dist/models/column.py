@@ -64,7 +64,7 @@ class Fusion(nn.Module):
         self.up2 = UpSample(channels[3], channels[0]) if (not first_column and level == 0 and up2) else None
 
     def forward(
-        self, down_in: torch.Tensor, up_in: Optional[torch.Tensor], up2_in: Optional[torch.Tensor] = None
+        self, down_in: torch.Tensor, up_in: Optional[torch.Tensor] = None, up2_in: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         y = self.down(down_in)
         if self.up is not None:

@@ -31,9 +31,12 @@ class RevColConfig:
     checkpoint_heads: bool = True
     # Copy kept boundaries to host memory (pinned + side stream on CUDA).
     offload_boundaries: bool = False
-    # Run the last column with ordinary autograd: one column of activations kept, one fewer
-    # column recomputed (faster; False gives the lowest memory).
-    keep_last_column: bool = True
+    # Run the last m columns with ordinary autograd: their activations are kept instead of
+    # recomputed (1: faster; 0: lowest memory; 2 on RevCol-T: fastest).
+    plain_columns: int = 1
+    # Recompute granularity in backward: "level" (one extra forward) or "block" (keeps only
+    # one ConvNeXt block's graph alive; a second extra forward of the blocks).
+    recompute: str = "level"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,10 @@ class RevColConfig:
             problems.append(f"num_classes must be >= 1, got {self.num_classes}")
         if self.boundary_interval is not None and self.boundary_interval < 1:
             problems.append(f"boundary_interval must be >= 1 or None, got {self.boundary_interval}")
+        if not 0 <= self.plain_columns <= self.num_columns:
+            problems.append(f"plain_columns must be in [0, num_columns={self.num_columns}], got {self.plain_columns}")
+        if self.recompute not in ("level", "block"):
+            problems.append(f"recompute must be 'level' or 'block', got {self.recompute!r}")
         if self.min_reconstruct_alpha < 0:
             problems.append(f"min_reconstruct_alpha must be >= 0, got {self.min_reconstruct_alpha}")
         if problems:

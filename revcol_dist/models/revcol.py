@@ -54,7 +54,8 @@ class RevCol(nn.Module):
             boundary_interval=config.boundary_interval,
             min_reconstruct_alpha=config.min_reconstruct_alpha,
             offload_boundaries=config.offload_boundaries,
-            keep_last_column=config.keep_last_column,
+            plain_columns=config.plain_columns,
+            recompute=config.recompute,
         )
         self.drift = DriftStats()
 

@@ -1,22 +1,24 @@
-"""Reversible execution of RevCol columns, one autograd node per (column, level).
+"""Reversible execution of RevCol columns.
 
-Forward runs each level without keeping its activations. The nodes are wired exactly as
-the network's dataflow, so autograd orders backward by the real dependencies and each
-node finds what it needs already reconstructed by the nodes that ran before it:
+Forward runs every level without keeping its activations, as a chain of autograd nodes
+wired like the network's dataflow: fusion -> block ... block -> shortcut, per (column,
+level). Autograd therefore orders backward by the real dependencies, and the shortcut node
+of level (j, l) finds what it needs already reconstructed by nodes that ran before it:
 
-- its own output c_l(j): kept, or reconstructed by node (j+1, l);
+- its own output c_l(j): kept, or reconstructed by the shortcut node (j+1, l);
 - its down input c_{l-1}(j): likewise (or the stem output x for level 0);
-- its up input c_{l+1}(j-1): reconstructed by node (j, l+1), which always runs first.
+- its up input c_{l+1}(j-1): reconstructed by the shortcut node (j, l+1), which runs first.
 
-Each node recomputes its level once (same RNG, same autocast), reconstructs its shortcut
-input c_l(j-1) = (c_l(j) - L(...)) / alpha_l from it, and backpropagates. Parameters and
-alpha are node inputs and their gradients are returned, level by level: hooks, DDP buckets
-and ``torch.autograd.grad`` see ordinary gradients, and no more than one level's
-parameter gradients are in flight at a time.
+The shortcut node recomputes the level (same RNG per block, same autocast), reconstructs
+c_l(j-1) = (c_l(j) - L(...)) / alpha_l, and hands the recomputed graph to the level's block
+and fusion nodes, which backpropagate through their own part and return their parameters'
+gradients. So parameters (alpha included) receive ordinary returned gradients, one block at
+a time, as under plain autograd: hooks, DDP buckets and ``torch.autograd.grad`` see them.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -37,12 +39,21 @@ class _StepState:
         self.stats = stats
         self.x = x.detach()
         self.autocast = AutocastState.capture(x.device)
+        self.block_mode = policy.recompute == "block"
         self.random = any(getattr(m, "p", 0.0) > 0.0 and m.training for c in columns for m in c.modules())
         self.offloader = Offloader(policy.offload_boundaries, x.device)
         self.values: Dict[Key, object] = {}
         self.kept: set = set()
         self.drift: Optional[torch.Tensor] = None
         self.checked = 0
+        self.rng: Dict[Tuple[int, int, int], RNGState] = {}
+        self.recomputes: Dict[Key, "_Recompute"] = {}
+        self.fusion_needs: Dict[Key, List[bool]] = {}
+
+    def replay(self, key, keep: bool = False):
+        """Run a block with the RNG state its forward saw (drop path masks)."""
+        state = self.rng.get(key) if keep else self.rng.pop(key, None)
+        return state.restored(self.x.device) if state is not None else nullcontext()
 
     def keep(self, key: Key, t: torch.Tensor) -> None:
         if key not in self.kept:
@@ -78,67 +89,149 @@ class _StepState:
         return kept
 
 
-class _Level(torch.autograd.Function):
+class _Recompute:
+    """A level recomputed in backward, shared by its fusion, block and shortcut nodes."""
+
+    def __init__(self, ins, ys=None, block_inputs=None) -> None:
+        self.ins = ins  # the level's inputs (detached, requiring grad where needed)
+        self.ys = ys  # "level" mode: graph tensors [fusion out, block 1 out, ..., level out]
+        self.block_inputs = block_inputs  # "block" mode: no-grad inputs of each block
+
+
+class _Fusion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, st: _StepState, j: int, l: int, down, up, up2, prev, alpha, *params):
-        col = st.columns[j]
+    def forward(ctx, st: _StepState, j: int, l: int, down, up, up2, *params):
         ctx.st, ctx.j, ctx.l = st, j, l
-        ctx.has = (up is not None, up2 is not None, prev is not None)
-        ctx.rng = RNGState.capture(st.x.device) if st.random else None
-        ins = [t for t in (down, up, up2) if t is not None]
-        f = col.level_forward(l, *ins)
-        ctx.save_for_backward(alpha, *params)
+        ctx.has = (up is not None, up2 is not None)
+        ctx.save_for_backward(*params)
+        return getattr(st.columns[j], f"level{l}").fusion(down, up, up2)
+
+    @staticmethod
+    def backward(ctx, g):
+        st: _StepState = ctx.st
+        rec: _Recompute = st.recomputes.pop((ctx.j, ctx.l))
+        fusion = getattr(st.columns[ctx.j], f"level{ctx.l}").fusion
+        params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        has_up, has_up2 = ctx.has
+        in_needs = [needs[3]] + ([needs[4]] if has_up else []) + ([needs[5]] if has_up2 else [])
+        if rec.ys is not None:
+            y0 = rec.ys[0]
+        else:
+            with torch.enable_grad(), st.autocast.context():
+                y0 = fusion(*rec.ins)
+        wrt_ins = [t for t, n in zip(rec.ins, in_needs) if n]
+        wrt_p = [p for i, p in enumerate(params) if needs[6 + i]]
+        grads = _grad(y0, wrt_ins + wrt_p, g)
+        it_in, it_p = iter(grads[: len(wrt_ins)]), iter(grads[len(wrt_ins) :])
+        g_ins = [next(it_in) if n else None for n in in_needs]
+        g_params = [next(it_p) if needs[6 + i] else None for i in range(len(params))]
+        g_up = g_ins[1] if has_up else None
+        g_up2 = g_ins[-1] if has_up2 else None
+        return (None, None, None, g_ins[0], g_up, g_up2, *g_params)
+
+
+class _Block(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, st: _StepState, j: int, l: int, b: int, y, *params):
+        ctx.st, ctx.j, ctx.l, ctx.b = st, j, l, b
+        ctx.save_for_backward(*params)
+        if st.random:
+            st.rng[(j, l, b)] = RNGState.capture(st.x.device)
+        return getattr(st.columns[j], f"level{l}").blocks[b](y)
+
+    @staticmethod
+    def backward(ctx, g):
+        st: _StepState = ctx.st
+        j, l, b = ctx.j, ctx.l, ctx.b
+        rec: _Recompute = st.recomputes[(j, l)]
+        params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wrt_p = [p for i, p in enumerate(params) if needs[5 + i]]
+        if rec.ys is not None:  # backprop through this block's part of the recomputed graph
+            y_in, y_out = rec.ys[b], rec.ys[b + 1]
+            rec.ys[b + 1] = None
+        else:  # recompute just this block, with grad
+            y_in = rec.block_inputs[b].requires_grad_()
+            rec.block_inputs[b] = None
+            block = getattr(st.columns[j], f"level{l}").blocks[b]
+            with torch.enable_grad(), st.autocast.context(), st.replay((j, l, b)):
+                y_out = block(y_in)
+        grads = _grad(y_out, [y_in] + wrt_p, g)
+        del y_out
+        it = iter(grads[1:])
+        return (None, None, None, None, grads[0], *[next(it) if needs[5 + i] else None for i in range(len(params))])
+
+
+class _Shortcut(torch.autograd.Function):
+    """c_l(j) = alpha * c_l(j-1) + f. Its backward recomputes the level, reconstructs
+    c_l(j-1) from c_l(j), and leaves the recomputation to the level's block and fusion nodes."""
+
+    @staticmethod
+    def forward(ctx, st: _StepState, j: int, l: int, f, prev, alpha):
+        ctx.st, ctx.j, ctx.l = st, j, l
+        ctx.has_prev = prev is not None
+        ctx.has_up = False
+        ctx.save_for_backward(alpha)
         return shortcut(clamp_alpha(alpha), prev, f)
 
     @staticmethod
     def backward(ctx, g):
         st: _StepState = ctx.st
         j, l = ctx.j, ctx.l
-        has_up, has_up2, has_prev = ctx.has
         col = st.columns[j]
-        alpha, *params = ctx.saved_tensors
+        level = getattr(col, f"level{l}")
+        (alpha,) = ctx.saved_tensors
         out = st.pop((j, l))
-        vals = [st.x if l == 0 else st.get((j, l - 1))]
-        if has_up:
-            vals.append(st.get((j - 1, l + 1)))
-        if has_up2:
-            vals.append(st.get((j - 1, 3)))
-        needs = ctx.needs_input_grad
-        in_needs = [needs[3]] + ([needs[4]] if has_up else []) + ([needs[5]] if has_up2 else [])
-        ins = [v.detach().requires_grad_(n) for v, n in zip(vals, in_needs)]
-        with torch.enable_grad(), st.autocast.context():
-            if ctx.rng is not None:
-                with ctx.rng.restored(st.x.device):
-                    f = col.level_forward(l, *ins)
-            else:
-                f = col.level_forward(l, *ins)
+        vals = col.level_inputs(l, st.x, _Lookup(st, j), _Lookup(st, j - 1))
+        fneeds = st.fusion_needs[(j, l)]
+        ins = [v.detach().requires_grad_(n) for v, n in zip(vals, fneeds)]
+        device = st.x.device
+        if not st.block_mode:
+            with torch.enable_grad(), st.autocast.context():
+                ys = [level.fusion(*ins)]
+                for b, block in enumerate(level.blocks):
+                    with st.replay((j, l, b)):
+                        ys.append(block(ys[-1]))
+            f = ys[-1].detach()
+            st.recomputes[(j, l)] = _Recompute(ins, ys=ys)
+        else:
+            block_inputs = []
+            with torch.no_grad(), st.autocast.context():
+                y = level.fusion(*ins)
+                for b, block in enumerate(level.blocks):
+                    block_inputs.append(y)
+                    with st.replay((j, l, b), keep=True):
+                        y = block(y)
+            f = y
+            st.recomputes[(j, l)] = _Recompute(ins, block_inputs=block_inputs)
         a = clamp_alpha(alpha.detach())
-        prev = None
-        if has_prev:
-            with torch.no_grad():
-                prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
-        wrt_ins = [t for t, n in zip(ins, in_needs) if n]
-        p_idx = [i for i, p in enumerate(params) if needs[8 + i]]
-        wrt = wrt_ins + [params[i] for i in p_idx]
-        grads = list(torch.autograd.grad(f, wrt, g.to(f.dtype), allow_unused=True)) if wrt else []
-        del f
-        g_ins = iter(grads[: len(wrt_ins)])
-        in_grads = [next(g_ins) if n else None for n in in_needs]
-        g_params: List[Optional[torch.Tensor]] = [None] * len(params)
-        for i, gp in zip(p_idx, grads[len(wrt_ins) :]):
-            g_params[i] = gp
-        g_down = in_grads[0]
-        g_up = in_grads[1] if has_up else None
-        g_up2 = in_grads[-1] if has_up2 else None
+        needs = ctx.needs_input_grad
+        g_prev = g_alpha = None
         with torch.no_grad():
-            g_prev = a * g if (has_prev and needs[6]) else None
-            if not needs[7]:
-                g_alpha = None
-            elif has_prev:
-                g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True).to(alpha.dtype)
-            else:
+            if ctx.has_prev:
+                prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
+                if needs[4]:
+                    g_prev = a * g
+                if needs[5]:
+                    g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True).to(alpha.dtype)
+            elif needs[5]:
                 g_alpha = torch.zeros_like(alpha)
-        return (None, None, None, g_down, g_up, g_up2, g_prev, g_alpha, *g_params)
+        return (None, None, None, g, g_prev, g_alpha)
+
+
+class _Lookup:
+    """col.level_inputs indexes maps by level; this serves them from the step state."""
+
+    def __init__(self, st: _StepState, j: int) -> None:
+        self.st, self.j = st, j
+
+    def __getitem__(self, l: int) -> torch.Tensor:
+        return self.st.get((self.j, l))
+
+
+def _grad(outputs, inputs, grad_out):
+    return list(torch.autograd.grad(outputs, inputs, grad_out.to(outputs.dtype), allow_unused=True)) if inputs else []
 
 
 class _Outputs(torch.autograd.Function):
@@ -176,8 +269,15 @@ def run_reversible(
     """
     columns = list(columns)
     n = len(columns)
-    last_plain = policy.keep_last_column and n >= 2
-    seg = columns[:-1] if last_plain else columns
+    n_plain = min(policy.plain_columns, n)
+    seg = columns[: n - n_plain]
+    if not seg:
+        state, tapped = None, {}
+        for i, col in enumerate(columns):
+            state = col(x, state)
+            if i in taps:
+                tapped[i] = state[3]
+        return state, tapped
     st = _StepState(seg, policy, stats, x)
     k = policy.boundary_interval
     mins = _alpha_mins(seg)
@@ -195,7 +295,11 @@ def run_reversible(
             up = ins[1] if len(ins) > 1 else None
             up2 = ins[2] if len(ins) > 2 else None
             level = getattr(col, f"level{l}")
-            out = _Level.apply(st, j, l, down, up, up2, p, getattr(col, f"alpha{l}"), *level.parameters())
+            st.fusion_needs[(j, l)] = [t.requires_grad for t in ins]
+            y = _Fusion.apply(st, j, l, down, up, up2, *level.fusion.parameters())
+            for b, block in enumerate(level.blocks):
+                y = _Block.apply(st, j, l, b, y, *block.parameters())
+            out = _Shortcut.apply(st, j, l, y, p, getattr(col, f"alpha{l}"))
             if boundary:
                 st.keep((j, l), out)
             cur.append(out)
@@ -205,8 +309,8 @@ def run_reversible(
     state = list(_Outputs.apply(*prev))
     if len(seg) - 1 in tapped:
         tapped[len(seg) - 1] = state[3]
-    if last_plain:
-        state = columns[-1](x, state)
-        if n - 1 in taps:
-            tapped[n - 1] = state[3]
+    for i in range(len(seg), n):
+        state = columns[i](x, state)
+        if i in taps:
+            tapped[i] = state[3]
     return state, tapped

@@ -16,8 +16,12 @@ class ReversiblePolicy:
     # Keep the input of any level whose |alpha| is below this: reconstruction divides by
     # alpha, so rounding grows by 1/|alpha| there.
     min_reconstruct_alpha: float = 0.1
-    # Run the last column with ordinary autograd: its activations are kept, not recomputed.
-    keep_last_column: bool = True
+    # Run the last m columns with ordinary autograd: their activations are kept, not recomputed.
+    plain_columns: int = 1
+    # "level": recompute a whole level with grad in backward (one extra forward).
+    # "block": recompute the level without grad, keeping each block's input, then each block
+    # with grad in turn: only one block's graph is alive (a second extra forward).
+    recompute: str = "level"
     # Move kept boundaries to host memory until backward.
     offload_boundaries: bool = False
 

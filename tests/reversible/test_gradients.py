@@ -180,7 +180,7 @@ def test_bf16_autocast_replay():
 
 @pytest.mark.parametrize("k", [2, None])
 def test_lean_mode_recomputes_last_column_too(k):
-    m = build(torch.float64, inter_supv=True, boundary_interval=k, keep_last_column=False)
+    m = build(torch.float64, inter_supv=True, boundary_interval=k, plain_columns=0)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     labels = torch.tensor([1, 4])
     _, gp = grads(m, x, labels, False)
@@ -191,7 +191,7 @@ def test_lean_mode_recomputes_last_column_too(k):
 def test_partial_use_of_features():
     """Only c0 of the last column used: every node still runs and reconstructs."""
     for keep_last in (True, False):
-        m = build(torch.float64, keep_last_column=keep_last)
+        m = build(torch.float64, plain_columns=int(keep_last))
         x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
         res = []
         for rev in (False, True):
@@ -204,9 +204,40 @@ def test_partial_use_of_features():
 
 
 def test_second_backward_is_explained():
-    m = build(keep_last_column=False)
+    m = build(plain_columns=0)
     out = m.forward_features(torch.randn(1, 3, 64, 64))
     loss = out[3].sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="never reconstructed"):
         loss.backward()
+
+
+@pytest.mark.parametrize("inter_supv", [False, True])
+def test_block_granular_recompute(inter_supv):
+    # drop path on: each block's RNG state is replayed in the block-by-block pass
+    _check(torch.float64, 1e-10, inter_supv, 2)
+    m = build(torch.float64, inter_supv=inter_supv, recompute="block", plain_columns=0, boundary_interval=None)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    _, gp = grads(m, x, labels, False)
+    _, gr = grads(m, x, labels, True)
+    assert worst_relative_error(gp, gr) < 1e-10
+
+
+def test_block_recompute_fp32():
+    m = build(torch.float32, inter_supv=True, recompute="block", boundary_interval=2)
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([1, 4])
+    _, gp = grads(m, x, labels, False)
+    _, gr = grads(m, x, labels, True)
+    assert worst_relative_error(gp, gr) < 1e-5
+
+
+@pytest.mark.parametrize("plain_columns", [2, 4])
+def test_more_plain_columns(plain_columns):
+    m = build(torch.float64, inter_supv=True, plain_columns=plain_columns)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    _, gp = grads(m, x, labels, False)
+    _, gr = grads(m, x, labels, True)
+    assert worst_relative_error(gp, gr) < 1e-10
