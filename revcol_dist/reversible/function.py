@@ -40,6 +40,10 @@ class _StepState:
         self.x = x.detach()
         self.autocast = AutocastState.capture(x.device)
         self.block_mode = policy.recompute == "block"
+        # ZeRO-3 partitions parameters: they cannot be Function inputs (their recorded shape
+        # is empty), so gradients are accumulated into .grad, where ZeRO's hooks pick them
+        # up, exactly as under DeepSpeed's own activation checkpointing.
+        self.accumulate = any(hasattr(p, "ds_id") for c in columns for p in c.parameters())
         self.random = any(getattr(m, "p", 0.0) > 0.0 and m.training for c in columns for m in c.modules())
         self.offloader = Offloader(policy.offload_boundaries, x.device)
         self.values: Dict[Key, object] = {}
@@ -113,6 +117,7 @@ class _Fusion(torch.autograd.Function):
         fusion = getattr(st.columns[ctx.j], f"level{ctx.l}").fusion
         params = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        module_params = list(fusion.parameters()) if st.accumulate else []
         has_up, has_up2 = ctx.has
         in_needs = [needs[3]] + ([needs[4]] if has_up else []) + ([needs[5]] if has_up2 else [])
         if rec.ys is not None:
@@ -122,7 +127,7 @@ class _Fusion(torch.autograd.Function):
                 y0 = fusion(*rec.ins)
         wrt_ins = [t for t, n in zip(rec.ins, in_needs) if n]
         wrt_p = [p for i, p in enumerate(params) if needs[6 + i]]
-        grads = _grad(y0, wrt_ins + wrt_p, g)
+        grads = _backprop(y0, wrt_ins, wrt_p, module_params, g)
         it_in, it_p = iter(grads[: len(wrt_ins)]), iter(grads[len(wrt_ins) :])
         g_ins = [next(it_in) if n else None for n in in_needs]
         g_params = [next(it_p) if needs[6 + i] else None for i in range(len(params))]
@@ -148,16 +153,17 @@ class _Block(torch.autograd.Function):
         params = ctx.saved_tensors
         needs = ctx.needs_input_grad
         wrt_p = [p for i, p in enumerate(params) if needs[5 + i]]
+        block = getattr(st.columns[j], f"level{l}").blocks[b]
+        module_params = list(block.parameters()) if st.accumulate else []
         if rec.ys is not None:  # backprop through this block's part of the recomputed graph
             y_in, y_out = rec.ys[b], rec.ys[b + 1]
             rec.ys[b + 1] = None
         else:  # recompute just this block, with grad
             y_in = rec.block_inputs[b].requires_grad_()
             rec.block_inputs[b] = None
-            block = getattr(st.columns[j], f"level{l}").blocks[b]
             with torch.enable_grad(), st.autocast.context(), st.replay((j, l, b)):
                 y_out = block(y_in)
-        grads = _grad(y_out, [y_in] + wrt_p, g)
+        grads = _backprop(y_out, [y_in], wrt_p, module_params, g)
         del y_out
         it = iter(grads[1:])
         return (None, None, None, None, grads[0], *[next(it) if needs[5 + i] else None for i in range(len(params))])
@@ -171,7 +177,10 @@ class _Shortcut(torch.autograd.Function):
     def forward(ctx, st: _StepState, j: int, l: int, f, prev, alpha):
         ctx.st, ctx.j, ctx.l = st, j, l
         ctx.has_prev = prev is not None
-        ctx.has_up = False
+        if alpha is None:  # ZeRO-3: the partitioned parameter lives on the column
+            alpha = getattr(st.columns[j], f"alpha{l}")
+            with _gathered([alpha]):
+                return shortcut(clamp_alpha(alpha), prev, f)
         ctx.save_for_backward(alpha)
         return shortcut(clamp_alpha(alpha), prev, f)
 
@@ -181,7 +190,7 @@ class _Shortcut(torch.autograd.Function):
         j, l = ctx.j, ctx.l
         col = st.columns[j]
         level = getattr(col, f"level{l}")
-        (alpha,) = ctx.saved_tensors
+        alpha = ctx.saved_tensors[0] if not st.accumulate else getattr(col, f"alpha{l}")
         out = st.pop((j, l))
         vals = col.level_inputs(l, st.x, _Lookup(st, j), _Lookup(st, j - 1))
         fneeds = st.fusion_needs[(j, l)]
@@ -205,18 +214,24 @@ class _Shortcut(torch.autograd.Function):
                         y = block(y)
             f = y
             st.recomputes[(j, l)] = _Recompute(ins, block_inputs=block_inputs)
-        a = clamp_alpha(alpha.detach())
         needs = ctx.needs_input_grad
+        want_alpha = alpha.requires_grad and (st.accumulate or needs[5])
         g_prev = g_alpha = None
-        with torch.no_grad():
-            if ctx.has_prev:
-                prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
-                if needs[4]:
-                    g_prev = a * g
-                if needs[5]:
-                    g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True).to(alpha.dtype)
-            elif needs[5]:
-                g_alpha = torch.zeros_like(alpha)
+        with _gathered([alpha] if st.accumulate else []):
+            a = clamp_alpha(alpha.detach())
+            with torch.no_grad():
+                if ctx.has_prev:
+                    prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
+                    if needs[4]:
+                        g_prev = a * g
+                    if want_alpha:
+                        g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True).to(alpha.dtype)
+                elif want_alpha:
+                    g_alpha = torch.zeros_like(a)
+            if st.accumulate and g_alpha is not None:
+                with torch.enable_grad():
+                    torch.autograd.backward(clamp_alpha(alpha), g_alpha, inputs=[alpha])
+                g_alpha = None
         return (None, None, None, g, g_prev, g_alpha)
 
 
@@ -232,6 +247,35 @@ class _Lookup:
 
 def _grad(outputs, inputs, grad_out):
     return list(torch.autograd.grad(outputs, inputs, grad_out.to(outputs.dtype), allow_unused=True)) if inputs else []
+
+
+def _backprop(outputs, wrt_ins, wrt_params, module_params, grad_out):
+    """Gradients of ``outputs`` for wrt_ins and wrt_params (returned). With module_params
+    (ZeRO-3), those parameters' gradients are accumulated into .grad instead."""
+    if not module_params:
+        return _grad(outputs, wrt_ins + wrt_params, grad_out)
+    for t in wrt_ins:
+        t.grad = None
+    trainable = [p for p in module_params if p.requires_grad]
+    torch.autograd.backward(outputs, grad_out.to(outputs.dtype), inputs=wrt_ins + trainable)
+    grads = [t.grad for t in wrt_ins]
+    for t in wrt_ins:
+        t.grad = None
+    return grads
+
+
+def _gathered(params):
+    """DeepSpeed ZeRO-3: gather partitioned parameters for the duration of the block."""
+    if params and any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # Parameters ZeRO already holds (persistent small ones, or fetched by a module) must
+        # not be re-partitioned by us on exit.
+        missing = [p for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+        if missing:
+            return deepspeed.zero.GatheredParameters(missing)
+    return nullcontext()
 
 
 class _Outputs(torch.autograd.Function):
@@ -280,7 +324,8 @@ def run_reversible(
         return state, tapped
     st = _StepState(seg, policy, stats, x)
     k = policy.boundary_interval
-    mins = _alpha_mins(seg)
+    with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
+        mins = _alpha_mins(seg)
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = None
     for j, col in enumerate(seg):
@@ -296,10 +341,11 @@ def run_reversible(
             up2 = ins[2] if len(ins) > 2 else None
             level = getattr(col, f"level{l}")
             st.fusion_needs[(j, l)] = [t.requires_grad for t in ins]
-            y = _Fusion.apply(st, j, l, down, up, up2, *level.fusion.parameters())
+            fparams = [] if st.accumulate else list(level.fusion.parameters())
+            y = _Fusion.apply(st, j, l, down, up, up2, *fparams)
             for b, block in enumerate(level.blocks):
-                y = _Block.apply(st, j, l, b, y, *block.parameters())
-            out = _Shortcut.apply(st, j, l, y, p, getattr(col, f"alpha{l}"))
+                y = _Block.apply(st, j, l, b, y, *([] if st.accumulate else block.parameters()))
+            out = _Shortcut.apply(st, j, l, y, p, None if st.accumulate else getattr(col, f"alpha{l}"))
             if boundary:
                 st.keep((j, l), out)
             cur.append(out)
