@@ -28,10 +28,17 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    # "digits" is the embedded scikit-learn handwritten digits set; otherwise an ImageFolder path.
+    # "digits": the embedded scikit-learn handwritten digits, prepared once under `root`.
+    # Otherwise a folder holding train.beton/val.beton (FFCV) or train/ and val/ ImageFolders.
     dataset: str = "digits"
+    root: str = "runs/data/digits"
     img_size: int = 32
     num_workers: int = 0
+    backend: str = "auto"  # auto | ffcv | torch
+    min_crop_scale: float = 0.08  # random-resized crop scale range (min, 1)
+    hflip: bool = True
+    randaug: bool = False  # rand-m9-mstd0.5-inc1
+    erasing: float = 0.0  # random erasing probability
 
 
 @dataclass

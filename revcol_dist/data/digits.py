@@ -49,3 +49,44 @@ def digits_datasets(img_size: int = 32, normalize: bool = True) -> Tuple[TensorD
         x = (x - MEAN) / STD
     tr, va = _split(y.numpy())
     return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
+
+
+DIGITS_LAYOUT_VERSION = 1
+
+
+def prepare_digits(root: str | "os.PathLike", img_size: int = 32, write_beton: bool = True) -> dict:
+    """Convert the digits once to an ImageFolder (train/ and val/, RGB PNG at img_size) and,
+    where FFCV is installed, to train.beton / val.beton. Returns the paths; later calls reuse them."""
+    import json
+    import os
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .ffcv_support import ffcv_available
+
+    root = Path(root)
+    marker = root / ".complete.json"
+    want = {"version": DIGITS_LAYOUT_VERSION, "img_size": img_size}
+    done = json.loads(marker.read_text()) if marker.is_file() else {}
+    if {k: done.get(k) for k in want} != want:
+        x, y = digits_images(img_size)
+        tr, va = _split(y.numpy())
+        for split, idx in (("train", tr), ("val", va)):
+            for c in range(NUM_CLASSES):
+                (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for i in idx:
+                arr = (x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                Image.fromarray(arr).save(root / split / str(int(y[i])) / f"{int(i):04d}.png")
+        done = dict(want)
+        marker.write_text(json.dumps(done))
+    paths = {"train": root / "train", "val": root / "val"}
+    if write_beton and ffcv_available():
+        from .write import write_beton as _write
+
+        for split in ("train", "val"):
+            beton = root / f"{split}.beton"
+            if not beton.is_file() or not Path(str(beton) + ".json").is_file():
+                _write(root / split, beton, max_res=None, workers=min(4, os.cpu_count() or 1), mode="raw", progress=False)
+            paths[split] = beton
+    return paths

@@ -13,7 +13,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable) -> Dict[str, float]:
     model.eval()
     n = top1 = top5 = 0
     loss_sum = 0.0
-    for images, labels in batches:
+    for batch in batches:
+        images, labels = batch[0], batch[1]
         logits = model(images).logits
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])

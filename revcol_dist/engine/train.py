@@ -10,10 +10,9 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from ..config import Config, dump_config
-from ..data.digits import NUM_CLASSES, digits_datasets
+from ..data.sources import build_streams
 from ..models import create_model, to_official_state_dict
 from .checkpoint import atomic_save
 from .evaluate import evaluate
@@ -41,17 +40,12 @@ def train(cfg: Config, log=print) -> Dict[str, float]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
-    if cfg.data.dataset != "digits":
-        raise NotImplementedError("only the embedded 'digits' data set is wired into this loop so far")
-    train_ds, val_ds = digits_datasets(cfg.data.img_size)
+    train_stream, val_stream = build_streams(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
     args = dict(cfg.model.args)
-    args.setdefault("num_classes", NUM_CLASSES)
+    args.setdefault("num_classes", train_stream.num_classes)
     model = create_model(cfg.model.name, **args)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, generator=g)
-    val_loader = DataLoader(val_ds, batch_size=256)
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = train_stream.order.batches_in_epoch(0)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
@@ -59,7 +53,7 @@ def train(cfg: Config, log=print) -> Dict[str, float]:
     step, t0, seen, loss_val = 0, time.time(), 0, float("nan")
     model.train()
     while step < total:
-        for images, labels in loader:
+        for images, labels, _ in train_stream:
             if step >= total:
                 break
             lr = lr_at(step, total, warmup, cfg.train.lr, cfg.train.min_lr)
@@ -78,7 +72,7 @@ def train(cfg: Config, log=print) -> Dict[str, float]:
             step += 1
             if step % cfg.train.log_every == 0 or step == total:
                 log(f"step {step}/{total} loss {loss_val:.4f} lr {lr:.2e} {seen / (time.time() - t0):.1f} img/s")
-    val = evaluate(model, val_loader)
+    val = evaluate(model, val_stream)
     ckpt = out_dir / "checkpoint.pth"
     atomic_save({"model": to_official_state_dict(model), "config": cfg.to_dict(), "step": step}, ckpt)
     metrics = {
