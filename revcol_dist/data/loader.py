@@ -182,10 +182,18 @@ def build_loader(
     drop_last: Optional[bool] = None,
     crop_scale=RRC_SCALE,
     hflip: bool = True,
+    distributed: bool = False,
 ) -> DataStream:
     """source: a .beton written by ``revcol_dist.data.write`` or an ImageFolder root.
-    batch_size is per rank; ``drop_last`` defaults to train."""
+    batch_size is per rank; ``drop_last`` defaults to train. ``distributed=True`` takes rank
+    and world size from the initialised torch.distributed group (all ranks of all nodes)."""
     source = Path(source)
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise DataError("distributed=True needs torch.distributed initialised first (init_process_group)")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     if backend not in ("auto", "ffcv", "torch"):
         raise ValueError(f"backend must be auto, ffcv or torch, got {backend!r}")
     use_ffcv = source.suffix == ".beton" and backend != "torch" and ffcv_available()

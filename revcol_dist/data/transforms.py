@@ -47,10 +47,10 @@ def load_rgb(path: str) -> Image.Image:
 def train_crop(img: Image.Image, size: int, rng: np.random.Generator, flip: bool = True, scale=RRC_SCALE) -> np.ndarray:
     top, left, ch, cw = rrc_box(img.height, img.width, rng, scale=scale)
     out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-    arr = np.asarray(out, dtype=np.uint8)
+    arr = np.array(out, dtype=np.uint8)
     if flip and rng.random() < 0.5:
-        arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr[:, ::-1])
+    return arr
 
 
 def center_crop(img: Image.Image, size: int, crop_ratio: float = 224 / 256) -> np.ndarray:

@@ -106,7 +106,7 @@ def test_sharding_in_real_processes(folder, tmp_path):
         "from revcol_dist.data.loader import build_loader\n"
         "dist.init_process_group('gloo')\n"
         "r, w = dist.get_rank(), dist.get_world_size()\n"
-        f"s = build_loader(r'{folder}', train=False, batch_size=3, img_size=32, rank=r, world_size=w, backend='torch')\n"
+        f"s = build_loader(r'{folder}', train=False, batch_size=3, img_size=32, distributed=True, backend='torch')\n"
         "mine = [int(i) for _, _, idx in s for i in idx]\n"
         "allv = [None] * w\n"
         "dist.all_gather_object(allv, mine)\n"
