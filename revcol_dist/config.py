@@ -50,9 +50,14 @@ class TrainSection:
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     clip_grad: Optional[float] = None
+    grad_accum: int = 1
+    optimizer: str = "adamw"  # adamw (betas 0.9/0.999, eps 1e-8) | sgd (momentum 0.9)
+    precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 10
     max_steps: Optional[int] = None  # stop early (smoke runs)
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -159,6 +164,12 @@ def validate(cfg: Config) -> None:
         problems.append(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.lr <= 0:
         problems.append(f"train.lr must be > 0, got {t.lr}")
+    if t.precision not in ("fp32", "bf16", "fp16"):
+        problems.append(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    if t.optimizer not in ("adamw", "sgd"):
+        problems.append(f"train.optimizer must be adamw or sgd, got {t.optimizer!r}")
+    if t.grad_accum < 1:
+        problems.append(f"train.grad_accum must be >= 1, got {t.grad_accum}")
     if cfg.data.img_size < 32:
         problems.append(f"data.img_size must be >= 32 (RevCol's stride 32), got {cfg.data.img_size}")
     if problems:

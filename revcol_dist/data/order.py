@@ -38,8 +38,12 @@ class ShardedOrder:
         else:
             perm = np.arange(self.num_samples)
         if self.drop_last:
-            per_rank = (self.num_samples // self.world_size) // self.batch_size * self.batch_size
-            return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+            # Global batch b is perm[b*G:(b+1)*G] (G = batch_size x world_size); rank r reads its
+            # slice of it, so any number of ranks trains on the same global batches.
+            g = self.batch_size * self.world_size
+            n_batches = self.num_samples // g
+            glob = perm[: n_batches * g].reshape(n_batches, self.world_size, self.batch_size)
+            return glob[:, self.rank, :].reshape(-1)
         return perm[self.rank :: self.world_size]
 
     def batches_in_epoch(self, epoch: int) -> int:

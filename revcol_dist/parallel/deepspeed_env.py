@@ -16,5 +16,12 @@ def init_deepspeed_distributed(timeout_s: int = 300) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if "RANK" not in os.environ:  # one process started without a launcher
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -46,6 +46,7 @@ WORKER = textwrap.dedent(
                 for n, p in model.named_parameters()}}
         if rank == 0:
             torch.save(full, f"{{out_dir}}/zero{{stage}}.pt")
+    torch.distributed.destroy_process_group()
     """
 )
 

@@ -1,0 +1,56 @@
+"""Process-group set-up for torchrun, the deepspeed launcher, SLURM, or a single process."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistInfo:
+    """Read what the launcher set (torchrun and deepspeed set RANK/WORLD_SIZE/LOCAL_RANK; under
+    SLURM without them, SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID)."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def device_for(info: DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(info: DistInfo, use_deepspeed: bool, timeout_s: int = 600) -> None:
+    """NCCL on GPUs, gloo on CPU; nothing for a single process without a launcher."""
+    if info.world_size == 1 and not use_deepspeed:
+        return
+    if use_deepspeed:
+        from .deepspeed_env import init_deepspeed_distributed
+
+        init_deepspeed_distributed(timeout_s)
+    elif not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
