@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make pretrain   - create .venv, install, pre-train the default config on the embedded data
+#                     (2 ranks, deepspeed launcher, ZeRO-2; NPROC=, DS_CONFIG=, ARGS="--set k=v" to change)
 #   make test       - create .venv, install, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -34,8 +35,12 @@ apt:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
 
+# The main job: 2 ranks (CPU processes here, GPUs where present) under the deepspeed launcher, ZeRO-2.
+NPROC ?= 2
+DS_CONFIG ?= ds_configs/zero2.json
 pretrain: setup
-	$(PY) launchers/pretrain.py --config configs/default.yaml $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/deepspeed --num_gpus $(NPROC) launchers/pretrain.py \
+	  --deepspeed_config $(DS_CONFIG) --config configs/default.yaml $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -54,6 +55,15 @@ def evaluate_distributed(backend, stream, device) -> Dict[str, float]:
     n = max(counts[0].item(), 1.0)
     return {"top1": 100 * counts[1].item() / n, "top5": 100 * counts[2].item() / n, "loss": counts[3].item() / n,
             "n": int(counts[0].item())}
+
+
+def _maybe_inject_fault(step: int, info) -> None:
+    """Fault injection for resilience tests: REVCOL_FAULT_STEP=N kills the last rank right after
+    step N, on the first attempt only (torchrun counts restarts in TORCHELASTIC_RESTART_COUNT)."""
+    at = os.environ.get("REVCOL_FAULT_STEP")
+    if at and step == int(at) and info.rank == info.world_size - 1 \
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os._exit(13)
 
 
 def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = None,
@@ -141,6 +151,7 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
             loss, _ = revcol_loss(out, labels, images, train_stream.mean, train_stream.std)
             backend.backward_and_step(loss, lr)
             step += 1
+            _maybe_inject_fault(step, info)
             seen += labels.numel() * info.world_size
             loss_val = _mean_across_ranks(loss.item())
             if not math.isfinite(loss_val):
