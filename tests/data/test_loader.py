@@ -113,6 +113,7 @@ def test_sharding_in_real_processes(folder, tmp_path):
         f"ok = sorted(sum(allv, [])) == {readable(folder)!r}\n"
         "if r == 0:\n"
         "    print('SEEN', ok, len(set(allv[0]) & set(allv[1])), [len(v) for v in allv], flush=True)\n"
+        "dist.barrier()\n"
         "dist.destroy_process_group()\n"
     )
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(
         std, a, g = w.std().item(), m.columns[3].alpha2.unique().tolist(), m.columns[0].level0.blocks[0].gamma.unique().tolist()
         mx = w.abs().max().item()
     print(f"RESULT rank={rank} total={total} local={local} std={std:.5f} max={mx:.4f} alpha={a} gamma={g}")
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group left to process exit can abort
     """
 )
 

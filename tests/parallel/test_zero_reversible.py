@@ -46,7 +46,8 @@ WORKER = textwrap.dedent(
                 for n, p in model.named_parameters()}}
         if rank == 0:
             torch.save(full, f"{{out_dir}}/zero{{stage}}.pt")
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group left to process exit can abort
     """
 )
 
