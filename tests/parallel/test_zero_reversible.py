@@ -1,5 +1,6 @@
-"""The reversible engine under DeepSpeed ZeRO-1/2/3 on 2 real gloo ranks gives the same
-parameters after two SGD steps as one process with plain autograd and the same global batch."""
+"""The reversible engine under DDP and DeepSpeed ZeRO-1/2/3 (and ZeRO-3 with CPU offload) on
+2 real gloo ranks, with one alpha below the clamp, gives the same parameters after two SGD
+steps as one process with plain autograd and the same global batch."""
 
 import os
 import subprocess
@@ -25,27 +26,45 @@ WORKER = textwrap.dedent(
     rank = torch.distributed.get_rank()
     out_dir = sys.argv[1]
     x_all = torch.load(out_dir + "/data.pt")
-    for stage in (1, 2, 3):
+    for mode in ("ddp", 1, 2, 3, "3off"):
+        stage = 3 if mode == "3off" else mode
         torch.manual_seed(0)
-        cfg = {{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2,
-               "zero_optimization": {{"stage": stage}}, "zero_allow_untested_optimizer": True,
+        zero = {{"stage": stage}}
+        if mode == "3off":
+            zero.update(offload_optimizer={{"device": "cpu"}}, offload_param={{"device": "cpu"}})
+        cfg = {{"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "zero_force_ds_cpu_optimizer": False,
+               "zero_optimization": zero, "zero_allow_untested_optimizer": True,
                "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
                "optimizer": {{"type": "SGD", "params": {{"lr": {LR}}}}}, "steps_per_print": 10**9}}
         model = create_model("revcol_tiny", **{CFG!r})
         with torch.no_grad():
             model.columns[2].alpha1.fill_(1e-5)  # below the clamp
-        engine, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+        if mode == "ddp":
+            net = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(model.parameters(), lr={LR})
+        else:
+            if mode == "3off":  # offload needs a client optimizer (DeepSpeed's CPU Adam would compile)
+                cfg.pop("optimizer")
+                net, *_ = deepspeed.initialize(model=model, config=cfg,
+                                               optimizer=torch.optim.SGD(model.parameters(), lr={LR}))
+            else:
+                net, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
         for step in range({STEPS}):
             x, y = x_all["x"][step][2 * rank:2 * rank + 2], x_all["y"][step][2 * rank:2 * rank + 2]
-            out = engine(x)
+            out = net(x)
             loss = F.cross_entropy(out.logits, y) + sum(F.cross_entropy(a, y) for a in out.aux_logits)
             loss = loss + sum(r.square().mean() for r in out.reconstructions)
-            engine.backward(loss)
-            engine.step()
+            if mode == "ddp":
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            else:
+                net.backward(loss)
+                net.step()
         full = {{n: safe_get_full_fp32_param(p).clone() if stage == 3 else p.detach().clone()
                 for n, p in model.named_parameters()}}
         if rank == 0:
-            torch.save(full, f"{{out_dir}}/zero{{stage}}.pt")
+            torch.save(full, f"{{out_dir}}/{{mode}}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # a gloo group left to process exit can abort
     """
@@ -83,8 +102,8 @@ def test_zero_stages_match_single_process(tmp_path):
         _loss(ref(data["x"][step]), data["y"][step]).backward()
         opt.step()
     init = create_model("revcol_tiny", **CFG)  # to check that training moved every parameter
-    for stage in (1, 2, 3):
-        got = torch.load(tmp_path / f"zero{stage}.pt")
+    for stage in ("ddp", 1, 2, 3, "3off"):
+        got = torch.load(tmp_path / f"{stage}.pt")
         errs = {}
         moved = sum(not torch.equal(p.detach(), init.state_dict()[n]) for n, p in ref.named_parameters())
         assert moved > 0.9 * len(errs or list(ref.parameters()))
