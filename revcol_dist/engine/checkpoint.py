@@ -10,6 +10,15 @@ from typing import Any
 import torch
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -21,11 +30,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -103,11 +108,7 @@ class CheckpointManager:
             if final.exists():
                 _shutil.rmtree(final)
             os.replace(tmp, final)
-            dir_fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.root)
             for old in self.complete()[: -self.keep]:
                 _shutil.rmtree(old, ignore_errors=True)
         barrier()

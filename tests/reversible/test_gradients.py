@@ -49,6 +49,15 @@ def worst_relative_error(ga, gb):
     return worst
 
 
+def rev_vs_plain(m, dtype=torch.float64, labels=(1, 4)):
+    """Worst per-parameter relative gradient error, reversible vs plain, on one batch."""
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    labels = torch.tensor(labels)
+    _, gp = grads(m, x, labels, False)
+    _, gr = grads(m, x, labels, True)
+    return worst_relative_error(gp, gr)
+
+
 def _check(dtype, tol, inter_supv, k, alpha=None):
     m = build(dtype, inter_supv=inter_supv, boundary_interval=k)
     if alpha is not None:
@@ -95,11 +104,7 @@ def test_alpha_below_clamp():
     m = build(torch.float64, inter_supv=True)
     with torch.no_grad():
         m.columns[2].alpha1.fill_(1e-5)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    labels = torch.tensor([0, 3])
-    _, gp = grads(m, x, labels, False)
-    _, gr = grads(m, x, labels, True)
-    assert worst_relative_error(gp, gr) < 1e-10
+    assert rev_vs_plain(m, labels=(0, 3)) < 1e-10
 
 
 def test_autograd_grad_equals_backward():
@@ -181,11 +186,7 @@ def test_bf16_autocast_replay():
 @pytest.mark.parametrize("k", [2, None])
 def test_lean_mode_recomputes_last_column_too(k):
     m = build(torch.float64, inter_supv=True, boundary_interval=k, plain_columns=0)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    labels = torch.tensor([1, 4])
-    _, gp = grads(m, x, labels, False)
-    _, gr = grads(m, x, labels, True)
-    assert worst_relative_error(gp, gr) < 1e-10
+    assert rev_vs_plain(m) < 1e-10
 
 
 def test_partial_use_of_features():
@@ -217,27 +218,15 @@ def test_block_granular_recompute(inter_supv):
     # drop path on: each block's RNG state is replayed in the block-by-block pass
     _check(torch.float64, 1e-10, inter_supv, 2)
     m = build(torch.float64, inter_supv=inter_supv, recompute="block", plain_columns=0, boundary_interval=None)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    labels = torch.tensor([1, 4])
-    _, gp = grads(m, x, labels, False)
-    _, gr = grads(m, x, labels, True)
-    assert worst_relative_error(gp, gr) < 1e-10
+    assert rev_vs_plain(m) < 1e-10
 
 
 def test_block_recompute_fp32():
     m = build(torch.float32, inter_supv=True, recompute="block", boundary_interval=2)
-    x = torch.randn(2, 3, 64, 64)
-    labels = torch.tensor([1, 4])
-    _, gp = grads(m, x, labels, False)
-    _, gr = grads(m, x, labels, True)
-    assert worst_relative_error(gp, gr) < 1e-5
+    assert rev_vs_plain(m, torch.float32) < 1e-5
 
 
 @pytest.mark.parametrize("plain_columns", [2, 4])
 def test_more_plain_columns(plain_columns):
     m = build(torch.float64, inter_supv=True, plain_columns=plain_columns)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    labels = torch.tensor([1, 4])
-    _, gp = grads(m, x, labels, False)
-    _, gr = grads(m, x, labels, True)
-    assert worst_relative_error(gp, gr) < 1e-10
+    assert rev_vs_plain(m) < 1e-10
