@@ -11,7 +11,6 @@ from typing import Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 NUM_CLASSES = 10
 VAL_FRACTION = 0.2
@@ -41,14 +40,6 @@ def digits_images(img_size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
     x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
     return x.expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(d.target.astype(np.int64))
-
-
-def digits_datasets(img_size: int = 32, normalize: bool = True) -> Tuple[TensorDataset, TensorDataset]:
-    x, y = digits_images(img_size)
-    if normalize:
-        x = (x - MEAN) / STD
-    tr, va = _split(y.numpy())
-    return TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
 
 DIGITS_LAYOUT_VERSION = 1

@@ -11,20 +11,27 @@ from .loader import DataStream, build_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
+def prepare_data(data) -> dict:
+    """Paths of the train and val sources, creating the embedded digits set on first use."""
+    if data.dataset == "digits":
+        return prepare_digits(data.root, data.img_size, write_beton=data.backend != "torch")
+    root = Path(data.dataset)
+    paths = {}
+    for split in ("train", "val"):
+        beton, folder = root / f"{split}.beton", root / split
+        paths[split] = beton if beton.is_file() and data.backend != "torch" else folder
+        if not paths[split].exists():
+            raise DataError(f"{root} has neither {beton.name} nor {split}/: expected one of them")
+    return paths
+
+
 def build_streams(data, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, device=None) -> Tuple[DataStream, DataStream]:
     if global_batch % world_size:
         raise DataError(f"the global batch {global_batch} is not divisible by the world size {world_size}")
+    paths = prepare_data(data)
     if data.dataset == "digits":
-        paths = prepare_digits(data.root, data.img_size, write_beton=data.backend != "torch")
         mean, std = (MEAN,) * 3, (STD,) * 3
     else:
-        root = Path(data.dataset)
-        paths = {}
-        for split in ("train", "val"):
-            beton, folder = root / f"{split}.beton", root / split
-            paths[split] = beton if beton.is_file() and data.backend != "torch" else folder
-            if not paths[split].exists():
-                raise DataError(f"{root} has neither {beton.name} nor {split}/: expected one of them")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     common = dict(batch_size=global_batch // world_size, img_size=data.img_size, rank=rank, world_size=world_size,
                   seed=seed, num_workers=data.num_workers, mean=mean, std=std, backend=data.backend, device=device)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json as _json
 import os
+import random as _random
+import shutil as _shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as _np
 import torch
 
 
@@ -38,12 +42,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 # ----------------------------------------------------------------- resumable checkpoints
-
-import json as _json
-import random as _random
-import shutil as _shutil
-
-import numpy as _np
 
 
 def rng_state() -> dict:

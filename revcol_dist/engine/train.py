@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, dump_config
-from ..data.sources import build_streams
+from ..data.sources import build_streams, prepare_data
 from ..models import create_model
 from ..parallel.backends import DeepSpeedBackend, LocalBackend
+from ..parallel.ds_config import zero_stage
 from ..parallel.distributed import barrier, device_for, dist_env, init_distributed
 from .checkpoint import CheckpointManager, atomic_save, rng_state, set_rng_state
 from .losses import revcol_loss
@@ -86,14 +87,14 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
     say = log if info.is_main else (lambda *_: None)
 
     if info.is_main:  # prepare the embedded data once, before the other ranks read it
-        build_streams(cfg.data, cfg.train.batch_size, cfg.train.seed)
+        prepare_data(cfg.data)
     barrier()
     train_stream, val_stream = build_streams(cfg.data, cfg.train.batch_size, cfg.train.seed,
                                              info.rank, info.world_size)
     torch.manual_seed(cfg.train.seed)
     args = dict(cfg.model.args)
     args.setdefault("num_classes", train_stream.num_classes)
-    if ds is not None and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+    if ds is not None and zero_stage(ds) == 3:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=ds):  # never whole on one rank

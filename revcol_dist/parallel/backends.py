@@ -10,6 +10,7 @@ import torch
 
 from ..models.official import to_official_state_dict
 from .distributed import DistInfo
+from .ds_config import zero_stage
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float):
@@ -98,7 +99,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         super().__init__(model, info)
-        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        stage = zero_stage(ds_config)
         self.name = f"zero{stage}"
         opt = make_optimizer(model, optimizer, weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
