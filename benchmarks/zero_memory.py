@@ -25,7 +25,7 @@ WORKER = textwrap.dedent(
     """
     import gc, json, sys, torch, deepspeed
     from revcol_dist.parallel.deepspeed_env import init_deepspeed_distributed
-    from revcol_dist.parallel.backends import make_optimizer
+    from revcol_dist.engine.optim import make_optimizer
     from revcol_dist.models import create_model
 
     def live_bytes():

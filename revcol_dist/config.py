@@ -39,6 +39,12 @@ class DataSection:
     hflip: bool = True
     randaug: bool = False  # rand-m9-mstd0.5-inc1
     erasing: float = 0.0  # random erasing probability
+    # Mixup / CutMix (batch mode, as published): Beta(alpha, alpha) mixing, enabled when alpha > 0;
+    # applied with probability mixup_prob, CutMix chosen with probability mixup_switch_prob when both are on.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
 
 
 @dataclass
@@ -47,7 +53,21 @@ class TrainSection:
     batch_size: int = 64  # global, across all ranks
     lr: float = 1e-3
     min_lr: float = 1e-6
+    warmup_lr: float = 0.0
     warmup_epochs: float = 1.0
+    # Published rule: lr, warmup_lr and min_lr are given for this global batch and scaled by
+    # batch_size / lr_base_batch (1024 in the published recipes). None: use the values as given.
+    lr_base_batch: Optional[int] = None
+    # Layer-wise LR decay: scale = layer_decay ** (num_layers - layer_id) (1.0: off).
+    layer_decay: float = 1.0
+    label_smoothing: float = 0.0  # used when mixup/cutmix are off (else the soft targets carry it)
+    ema_decay: float = 0.0  # exponential moving average of the weights (0: off; published 0.9999)
+    ema_eval: bool = True  # also evaluate (and export) the EMA weights when EMA is on
+    # Skip a step whose loss (or gradient norm) is not finite; stop after this many in a row.
+    max_nan_skips: int = 5
+    # Fine-tuning: start from these weights (the authors' .pth, our model_official.pth, or one of
+    # our checkpoint folders). Classifier heads whose shape differs are re-initialised.
+    pretrained: Optional[str] = None
     weight_decay: float = 0.05
     clip_grad: Optional[float] = None
     grad_accum: int = 1
@@ -58,6 +78,14 @@ class TrainSection:
     max_steps: Optional[int] = None  # stop early (smoke runs)
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2
+    eval_every_epochs: int = 0  # evaluate on the val set every N epochs (0: only at the end)
+
+
+@dataclass
+class MonitorSection:
+    tensorboard: bool = True  # event files under <output_dir>/tensorboard (rank 0 only)
+    console: str = "auto"  # auto (a live bar on a terminal, lines otherwise) | rich | plain | none
+    alpha_every: int = 0  # log model/alpha_* every N steps (0: every train.log_every)
 
 
 @dataclass
@@ -65,6 +93,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
     output_dir: str = "runs/default"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -170,6 +199,27 @@ def validate(cfg: Config) -> None:
         problems.append(f"train.optimizer must be adamw or sgd, got {t.optimizer!r}")
     if t.grad_accum < 1:
         problems.append(f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    if not 0.0 < t.layer_decay <= 1.0:
+        problems.append(f"train.layer_decay must be in (0, 1], got {t.layer_decay}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        problems.append(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if t.lr_base_batch is not None and t.lr_base_batch < 1:
+        problems.append(f"train.lr_base_batch must be >= 1 or null, got {t.lr_base_batch}")
+    if t.max_nan_skips < 0:
+        problems.append(f"train.max_nan_skips must be >= 0, got {t.max_nan_skips}")
+    d = cfg.data
+    for key in ("mixup", "cutmix"):
+        if getattr(d, key) < 0:
+            problems.append(f"data.{key} must be >= 0 (0: off), got {getattr(d, key)}")
+    for key in ("mixup_prob", "mixup_switch_prob", "erasing"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            problems.append(f"data.{key} must be a probability in [0, 1], got {getattr(d, key)}")
+    if cfg.monitor.console not in ("auto", "rich", "plain", "none"):
+        problems.append(f"monitor.console must be auto, rich, plain or none, got {cfg.monitor.console!r}")
+    if t.pretrained is not None and not Path(t.pretrained).exists():
+        problems.append(f"train.pretrained: {t.pretrained} does not exist (a .pth file or a checkpoint folder)")
     if cfg.data.img_size < 32:
         problems.append(f"data.img_size must be >= 32 (RevCol's stride 32), got {cfg.data.img_size}")
     if problems:

@@ -4,44 +4,40 @@ engine (ZeRO-1/2/3, offload). The training loop talks to this, never to the engi
 from __future__ import annotations
 
 from pathlib import Path
+import math
+from contextlib import nullcontext
 from typing import Any, Dict, Optional
 
 import torch
 
+from ..engine.optim import make_optimizer, set_lr
 from ..models.official import to_official_state_dict
 from .distributed import DistInfo
 from .ds_config import zero_stage
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """No weight decay for 1-D parameters (norms, biases, layer scales)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # ZeRO-3: the real shape
-            (no_decay if ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
-
-
 class Backend:
     name = "base"
 
-    def __init__(self, model: torch.nn.Module, info: DistInfo) -> None:
+    def __init__(self, model: torch.nn.Module, info: DistInfo, precision: str = "fp32") -> None:
         self.model = model  # the plain module (unwrapped)
         self.info = info
+        self.precision = precision
         self.last_grad_norm: Optional[float] = None
+
+    def autocast(self):
+        """bf16/fp16 autocast around forward and loss; the reversible engine keeps its residual
+        stream in fp32 under it."""
+        if self.precision == "fp32":
+            return nullcontext()
+        device = next(self.model.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     def forward(self, x):
         raise NotImplementedError
 
-    def backward_and_step(self, loss: torch.Tensor, lr: float) -> None:
+    def backward_and_step(self, loss: torch.Tensor, lr: float) -> bool:
+        """Returns False when the step was skipped (non-finite gradients)."""
         raise NotImplementedError
 
     def save(self, directory: Path) -> None:
@@ -59,27 +55,42 @@ class Backend:
 class LocalBackend(Backend):
     """One process, or DDP across processes; AdamW from torch."""
 
-    def __init__(self, model, info, optimizer: str, weight_decay: float, clip_grad: Optional[float], device) -> None:
-        super().__init__(model.to(device), info)
+    def __init__(self, model, info, optimizer: str, weight_decay: float, clip_grad: Optional[float], device,
+                 layer_decay: float = 1.0, precision: str = "fp32") -> None:
+        super().__init__(model.to(device), info, precision)
         self.name = "ddp" if info.world_size > 1 else "single"
         self.net = model
         if info.world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.optimizer = make_optimizer(model, optimizer, weight_decay)
+        self.optimizer = make_optimizer(model, optimizer, weight_decay, layer_decay)
         self.clip = clip_grad
+        # fp16 needs loss scaling; bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def forward(self, x):
         return self.net(x)
 
     def backward_and_step(self, loss, lr):
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip or float("inf"))
         self.last_grad_norm = float(norm)
+        if self.scaler is not None:  # skips the step itself on inf/nan and lowers the scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return self.scaler.get_scale() >= scale
+        if not math.isfinite(self.last_grad_norm):  # DDP: the same all-reduced norm on every rank
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
         self.optimizer.step()
+        return True
 
     def save(self, directory):
         from ..engine.checkpoint import atomic_save
@@ -95,13 +106,14 @@ class LocalBackend(Backend):
 
 
 class DeepSpeedBackend(Backend):
-    def __init__(self, model, info, ds_config: Dict[str, Any], optimizer: str, weight_decay: float) -> None:
+    def __init__(self, model, info, ds_config: Dict[str, Any], optimizer: str, weight_decay: float,
+                 layer_decay: float = 1.0, precision: str = "fp32") -> None:
         import deepspeed
 
-        super().__init__(model, info)
+        super().__init__(model, info, precision)
         stage = zero_stage(ds_config)
         self.name = f"zero{stage}"
-        opt = make_optimizer(model, optimizer, weight_decay)
+        opt = make_optimizer(model, optimizer, weight_decay, layer_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
         self.stage = stage
 
@@ -109,12 +121,13 @@ class DeepSpeedBackend(Backend):
         return self.engine(x)
 
     def backward_and_step(self, loss, lr):
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
+        skipped = self.engine.skipped_steps
         self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = None if norm is None else float(norm)
+        return self.engine.skipped_steps == skipped  # fp16 overflow: DeepSpeed skipped it
 
     def save(self, directory):
         # every rank writes its shard; the caller commits the folder once all are done

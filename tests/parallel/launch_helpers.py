@@ -38,6 +38,8 @@ train:
   min_lr: 1.0e-4
   warmup_epochs: 0
   weight_decay: 0.05
+  layer_decay: 0.7  # per-group LRs must survive every ZeRO optimizer wrapper
+  ema_decay: 0.5  # sharded under ZeRO-3: must still equal the single-process EMA
   seed: 0
   log_every: 1000
   max_steps: {steps}
@@ -87,8 +89,9 @@ def losses(out_dir: Path) -> dict:
     return d
 
 
-def weights(out_dir: Path) -> dict:
-    return torch.load(out_dir / "model_official.pth", map_location="cpu", weights_only=True)["model"]
+def weights(out_dir: Path, entry: str = "model") -> dict:
+    """The exported weights ("model") or their moving average ("state_dict_ema")."""
+    return torch.load(out_dir / "model_official.pth", map_location="cpu", weights_only=True)[entry]
 
 
 def worst_relative(a: dict, b: dict) -> float:

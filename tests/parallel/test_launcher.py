@@ -44,6 +44,11 @@ def test_backends_match_single_process(work, mode):
     for s in l_ref:
         assert abs(l_ref[s] - l_got[s]) <= 1e-5 * abs(l_ref[s]), (s, l_ref[s], l_got[s])
     assert worst_relative(weights(ref), weights(tmp / mode)) < 1e-5
+    assert worst_relative(weights(ref, "state_dict_ema"), weights(tmp / mode, "state_dict_ema")) < 1e-5
+    # the EMA weights really differ from the live ones (decay 0.5 over 3 steps)
+    assert worst_relative(weights(ref), weights(ref, "state_dict_ema")) > 1e-3
+    ref_metrics = json.loads((ref / "metrics.json").read_text())
+    assert abs(got["val_ema_top1"] - ref_metrics["val_ema_top1"]) < 0.3  # evaluation with EMA swapped in
 
 
 def test_two_nodes_match_one_node(work):
@@ -89,6 +94,7 @@ def test_sigkill_then_resume_auto_continues_exactly(work):
     assert "resumed from" in r.stdout and "step 4" in r.stdout
     assert losses(out) == losses(tmp / "uninterrupted")  # bit-identical trajectory
     assert worst_relative(weights(out), weights(tmp / "uninterrupted")) == 0.0
+    assert worst_relative(weights(out, "state_dict_ema"), weights(tmp / "uninterrupted", "state_dict_ema")) == 0.0
 
 
 def test_crash_mid_checkpoint_leaves_previous_usable(work):

@@ -1,0 +1,78 @@
+"""Optimizer parameter groups: weight decay off for 1-D tensors, layer-wise LR decay.
+
+Layer ids follow the published rule, on the released key names: the stem is 0; block b of
+column j (b counted over the whole column) is b + j + 1; the fusion of level l is
+sum(layers[:l]) + j + 1; alpha of column j is j + 1; heads and decoders are num_layers =
+sum(layers) + num_columns. A group's LR is lr * layer_decay ** (num_layers - id).
+(The published code reads only the last digit of ``subnet{j}``, which mis-assigns columns >= 10
+of RevCol-B; here the whole index counts.)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Sequence
+
+import torch
+
+from ..models.official import _to_official_key
+
+_SUBNET = re.compile(r"^subnet(\d+)\.(alpha\d+|level(\d+)\.(blocks\.(\d+)|fusion)\.)")
+
+
+def num_layers(layers: Sequence[int], num_columns: int) -> int:
+    return sum(layers) + num_columns
+
+
+def layer_id(official_name: str, layers: Sequence[int], num_columns: int) -> int:
+    if official_name.startswith("stem."):
+        return 0
+    m = _SUBNET.match(official_name)
+    if m is None:  # classifier heads, decoders
+        return num_layers(layers, num_columns)
+    column = int(m.group(1))
+    if m.group(2).startswith("alpha"):
+        return column + 1
+    level = int(m.group(3))
+    if m.group(5) is not None:
+        block = sum(layers[:level]) + min(int(m.group(5)), layers[level] - 1)
+    else:
+        block = sum(layers[:level])
+    return block + column + 1
+
+
+def _ndim(p: torch.Tensor) -> int:
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # ZeRO-3 partitions are flat
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> List[Dict]:
+    """One group per (layer id, decay or not), each with ``lr_scale``; empty groups are dropped."""
+    cfg = model.config
+    top = num_layers(cfg.layers, cfg.num_columns)
+    groups: Dict[tuple, Dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid = layer_id(_to_official_key(name, cfg.inter_supv), cfg.layers, cfg.num_columns) if layer_decay != 1.0 else top
+        decay = _ndim(p) > 1
+        key = (lid, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": layer_decay ** (top - lid), "layer_id": lid}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer_decay: float = 1.0):
+    groups = param_groups(model, weight_decay, layer_decay)
+    for g in groups:
+        g.pop("names")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
