@@ -160,8 +160,12 @@ def _apply_override(tree: Dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    tree: Dict[str, Any] = {}
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                base: Optional[Dict[str, Any]] = None) -> Config:
+    """From a YAML file (or a ``base`` mapping, e.g. the config saved in a checkpoint), then overrides."""
+    import copy
+
+    tree: Dict[str, Any] = copy.deepcopy(base) if base else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -73,10 +73,12 @@ class FFCVStream(DataStream):
     def __init__(self, beton: Path, size: int, num_workers: int, scale, hflip: bool, **kw) -> None:
         super().__init__(**kw)
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.traversal_order.base import TraversalOrder
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+        from .ffcv_seeded import seeded_rrc_decoder
 
         class _Given(TraversalOrder):
             """The order ShardedOrder computed; FFCV's own orders cannot resume mid-epoch."""
@@ -91,10 +93,9 @@ class FFCVStream(DataStream):
             def sample_order(self, epoch: int):
                 return self.current
 
-        if self.train:
-            image = [RandomResizedCropRGBImageDecoder((size, size), scale=tuple(scale))]
-            image += [RandomHorizontalFlip()] if hflip else []
-            image += [ToTensor(), ToTorchImage(channels_last=False)]
+        if self.train:  # seeded: the same crops in every run, so a resumed run continues exactly
+            image = [seeded_rrc_decoder(size, scale, flip=hflip, seed=self.order.seed),
+                     ToTensor(), ToTorchImage(channels_last=False)]
         else:
             image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256), ToTensor(), ToTorchImage(channels_last=False)]
         ints = [IntDecoder(), ToTensor(), Squeeze(1)]

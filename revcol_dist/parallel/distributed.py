@@ -38,7 +38,7 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(info: DistInfo, use_deepspeed: bool, timeout_s: int = 600) -> None:
+def init_distributed(info: DistInfo, use_deepspeed: bool = False, timeout_s: int = 600) -> None:
     """NCCL on GPUs, gloo on CPU; nothing for a single process without a launcher."""
     if info.world_size == 1 and not use_deepspeed:
         return

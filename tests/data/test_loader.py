@@ -140,6 +140,27 @@ def test_deterministic_order_per_seed_and_epoch(folder, beton, backend):
 
 
 @pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_augmented_pixels_reproducible_and_varying(folder, beton, backend):
+    """The same seed gives the same crops and flips (FFCV's own decoders draw unseeded), and a
+    sample is cropped differently in another epoch."""
+    src = beton if backend == "ffcv" else folder
+
+    def run(seed):
+        s = build_loader(src, train=True, batch_size=4, img_size=32, seed=seed, backend=backend, hflip=True)
+        out = []
+        for _ in range(2):
+            out.append({int(i): img.clone() for imgs, _, idx in s for i, img in zip(idx, imgs)})
+        return out
+
+    a, b = run(5), run(5)
+    for ea, eb in zip(a, b):
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    common = sorted(a[0].keys() & a[1].keys())
+    changed = sum(not torch.equal(a[0][k], a[1][k]) for k in common)
+    assert changed >= 0.8 * len(common)  # new crops every epoch
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
 def test_resume_mid_epoch(folder, beton, backend):
     src = beton if backend == "ffcv" else folder
     kw = dict(train=True, batch_size=2, img_size=32, seed=3, backend=backend)

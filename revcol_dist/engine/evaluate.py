@@ -1,0 +1,78 @@
+"""Top-1/top-5 of saved weights on a val set, in one process or across ranks (each reads its shard)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ..config import Config, ConfigError, load_config
+from ..data.sources import build_streams, prepare_data
+from ..models import create_model
+from ..models.official import CheckpointError, load_official_checkpoint, safe_load
+from ..parallel.distributed import barrier, device_for, dist_env, init_distributed
+from .pretrained import _folder_state_dict
+from .train import evaluate_distributed
+
+
+class _Evaluator:
+    def __init__(self, model: torch.nn.Module, precision: str) -> None:
+        self.model, self.precision = model, precision
+
+    def forward(self, x):
+        return self.model(x)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dev = next(self.model.parameters()).device.type
+        return torch.autocast(dev, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+
+def resolve_eval_config(checkpoint: Path, config: Optional[str], overrides: Sequence[str]) -> Config:
+    """--config wins; else the training config our exports and checkpoint folders carry."""
+    if config is not None:
+        return load_config(config, overrides)
+    saved = None
+    if checkpoint.is_file():
+        obj = safe_load(checkpoint)
+        cfg = obj.get("config") if hasattr(obj, "get") else None
+        saved = cfg if isinstance(cfg, dict) and "model" in cfg and "data" in cfg else None
+    elif (checkpoint.parent.parent / "config.yaml").is_file():  # <output_dir>/checkpoints/step_*
+        return load_config(checkpoint.parent.parent / "config.yaml", overrides)
+    if saved is None:
+        raise ConfigError(f"{checkpoint} carries no revcol-dist training config: pass --config configs/NAME.yaml "
+                          f"(model and val data)")
+    return load_config(None, overrides, base=saved)
+
+
+def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None, overrides: Sequence[str] = (),
+                        use_ema: bool = False) -> Dict[str, float]:
+    src = Path(checkpoint)
+    if not src.exists():
+        raise CheckpointError(f"checkpoint not found: {src}")
+    cfg = resolve_eval_config(src, config, overrides)
+    info = dist_env()
+    init_distributed(info)
+    device = device_for(info)
+    if info.is_main:
+        prepare_data(cfg.data)
+    barrier()
+    _, val = build_streams(cfg.data, max(cfg.train.batch_size // info.world_size, 1) * info.world_size,
+                           cfg.train.seed, info.rank, info.world_size)
+    args = dict(cfg.model.args)
+    args.setdefault("num_classes", val.num_classes)
+    model = create_model(cfg.model.name, **args)
+    if src.is_dir():
+        if use_ema:
+            raise CheckpointError(f"{src}: EMA weights are exported in <output_dir>/model_official.pth "
+                                  f"(entry state_dict_ema); evaluate that file with --ema")
+        load_official_checkpoint(model, _folder_state_dict(src), strict=True)
+    else:
+        load_official_checkpoint(model, src, strict=True, use_ema=use_ema)
+    model.to(device)
+    res = evaluate_distributed(_Evaluator(model, cfg.train.precision), val, device)
+    res.update({"checkpoint": str(src), "ema": use_ema})
+    return res
