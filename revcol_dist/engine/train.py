@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -316,7 +317,8 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                      "checkpoint (resume)": str(last_ckpt), "weights (released format)": str(export),
                      "metrics": str(out_dir / "metrics.json")})
         if tb.log_dir is not None and cfg.monitor.tensorboard:
-            rows["TensorBoard"] = f"tensorboard --logdir {out_dir / 'tensorboard'}"
+            exe = Path(sys.executable).parent / "tensorboard"  # the venv's, where there is one
+            rows["TensorBoard"] = f"{exe if exe.is_file() else 'tensorboard'} --logdir {out_dir / 'tensorboard'}"
         console.summary(f"{cfg.model.name} on {cfg.data.dataset}", rows)
     barrier()
     return metrics
