@@ -38,6 +38,29 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def init_torch_process_group(info: DistInfo, timeout_s: int = 600) -> None:
+    """``init_process_group`` from the launcher's environment.
+
+    After a torchrun restart (``--max-restarts``) the workers of the new attempt can meet in a
+    store that still holds the previous attempt's addresses, and gloo then dials a dead
+    process ("connectFullMesh ... Connection refused"). Each attempt therefore gets its own key
+    prefix in the store."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=(not agent_hosts and info.rank == 0), timeout=timeout,
+                          multi_tenant=not agent_hosts)
+    store = dist.PrefixStore(f"revcol/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
+
+
 def init_distributed(info: DistInfo, use_deepspeed: bool = False, timeout_s: int = 600) -> None:
     """NCCL on GPUs, gloo on CPU; nothing for a single process without a launcher."""
     if info.world_size == 1 and not use_deepspeed:
@@ -45,10 +68,11 @@ def init_distributed(info: DistInfo, use_deepspeed: bool = False, timeout_s: int
     if use_deepspeed:
         from .deepspeed_env import init_deepspeed_distributed
 
+        if "RANK" in os.environ:  # DeepSpeed adopts an initialised group
+            init_torch_process_group(info, timeout_s)
         init_deepspeed_distributed(timeout_s)
-    elif not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    else:
+        init_torch_process_group(info, timeout_s)
 
 
 def barrier() -> None:

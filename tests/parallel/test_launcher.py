@@ -154,3 +154,23 @@ def test_adamw_zero2_matches_single_process_losses(work):
     # weights agree to 1e-4 here, not bit for bit (see the SGD test for the strict check).
     assert worst_relative(weights(tmp / "adam_single"), weights(tmp / "adam_zero2")) < 1e-4
 
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_torchrun_max_restarts_resumes_after_a_dead_rank(work, mode):
+    """The last rank dies (exit 13) after step 5; torchrun restarts the group, which resumes from
+    the step-4 checkpoint and ends on the uninterrupted trajectory."""
+    tmp, data_root, _ = work
+    ref = write_config(tmp, f"restart_ref_{mode}", data_root, steps=8, every=2)
+    extra = [] if mode == "ddp" else ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")]
+    assert run_torchrun(ref, 2, *extra).returncode == 0
+    cfg = write_config(tmp, f"restarted_{mode}", data_root, steps=8, every=2)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                        "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                        LAUNCHER, "--config", str(cfg), "--resume", "auto", *extra],
+                       capture_output=True, text=True, env=dict(env(), REVCOL_FAULT_STEP="5"), timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exitcode: 13" in r.stderr  # the rank really died
+    assert "resumed from" in r.stdout and "step 4" in r.stdout
+    assert losses(tmp / f"restarted_{mode}") == losses(tmp / f"restart_ref_{mode}")
+    assert worst_relative(weights(tmp / f"restarted_{mode}"), weights(tmp / f"restart_ref_{mode}")) == 0.0
