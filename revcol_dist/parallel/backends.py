@@ -52,6 +52,19 @@ class Backend:
         return to_official_state_dict(self.model) if self.info.is_main else None
 
 
+def _match_grad_layout(model: torch.nn.Module) -> None:
+    """Give gradients their parameter's strides before DDP copies them into its buckets.
+
+    Kernels may return an equally contiguous gradient with another stride on a size-1 dim (the
+    CPU depthwise conv backward does, for (C, 1, k, k) weights); DDP then warns on every step and
+    takes a slower copy path."""
+    from ..reversible.function import _param_layout
+
+    for p in model.parameters():
+        if p.requires_grad and 1 in p.shape and p.dim() > 1:
+            p.register_hook(lambda g, p=p: _param_layout(g, p))
+
+
 class LocalBackend(Backend):
     """One process, or DDP across processes; AdamW from torch."""
 
@@ -61,6 +74,7 @@ class LocalBackend(Backend):
         self.name = "ddp" if info.world_size > 1 else "single"
         self.net = model
         if info.world_size > 1:
+            _match_grad_layout(model)
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.optimizer = make_optimizer(model, optimizer, weight_decay, layer_decay)

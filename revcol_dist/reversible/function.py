@@ -249,11 +249,22 @@ def _grad(outputs, inputs, grad_out):
     return list(torch.autograd.grad(outputs, inputs, grad_out.to(outputs.dtype), allow_unused=True)) if inputs else []
 
 
+def _param_layout(g, p):
+    """A gradient laid out like its parameter. Autograd may return e.g. a depthwise kernel's
+    gradient (C, 1, k, k) with a different (equally contiguous) stride on the size-1 dim; DDP then
+    warns that grad and bucket strides differ and copies through a slower path."""
+    if g is None or g.stride() == p.stride() or not (g.is_contiguous() and p.is_contiguous()):
+        return g
+    return g.as_strided(p.shape, p.stride())
+
+
 def _backprop(outputs, wrt_ins, wrt_params, module_params, grad_out):
     """Gradients of ``outputs`` for wrt_ins and wrt_params (returned). With module_params
     (ZeRO-3), those parameters' gradients are accumulated into .grad instead."""
     if not module_params:
-        return _grad(outputs, wrt_ins + wrt_params, grad_out)
+        grads = _grad(outputs, wrt_ins + wrt_params, grad_out)
+        n = len(wrt_ins)
+        return grads[:n] + [_param_layout(g, p) for g, p in zip(grads[n:], wrt_params)]
     for t in wrt_ins:
         t.grad = None
     trainable = [p for p in module_params if p.requires_grad]
