@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from revcol_dist.models import create_model
 
-from live_bytes import LiveBytes  # benchmarks/ is on sys.path when run as a script
+from revcol_dist.monitor.live_bytes import LiveBytes
 from published_reversible import run_published
 
 MODES = ("plain", "published", "rev_k1", "rev_k2", "rev_kN", "rev_kN_lean", "rev_kN_block")

@@ -1,0 +1,69 @@
+"""python -m revcol_dist.plan --model revcol_huge --nodes 8 --gpus-per-node 8 --gpu-mem 80 --zero 3
+       [--pipeline S] [--offload cpu|nvme] --batch B --res 224 [--json]
+
+Per-GPU bytes of parameters, gradients, optimizer states, kept column boundaries and the
+transient peak of one column's recomputation; communication per step; the largest micro-batch
+that fits. Formulas: docs/planner.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .model import GIB, PlanInput, make_plan
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:8.2f} GiB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m revcol_dist.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="revcol_huge")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
+    ap.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
+    ap.add_argument("--pipeline", type=int, default=1, help="pipeline stages S")
+    ap.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"])
+    ap.add_argument("--batch", type=int, default=32, help="micro-batch per GPU")
+    ap.add_argument("--res", type=int, default=224)
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--no-inter-supv", action="store_true", help="one head (fine-tuning / deploy)")
+    ap.add_argument("--boundary-interval", type=int, default=2, help="0: keep only the last boundary")
+    ap.add_argument("--offload-boundaries", action="store_true")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    a = ap.parse_args(argv)
+    inp = PlanInput(model=a.model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem, zero=a.zero,
+                    pipeline=a.pipeline, offload=a.offload, batch=a.batch, res=a.res, precision=a.precision,
+                    num_classes=a.num_classes, inter_supv=not a.no_inter_supv,
+                    boundary_interval=a.boundary_interval or None, offload_boundaries=a.offload_boundaries)
+    try:
+        plan = make_plan(inp)
+    except (ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(plan))
+        return 0
+    b = plan["bytes_per_gpu"]
+    print(f"{a.model}: {plan['params_total']:,} parameters; {plan['world']} GPUs = {plan['stages']} stage(s) x "
+          f"{plan['data_parallel']} data-parallel; ZeRO-{a.zero}, offload {a.offload}, {a.precision}, "
+          f"micro-batch {a.batch} at {a.res}px")
+    if plan["stages"] > 1:
+        print(f"  stage columns: {plan['stage_columns']}  parameters: {[f'{n:,}' for n in plan['params_per_stage']]}")
+    for k, v in b.items():
+        print(f"  {k:<28}{_gib(v)}")
+    print(f"  {'host memory (offload)':<28}{_gib(plan['host_bytes_per_gpu'])}")
+    print(f"  {'NVMe (offload)':<28}{_gib(plan['nvme_bytes_per_gpu'])}")
+    print(f"  communication per step     {_gib(plan['comm_bytes_per_step'])} sent per GPU")
+    print(f"  fits in {a.gpu_mem:g} GiB: {'yes' if plan['fits'] else 'NO'}; largest micro-batch: "
+          f"{plan['largest_micro_batch']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

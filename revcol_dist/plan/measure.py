@@ -1,0 +1,83 @@
+"""Measured per-rank memory of one training step, to hold the planner to account.
+
+Run under a launcher (``torchrun --nproc_per_node N -m revcol_dist.plan.measure OUT.json``): for
+each configuration, everything allocated from building the model (under ``zero.Init`` for
+ZeRO-3) through DeepSpeed's initialisation, forward, backward and the AdamW step is watched by
+a dispatch-level meter; the peak of live tensor bytes is set beside the planner's total."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+
+BUCKET = 5 * 10**6
+PERSIST = 10**4
+CONFIGS = [(m, z) for m in ("revcol_tiny", "revcol_small") for z in (0, 3)]
+BATCH, RES = 2, 64
+
+
+def measure(model_name: str, zero: int, world: int) -> int:
+    import deepspeed
+
+    from ..engine.optim import make_optimizer
+    from ..models import create_model
+    from ..monitor.live_bytes import LiveBytes
+
+    cfg = {"train_batch_size": BATCH * world, "train_micro_batch_size_per_gpu": BATCH, "gradient_clipping": 0.0,
+           "zero_optimization": {"stage": zero, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
+                                 "stage3_prefetch_bucket_size": BUCKET, "stage3_param_persistence_threshold": PERSIST},
+           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    gc.collect()
+    torch.manual_seed(0)
+    with LiveBytes() as meter:
+        if zero == 3:
+            with deepspeed.zero.Init(config_dict_or_path=cfg):
+                model = create_model(model_name, num_classes=1000)
+        else:
+            model = create_model(model_name, num_classes=1000)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05), config=cfg)
+        x = torch.randn(BATCH, 3, RES, RES)
+        loss = engine(x).logits.float().logsumexp(1).mean()
+        engine.backward(loss)
+        engine.step()
+        del loss, x
+    peak = meter.peak
+    del engine, model
+    gc.collect()
+    return peak
+
+
+def predicted(model_name: str, zero: int, world: int) -> int:
+    from .model import PlanInput, make_plan
+
+    plan = make_plan(PlanInput(model=model_name, nodes=1, gpus_per_node=world, zero=zero, batch=BATCH, res=RES,
+                               precision="fp32", inter_supv=False, persistence_threshold=PERSIST,
+                               reduce_bucket=BUCKET))
+    return plan["bytes_per_gpu"]["total"]
+
+
+def main(out: str) -> None:
+    from ..parallel.deepspeed_env import init_deepspeed_distributed
+
+    init_deepspeed_distributed()
+    torch.set_num_threads(1)
+    world = torch.distributed.get_world_size()
+    rows = []
+    for name, zero in CONFIGS:
+        peak = measure(name, zero, world)
+        allp = [None] * world
+        torch.distributed.all_gather_object(allp, peak)
+        rows.append({"model": name, "zero": zero, "world": world, "measured": max(allp),
+                     "predicted": predicted(name, zero, world)})
+    if torch.distributed.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

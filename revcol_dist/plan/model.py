@@ -1,0 +1,226 @@
+"""Per-GPU bytes of one RevCol training configuration, every term a documented formula
+(docs/planner.md). Parameter counts come from the model itself, built on the meta device."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+GIB = 2**30
+
+# bytes per parameter: weights, gradients, DeepSpeed's fp32 master partition, Adam's two moments
+PRECISION_BYTES = {
+    "fp32": {"param": 4, "grad": 4, "master": 4, "adam": 8},
+    "bf16": {"param": 2, "grad": 2, "master": 4, "adam": 8},
+}
+ACT_BYTES = {"fp32": 4, "bf16": 2}
+# Tensors a ConvNeXt block saves for backward, in units of (channels x positions): the
+# depthwise-conv input, LayerNorm input, first-Linear input (c each), GELU input, second-Linear
+# input (4c each), the layer-scale product input (c): 12c.
+BLOCK_SAVED_CHANNELS = 12
+RESERVED_FRACTION = 0.08  # allocator fragmentation, CUDA context, communication buffers
+
+
+@dataclass
+class PlanInput:
+    model: str = "revcol_huge"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gib: float = 80.0
+    zero: int = 3
+    pipeline: int = 1  # stages S; data-parallel degree D = nodes * gpus_per_node / S
+    offload: str = "none"  # none | cpu | nvme
+    batch: int = 32  # micro-batch per GPU
+    res: int = 224
+    precision: str = "bf16"
+    num_classes: int = 1000
+    inter_supv: bool = True
+    boundary_interval: Optional[int] = 2
+    plain_columns: int = 1
+    offload_boundaries: bool = False
+    persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
+    reduce_bucket: int = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): a flat gradient buffer
+    model_args: Dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        problems = []
+        world = self.nodes * self.gpus_per_node
+        if self.zero not in (0, 1, 2, 3):
+            problems.append(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.pipeline < 1 or world % self.pipeline:
+            problems.append(f"--pipeline {self.pipeline} must divide the {world} GPUs")
+        if self.pipeline > 1 and self.zero > 1:
+            problems.append("DeepSpeed's pipeline engine allows ZeRO-1 at most: use --zero 0 or 1 with --pipeline")
+        if self.offload not in ("none", "cpu", "nvme"):
+            problems.append(f"--offload must be none, cpu or nvme, got {self.offload!r}")
+        if self.offload == "nvme" and self.zero != 3:
+            problems.append("NVMe offload (ZeRO-Infinity) needs --zero 3")
+        if self.precision not in PRECISION_BYTES:
+            problems.append(f"--precision must be one of {sorted(PRECISION_BYTES)}, got {self.precision!r}")
+        if self.batch < 1 or self.res < 32:
+            problems.append("--batch must be >= 1 and --res >= 32")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _build_meta(inp: PlanInput):
+    import torch
+
+    from ..models import create_model
+
+    with torch.device("meta"):
+        return create_model(inp.model, num_classes=inp.num_classes, inter_supv=inp.inter_supv, **inp.model_args)
+
+
+def parameter_table(inp: PlanInput) -> Dict:
+    """Counts per column, stem, heads; the largest parameter; how much ZeRO-3 would persist."""
+    m = _build_meta(inp)
+    cols: List[int] = [sum(p.numel() for p in c.parameters()) for c in m.columns]
+    total = sum(p.numel() for p in m.parameters())
+    stem = sum(p.numel() for p in m.stem.parameters())
+    sizes = [p.numel() for p in m.parameters()]
+    persistent = sum(n for n in sizes if n < inp.persistence_threshold)
+    level_params = max(sum(p.numel() for p in getattr(c, f"level{l}").parameters()) for c in m.columns for l in range(4))
+    return {"total": total, "columns": cols, "stem": stem, "heads": total - stem - sum(cols),
+            "largest_param": max(sizes), "largest_level": level_params, "persistent": persistent,
+            "config": m.config}
+
+
+def partition_columns(costs: List[float], stages: int) -> List[List[int]]:
+    """Contiguous split of the columns into ``stages`` groups minimising the largest group's cost."""
+    n = len(costs)
+    if stages >= n:
+        return [[i] for i in range(n)] + [[] for _ in range(stages - n)]
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best = {}
+
+    def solve(i: int, s: int):  # columns i.. into s stages -> (max cost, cuts)
+        if (i, s) in best:
+            return best[(i, s)]
+        if s == 1:
+            res = (prefix[n] - prefix[i], [n])
+        else:
+            res = (math.inf, [])
+            for j in range(i + 1, n - s + 2):
+                rest, cuts = solve(j, s - 1)
+                cost = max(prefix[j] - prefix[i], rest)
+                if cost < res[0]:
+                    res = (cost, [j] + cuts)
+        best[(i, s)] = res
+        return res
+
+    _, cuts = solve(0, stages)
+    groups, start = [], 0
+    for end in cuts:
+        groups.append(list(range(start, end)))
+        start = end
+    return groups
+
+
+def boundary_bytes(channels, res: int, batch: int) -> int:
+    """One column boundary: the four level maps (strides 4..32), fp32 residual stream."""
+    return batch * 4 * sum(c * math.ceil(res / (4 * 2**l)) ** 2 for l, c in enumerate(channels))
+
+
+def column_activation_bytes(channels, layers, res: int, batch: int, act: int) -> List[int]:
+    """Saved-for-backward bytes of each level of one column run with ordinary autograd."""
+    out = []
+    for l, (c, n) in enumerate(zip(channels, layers)):
+        pos = math.ceil(res / (4 * 2**l)) ** 2
+        out.append(batch * pos * c * (BLOCK_SAVED_CHANNELS * n + 2) * act)  # + fusion's inputs
+    return out
+
+
+def make_plan(inp: PlanInput) -> Dict:
+    inp.validate()
+    table = parameter_table(inp)
+    cfg = table["config"]
+    world = inp.nodes * inp.gpus_per_node
+    S, D = inp.pipeline, world // inp.pipeline
+    b = PRECISION_BYTES[inp.precision]
+    act = ACT_BYTES[inp.precision]
+
+    # parameters held by the most loaded stage (stem on the first, heads on the last)
+    groups = partition_columns([float(c) for c in table["columns"]], S)
+    stage_params = []
+    for s, g in enumerate(groups):
+        n = sum(table["columns"][i] for i in g)
+        n += table["stem"] if s == 0 else 0
+        n += table["heads"] if s == S - 1 else 0
+        stage_params.append(n)
+    psi = max(stage_params)
+    persistent = table["persistent"] if inp.zero == 3 else 0
+
+    # --- model states (formulas: docs/planner.md)
+    z = inp.zero
+    params = b["param"] * (psi / D + persistent if z == 3 else psi)
+    grads = b["grad"] * (psi / D if z >= 2 else psi)
+    master = 0 if (z == 0 and inp.precision == "fp32") else b["master"]  # DDP in fp32 updates the weights in place
+    optim = (master + b["adam"]) * (psi / D if z >= 1 else psi)
+    host = 0.0
+    nvme = 0.0
+    if inp.offload != "none":
+        moved = optim
+        optim = 0.0
+        if z == 3:
+            moved_params = b["param"] * psi / D
+            params -= moved_params
+            host += moved_params if inp.offload == "cpu" else 0.0
+            nvme += moved_params if inp.offload == "nvme" else 0.0
+        host += moved if inp.offload == "cpu" else 0.0
+        nvme += moved if inp.offload == "nvme" else 0.0
+    # ZeRO-3 working set: the gathered weights of the level being computed, and the next one prefetched
+    gathered = 2 * b["param"] * table["largest_level"] if z == 3 else 0
+
+    # --- activations of one micro-batch
+    cols_in_stage = max(len(g) for g in groups)
+    k = inp.boundary_interval or cols_in_stage
+    kept = math.ceil(cols_in_stage / k)
+    one_boundary = boundary_bytes(cfg.channels, inp.res, inp.batch)
+    boundaries = kept * one_boundary
+    levels = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act)
+    transient = max(levels)  # backward recomputes one level at a time
+    plain = min(inp.plain_columns, cols_in_stage) * sum(levels)
+    stem = inp.batch * cfg.channels[0] * math.ceil(inp.res / 4) ** 2 * 4 * 2 + inp.batch * 3 * inp.res**2 * 4
+    activations = (0 if inp.offload_boundaries else boundaries) + transient + plain + stem
+    if inp.offload_boundaries:
+        host += boundaries
+    if S > 1:  # 1F1B: up to S micro-batches in flight on the first stage, one boundary each
+        activations += (S - 1) * one_boundary
+
+    # DeepSpeed's gradient reduction bucket (ZeRO >= 1), in gradient precision
+    buckets = b["grad"] * min(inp.reduce_bucket, psi) if z >= 1 else 0
+    states = params + grads + optim + gathered + buckets
+    usable = inp.gpu_mem_gib * GIB * (1 - RESERVED_FRACTION)
+    per_sample = activations / inp.batch
+    max_batch = max(0, int((usable - states) // per_sample)) if per_sample > 0 else 0
+
+    # --- communication per optimizer step, bytes each GPU sends (ring collectives)
+    ring = (D - 1) / D if D > 1 else 0.0
+    if z == 3:
+        comm = (2 * b["param"] + b["grad"]) * psi * ring  # all-gather fwd + bwd, reduce-scatter grads
+    else:
+        comm = 2 * b["grad"] * psi * ring  # all-reduce = reduce-scatter + all-gather
+    pipe_comm = 2 * one_boundary if S > 1 else 0  # per micro-batch: boundary forward, its gradient back
+
+    return {
+        "input": {k2: v for k2, v in asdict(inp).items() if k2 != "model_args"},
+        "world": world, "data_parallel": D, "stages": S,
+        "params_total": table["total"], "params_per_stage": stage_params,
+        "stage_columns": groups,
+        "bytes_per_gpu": {
+            "parameters": int(params), "gradients": int(grads), "optimizer": int(optim),
+            "zero3_gathered_working_set": int(gathered), "reduce_buckets": int(buckets),
+            "kept_boundaries": int(0 if inp.offload_boundaries else boundaries),
+            "recompute_transient_peak": int(transient), "plain_columns": int(plain), "stem_and_input": int(stem),
+            "pipeline_in_flight": int((S - 1) * one_boundary if S > 1 else 0),
+            "total": int(states + activations),
+        },
+        "host_bytes_per_gpu": int(host), "nvme_bytes_per_gpu": int(nvme),
+        "fits": states + activations <= usable,
+        "largest_micro_batch": max_batch,
+        "comm_bytes_per_step": int(comm), "pipeline_comm_bytes_per_micro_batch": int(pipe_comm),
+    }
