@@ -1,6 +1,7 @@
 """Measured per-rank memory of one training step, to hold the planner to account.
 
-Run under a launcher (``torchrun --nproc_per_node N -m revcol_dist.plan.measure OUT.json``): for
+Run under a launcher (``torchrun --nproc_per_node N -m revcol_dist.plan.measure OUT.json
+[MODEL:ZERO ...]``): for
 each configuration, everything allocated from building the model (under ``zero.Init`` for
 ZeRO-3) through DeepSpeed's initialisation, forward, backward and the AdamW step is watched by
 a dispatch-level meter; the peak of live tensor bytes is set beside the planner's total."""
@@ -59,14 +60,14 @@ def predicted(model_name: str, zero: int, world: int) -> int:
     return plan["bytes_per_gpu"]["total"]
 
 
-def main(out: str) -> None:
+def main(out: str, configs=None) -> None:
     from ..parallel.deepspeed_env import init_deepspeed_distributed
 
     init_deepspeed_distributed()
     torch.set_num_threads(1)
     world = torch.distributed.get_world_size()
     rows = []
-    for name, zero in CONFIGS:
+    for name, zero in configs or CONFIGS:
         peak = measure(name, zero, world)
         allp = [None] * world
         torch.distributed.all_gather_object(allp, peak)
@@ -80,4 +81,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], [(c.split(":")[0], int(c.split(":")[1])) for c in sys.argv[2:]])

@@ -40,6 +40,7 @@ class PlanInput:
     plain_columns: int = 1
     offload_boundaries: bool = False
     persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
+    fused_optimizer: bool = False  # torch's fused AdamW: no step temporaries
     reduce_bucket: int = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): a flat gradient buffer
     model_args: Dict = field(default_factory=dict)
 
@@ -185,7 +186,9 @@ def make_plan(inp: PlanInput) -> Dict:
     transient = max(levels)  # backward recomputes one level at a time
     plain = min(inp.plain_columns, cols_in_stage) * sum(levels)
     stem = inp.batch * cfg.channels[0] * math.ceil(inp.res / 4) ** 2 * 4 * 2 + inp.batch * 3 * inp.res**2 * 4
-    activations = (0 if inp.offload_boundaries else boundaries) + transient + plain + stem
+    # The plain last column(s) free their activations in their own backward, before the
+    # reconstructed columns recompute: the two never coexist.
+    activations = (0 if inp.offload_boundaries else boundaries) + max(transient, plain) + stem
     if inp.offload_boundaries:
         host += boundaries
     if S > 1:  # 1F1B: up to S micro-batches in flight on the first stage, one boundary each
@@ -193,10 +196,24 @@ def make_plan(inp: PlanInput) -> Dict:
 
     # DeepSpeed's gradient reduction bucket (ZeRO >= 1), in gradient precision
     buckets = b["grad"] * min(inp.reduce_bucket, psi) if z >= 1 else 0
-    states = params + grads + optim + gathered + buckets
+    # The optimizer step's temporaries: ZeRO-3 copies the gradient partition into an fp32 flat
+    # .grad; a non-fused AdamW makes two fp32 temporaries (denominator, update) the size of the
+    # tensor it updates: DeepSpeed's flat partition (ZeRO >= 1), else the largest parameter.
+    step_tmp = 0.0
+    if inp.offload == "none":
+        flat = psi / D if z >= 1 else table["largest_param"]
+        step_tmp = (0 if inp.fused_optimizer else 8 * flat) + (4 * psi / D if z == 3 else 0)
+    states = params + grads + optim + buckets  # resident for the whole run
+    # Two phases peak separately: forward/backward (activations, gathered weights) and the
+    # optimizer step (its temporaries); activations are freed before the step.
+    compute_phase = states + gathered + activations
+    step_phase = states + step_tmp
+    peak = max(compute_phase, step_phase)
     usable = inp.gpu_mem_gib * GIB * (1 - RESERVED_FRACTION)
     per_sample = activations / inp.batch
-    max_batch = max(0, int((usable - states) // per_sample)) if per_sample > 0 else 0
+    max_batch = max(0, int((usable - states - gathered) // per_sample)) if per_sample > 0 else 0
+    if step_phase > usable:
+        max_batch = 0
 
     # --- communication per optimizer step, bytes each GPU sends (ring collectives)
     ring = (D - 1) / D if D > 1 else 0.0
@@ -214,13 +231,15 @@ def make_plan(inp: PlanInput) -> Dict:
         "bytes_per_gpu": {
             "parameters": int(params), "gradients": int(grads), "optimizer": int(optim),
             "zero3_gathered_working_set": int(gathered), "reduce_buckets": int(buckets),
+            "optimizer_step_transient": int(step_tmp),
             "kept_boundaries": int(0 if inp.offload_boundaries else boundaries),
             "recompute_transient_peak": int(transient), "plain_columns": int(plain), "stem_and_input": int(stem),
             "pipeline_in_flight": int((S - 1) * one_boundary if S > 1 else 0),
-            "total": int(states + activations),
+            "compute_phase_peak": int(compute_phase), "optimizer_step_peak": int(step_phase),
+            "total": int(peak),
         },
         "host_bytes_per_gpu": int(host), "nvme_bytes_per_gpu": int(nvme),
-        "fits": states + activations <= usable,
+        "fits": peak <= usable,
         "largest_micro_batch": max_batch,
         "comm_bytes_per_step": int(comm), "pipeline_comm_bytes_per_micro_batch": int(pipe_comm),
     }
