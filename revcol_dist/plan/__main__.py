@@ -35,12 +35,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-inter-supv", action="store_true", help="one head (fine-tuning / deploy)")
     ap.add_argument("--boundary-interval", type=int, default=2, help="0: keep only the last boundary")
     ap.add_argument("--offload-boundaries", action="store_true")
+    ap.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense TFLOPs per GPU (H100 bf16: 989)")
+    ap.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation")
+    ap.add_argument("--net-gbps", type=float, default=400.0, help="network bandwidth per GPU, Gb/s")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     a = ap.parse_args(argv)
     inp = PlanInput(model=a.model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem, zero=a.zero,
                     pipeline=a.pipeline, offload=a.offload, batch=a.batch, res=a.res, precision=a.precision,
                     num_classes=a.num_classes, inter_supv=not a.no_inter_supv,
-                    boundary_interval=a.boundary_interval or None, offload_boundaries=a.offload_boundaries)
+                    boundary_interval=a.boundary_interval or None, offload_boundaries=a.offload_boundaries,
+                    gpu_tflops=a.gpu_tflops, mfu=a.mfu, net_gbps=a.net_gbps)
     try:
         plan = make_plan(inp)
     except (ValueError, KeyError) as e:
@@ -60,6 +64,10 @@ def main(argv=None) -> int:
     print(f"  {'host memory (offload)':<28}{_gib(plan['host_bytes_per_gpu'])}")
     print(f"  {'NVMe (offload)':<28}{_gib(plan['nvme_bytes_per_gpu'])}")
     print(f"  communication per step     {_gib(plan['comm_bytes_per_step'])} sent per GPU")
+    print(f"  compute: {plan['forward_gmacs']:.1f} GMACs forward/image, {plan['train_tflops_per_image']:.3f} TFLOPs "
+          f"to train one; {plan['images_per_sec_per_gpu']:.0f} img/s per GPU at {inp.mfu:.0%} MFU of "
+          f"{inp.gpu_tflops:g} TFLOPs; step {plan['compute_s_per_step']:.2f} s compute, "
+          f"{plan['comm_s_per_step']:.2f} s communication at {inp.net_gbps:g} Gb/s")
     print(f"  fits in {a.gpu_mem:g} GiB: {'yes' if plan['fits'] else 'NO'}; largest micro-batch: "
           f"{plan['largest_micro_batch']}")
     return 0

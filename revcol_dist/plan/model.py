@@ -40,6 +40,9 @@ class PlanInput:
     plain_columns: int = 1
     offload_boundaries: bool = False
     persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
+    gpu_tflops: float = 989.0  # dense bf16 peak of one H100 SXM
+    mfu: float = 0.35  # assumed model-FLOPs utilisation (not measured here: no GPU)
+    net_gbps: float = 400.0  # per-GPU network bandwidth (one NDR InfiniBand port per GPU)
     fused_optimizer: bool = False  # torch's fused AdamW: no step temporaries
     reduce_bucket: int = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): a flat gradient buffer
     model_args: Dict = field(default_factory=dict)
@@ -223,7 +226,22 @@ def make_plan(inp: PlanInput) -> Dict:
         comm = 2 * b["grad"] * psi * ring  # all-reduce = reduce-scatter + all-gather
     pipe_comm = 2 * one_boundary if S > 1 else 0  # per micro-batch: boundary forward, its gradient back
 
+    # --- compute: forward MACs (published FLOPs); training = forward + 2x backward + the
+    # reversible recompute of every column but the plain ones
+    macs = forward_macs(cfg, inp.res)
+    recompute = (cfg.num_columns - min(inp.plain_columns, cfg.num_columns)) / cfg.num_columns
+    train_flops = 2 * macs * (3 + recompute)
+    images_per_sec = inp.gpu_tflops * 1e12 * inp.mfu / train_flops
+    if S > 1:  # 1F1B bubble with M = 4S micro-batches
+        images_per_sec *= 1 - (S - 1) / (4 * S + S - 1)
+    comm_s = (comm + pipe_comm * 4 * S) / (inp.net_gbps / 8 * 1e9)
+    # a step: M = 4S micro-batches per replica (one without a pipeline), spread over its S GPUs
+    step_compute_s = inp.batch * (4 * S if S > 1 else 1) / (S * images_per_sec)
+
     return {
+        "forward_gmacs": macs / 1e9, "train_tflops_per_image": train_flops / 1e12,
+        "images_per_sec_per_gpu": images_per_sec, "compute_s_per_step": step_compute_s,
+        "comm_s_per_step": comm_s,
         "input": {k2: v for k2, v in asdict(inp).items() if k2 != "model_args"},
         "world": world, "data_parallel": D, "stages": S,
         "params_total": table["total"], "params_per_stage": stage_params,
@@ -243,3 +261,25 @@ def make_plan(inp: PlanInput) -> Dict:
         "largest_micro_batch": max_batch,
         "comm_bytes_per_step": int(comm), "pipeline_comm_bytes_per_micro_batch": int(pipe_comm),
     }
+
+
+def forward_macs(cfg, res: int) -> int:
+    """Multiply-accumulates of one deploy-mode forward (the published "FLOPs"): stem, per column
+    and level the ConvNeXt blocks (k² c depthwise + 8 c² pointwise per position), the strided
+    down-fusion (4 c_{l-1} c_l per position), the up-fusion's channel change at the lower
+    resolution (columns after the first), RevCol-H's level-0 branch from level 3, the head."""
+    k2 = cfg.kernel_size**2
+    side = [math.ceil(res / (4 * 2**l)) for l in range(4)]
+    c = cfg.channels
+    macs = (res // 4) ** 2 * 3 * c[0] * 16
+    for j in range(cfg.num_columns):
+        for l in range(4):
+            pos = side[l] ** 2
+            macs += cfg.layers[l] * pos * (k2 * c[l] + 8 * c[l] ** 2)
+            if l >= 1:
+                macs += pos * 4 * c[l - 1] * c[l]
+            if j >= 1 and l <= 2:
+                macs += side[l + 1] ** 2 * c[l + 1] * c[l]
+            if j >= 1 and l == 0 and cfg.level0_up2:
+                macs += side[3] ** 2 * c[3] * c[0]
+    return macs + c[3] * cfg.num_classes

@@ -90,3 +90,13 @@ def test_pipeline_partition_balances_columns():
     p = make_plan(PlanInput(model="revcol_base", nodes=1, gpus_per_node=4, zero=1, pipeline=4, batch=4))
     assert [len(g) for g in p["stage_columns"]] == [4, 4, 4, 4]  # 16 equal columns
     assert sorted(i for g in p["stage_columns"] for i in g) == list(range(16))
+
+
+@pytest.mark.parametrize("name,res,published", [
+    ("revcol_tiny", 224, 4.5), ("revcol_small", 224, 9.0), ("revcol_base", 224, 16.6), ("revcol_large", 224, 39.0),
+    ("revcol_base", 384, 48.9), ("revcol_large", 384, 116.0), ("revcol_huge", 640, 2537.0)])
+def test_forward_macs_match_the_published_flops(name, res, published):
+    from revcol_dist.models import get_variant
+    from revcol_dist.plan.model import forward_macs
+
+    assert forward_macs(get_variant(name), res) / 1e9 == pytest.approx(published, rel=0.01)

@@ -1,0 +1,124 @@
+"""One real AdamW step of the 2.2B-parameter RevCol-H on a machine whose RAM cannot hold its
+model states: ZeRO-3 across ranks, built with zero.Init straight into NVMe-offloaded partitions,
+mixed-precision (bf16 weights, fp32 master weights and Adam moments on NVMe).
+
+  deepspeed --num_gpus 2 benchmarks/huge_zero_infinity_step.py --nvme /tmp/revcol_nvme [--res 64]
+
+Prints one JSON line: build and step time, loss, how many parameters changed, peak RSS per
+rank, beside the planner's prediction for the same setting (ratio measured / predicted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def ds_config(nvme: str, world: int) -> dict:
+    return {
+        "train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0, "bf16": {"enabled": True},
+        "zero_optimization": {
+            "stage": 3, "contiguous_gradients": True, "overlap_comm": False,
+            "reduce_bucket_size": 5 * 10**7, "stage3_prefetch_bucket_size": 5 * 10**7,
+            "stage3_param_persistence_threshold": 10**5, "stage3_max_live_parameters": 10**8,
+            "sub_group_size": 10**8,  # the optimizer swaps 1e8-element groups through RAM
+            "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 4},
+            "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 5,
+                              "buffer_size": 2 * 10**8},
+        },
+        "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True},
+        "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9,
+    }
+
+
+def fingerprints(model) -> list:
+    """An integer checksum of every parameter's bits, gathered one parameter at a time."""
+    import deepspeed
+
+    out = []
+    for p in model.parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            out.append(int(p.detach().view(torch.int16).long().sum()) if p.dtype == torch.bfloat16
+                       else float(p.detach().double().sum()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nvme", default="/tmp/revcol_nvme")
+    ap.add_argument("--res", type=int, default=64)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    args = ap.parse_args()
+    import deepspeed
+
+    from revcol_dist.engine.losses import revcol_loss
+    from revcol_dist.engine.optim import make_optimizer
+    from revcol_dist.models import create_model
+    from revcol_dist.parallel.deepspeed_env import init_deepspeed_distributed
+    from revcol_dist.plan.model import PlanInput, make_plan
+
+    init_deepspeed_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    nvme = os.path.join(args.nvme, f"rank{rank}")
+    shutil.rmtree(nvme, ignore_errors=True)
+    os.makedirs(nvme)
+    cfg = ds_config(nvme, world)
+    t0 = time.time()
+    with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="nvme", dtype=torch.bfloat16):
+        model = create_model("revcol_huge", num_classes=1000, inter_supv=True)
+    n_params = sum(p.ds_numel for p in model.parameters())
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05),
+                                                   config=cfg)
+    t_build = time.time() - t0
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-4 * g.get("lr_scale", 1.0)
+    before = fingerprints(model)
+    torch.manual_seed(rank)
+    x = torch.randn(1, 3, args.res, args.res)
+    y = torch.randint(0, 1000, (1,))
+    t1 = time.time()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = engine(x)
+        loss, _ = revcol_loss(out, y, x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    t_fwd = time.time() - t1
+    engine.backward(loss)
+    t_bwd = time.time() - t1 - t_fwd
+    engine.step()
+    t_step = time.time() - t1
+    after = fingerprints(model)
+    changed = sum(a != b for a, b in zip(before, after))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, {"rss": rss, "loss": float(loss)})
+    if rank == 0:
+        plan = make_plan(PlanInput(model="revcol_huge", nodes=1, gpus_per_node=world, zero=3, offload="nvme",
+                                   batch=1, res=args.res, precision="bf16", persistence_threshold=10**5,
+                                   reduce_bucket=5 * 10**7))
+        predicted_ram = plan["bytes_per_gpu"]["total"] + plan["host_bytes_per_gpu"]
+        nvme_bytes = sum(f.stat().st_size for f in Path(args.nvme).rglob("*") if f.is_file())
+        peak = max(g["rss"] for g in gathered)
+        print(json.dumps({
+            "benchmark": "huge_zero_infinity_step", "params": n_params, "ranks": world, "res": args.res,
+            "loss": [g["loss"] for g in gathered], "params_changed": changed, "params_tensors": len(before),
+            "build_s": round(t_build, 1), "forward_s": round(t_fwd, 1), "backward_s": round(t_bwd, 1),
+            "step_total_s": round(t_step, 1), "peak_rss_bytes_per_rank": [g["rss"] for g in gathered],
+            "peak_rss_sum_gib": round(sum(g["rss"] for g in gathered) / 2**30, 2),
+            "nvme_bytes": nvme_bytes, "planner_nvme_bytes_per_rank": plan["nvme_bytes_per_gpu"],
+            "planner_ram_bytes_per_rank": predicted_ram, "rss_over_planner": round(peak / predicted_ram, 2),
+        }), flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
