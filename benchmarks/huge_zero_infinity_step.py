@@ -2,7 +2,11 @@
 model states: ZeRO-3 across ranks, built with zero.Init straight into NVMe-offloaded partitions,
 mixed-precision (bf16 weights, fp32 master weights and Adam moments on NVMe).
 
-  deepspeed --num_gpus 2 benchmarks/huge_zero_infinity_step.py --nvme /tmp/revcol_nvme [--res 64]
+  MALLOC_MMAP_THRESHOLD_=131072 deepspeed --num_gpus 2 benchmarks/huge_zero_infinity_step.py \
+      --nvme /tmp/revcol_nvme [--res 64]
+
+(glibc's dynamic mmap threshold otherwise keeps every freed full-size weight of the zero.Init
+build in the heap: RSS grew by the whole bf16 model per rank before the first step.)
 
 Prints one JSON line: build and step time, loss, how many parameters changed, peak RSS per
 rank, beside the planner's prediction for the same setting (ratio measured / predicted)."""
@@ -31,10 +35,13 @@ def ds_config(nvme: str, world: int) -> dict:
             "stage": 3, "contiguous_gradients": True, "overlap_comm": False,
             "reduce_bucket_size": 5 * 10**7, "stage3_prefetch_bucket_size": 5 * 10**7,
             "stage3_param_persistence_threshold": 10**5, "stage3_max_live_parameters": 10**8,
-            "sub_group_size": 10**8,  # the optimizer swaps 1e8-element groups through RAM
-            "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 4},
-            "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 5,
-                              "buffer_size": 2 * 10**8},
+            # RAM-resident swap buffers kept small: 5 optimizer buffers of 5e7 elements (fp32 weights,
+            # two moments, gradient, and one for states the optimizer creates on its first step), 4
+            # parameter buffers just above the largest parameter (level-3 pwconv, 33.2M)
+            "sub_group_size": 5 * 10**7,
+            "offload_optimizer": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 5},
+            "offload_param": {"device": "nvme", "nvme_path": nvme, "pin_memory": False, "buffer_count": 4,
+                              "buffer_size": 4 * 10**7},
         },
         "aio": {"block_size": 1048576, "queue_depth": 8, "single_submit": False, "overlap_events": True},
         "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9,
@@ -57,6 +64,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nvme", default="/tmp/revcol_nvme")
     ap.add_argument("--res", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-2,
+                    help="large enough that Adam's first step (about lr per element) survives bf16 rounding "
+                         "of weights up to 1.0, so 'every parameter changed' is visible in the bf16 copy")
+    ap.add_argument("--export", default=None, help="write the consolidated weights (authors' format) here")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = ap.parse_args()
     import deepspeed
@@ -81,7 +92,7 @@ def main() -> None:
                                                    config=cfg)
     t_build = time.time() - t0
     for g in optimizer.param_groups:
-        g["lr"] = 1e-4 * g.get("lr_scale", 1.0)
+        g["lr"] = args.lr * g.get("lr_scale", 1.0)
     before = fingerprints(model)
     torch.manual_seed(rank)
     x = torch.randn(1, 3, args.res, args.res)
@@ -98,12 +109,34 @@ def main() -> None:
     after = fingerprints(model)
     changed = sum(a != b for a, b in zip(before, after))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    export_s, export_rss, export_params, export_variant = None, None, None, None
+    if args.export:  # one parameter gathered at a time; only rank 0 keeps them
+        from revcol_dist.engine.checkpoint import atomic_save
+        from revcol_dist.models.official import _to_official_key, inspect_state_dict
+
+        t2 = time.time()
+        sd = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    sd[_to_official_key(name, True)] = p.detach().clone()
+        if rank == 0:
+            atomic_save({"model": sd}, args.export)
+            export_params = sum(t.numel() for t in sd.values())
+            export_variant = inspect_state_dict(sd).describe()
+        export_s = round(time.time() - t2, 1)
+        export_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        del sd
     gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, {"rss": rss, "loss": float(loss)})
+    torch.distributed.all_gather_object(gathered, {"rss": rss, "loss": float(loss), "export_rss": export_rss})
     if rank == 0:
+        zc = cfg["zero_optimization"]
         plan = make_plan(PlanInput(model="revcol_huge", nodes=1, gpus_per_node=world, zero=3, offload="nvme",
                                    batch=1, res=args.res, precision="bf16", persistence_threshold=10**5,
-                                   reduce_bucket=5 * 10**7))
+                                   reduce_bucket=zc["reduce_bucket_size"], sub_group_size=zc["sub_group_size"],
+                                   optimizer_buffers=zc["offload_optimizer"]["buffer_count"],
+                                   param_buffers=zc["offload_param"]["buffer_count"],
+                                   param_buffer_size=zc["offload_param"]["buffer_size"]))
         predicted_ram = plan["bytes_per_gpu"]["total"] + plan["host_bytes_per_gpu"]
         nvme_bytes = sum(f.stat().st_size for f in Path(args.nvme).rglob("*") if f.is_file())
         peak = max(g["rss"] for g in gathered)
@@ -115,6 +148,9 @@ def main() -> None:
             "peak_rss_sum_gib": round(sum(g["rss"] for g in gathered) / 2**30, 2),
             "nvme_bytes": nvme_bytes, "planner_nvme_bytes_per_rank": plan["nvme_bytes_per_gpu"],
             "planner_ram_bytes_per_rank": predicted_ram, "rss_over_planner": round(peak / predicted_ram, 2),
+            "lr": args.lr, "export_s": export_s, "export_params": export_params, "export_variant": export_variant,
+            "peak_rss_with_export_gib": [None if g["export_rss"] is None else round(g["export_rss"] / 2**30, 2)
+                                         for g in gathered],
         }), flush=True)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -43,6 +43,12 @@ class PlanInput:
     gpu_tflops: float = 989.0  # dense bf16 peak of one H100 SXM
     mfu: float = 0.35  # assumed model-FLOPs utilisation (not measured here: no GPU)
     net_gbps: float = 400.0  # per-GPU network bandwidth (one NDR InfiniBand port per GPU)
+    # ZeRO-Infinity swap buffers in host memory: optimizer buffers of one sub-group each (fp32),
+    # parameter buffers of param_buffer_size elements (weight precision); DeepSpeed's defaults
+    sub_group_size: int = 1_000_000_000
+    optimizer_buffers: int = 4
+    param_buffers: int = 5
+    param_buffer_size: int = 100_000_000
     fused_optimizer: bool = False  # torch's fused AdamW: no step temporaries
     reduce_bucket: int = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): a flat gradient buffer
     model_args: Dict = field(default_factory=dict)
@@ -166,16 +172,22 @@ def make_plan(inp: PlanInput) -> Dict:
     optim = (master + b["adam"]) * (psi / D if z >= 1 else psi)
     host = 0.0
     nvme = 0.0
-    if inp.offload != "none":
-        moved = optim
-        optim = 0.0
+    if inp.offload == "cpu":  # optimizer (and ZeRO-3 weights) in host memory; it steps there on fp32 gradients
+        host += optim + 4 * psi / D
+        optim, grads = 0.0, 0.0
         if z == 3:
-            moved_params = b["param"] * psi / D
-            params -= moved_params
-            host += moved_params if inp.offload == "cpu" else 0.0
-            nvme += moved_params if inp.offload == "nvme" else 0.0
-        host += moved if inp.offload == "cpu" else 0.0
-        nvme += moved if inp.offload == "nvme" else 0.0
+            host += params - b["param"] * persistent
+            params = b["param"] * persistent
+    elif inp.offload == "nvme":  # ZeRO-Infinity
+        # on NVMe: optimizer states, fp32 gradient partitions, the weight partitions
+        nvme += optim + 4 * psi / D + b["param"] * psi / D
+        # in host memory: the swap buffers, and (measured, see docs/planner.md) the flat weight and
+        # gradient partitions DeepSpeed keeps besides their NVMe copies
+        host += inp.optimizer_buffers * min(inp.sub_group_size, psi / D) * 4
+        host += inp.param_buffers * inp.param_buffer_size * b["param"]
+        host += (b["param"] + b["grad"]) * psi / D
+        optim, grads = 0.0, 0.0
+        params = b["param"] * persistent
     # ZeRO-3 working set: the gathered weights of the level being computed, and the next one prefetched
     gathered = 2 * b["param"] * table["largest_level"] if z == 3 else 0
 
