@@ -7,8 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# System libraries the optional ffcv extra builds against.
-APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config
+# System libraries the optional ffcv extra builds against, and libaio for ZeRO-Infinity (NVMe offload).
+APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config libaio-dev
 
 .PHONY: setup apt pretrain test test-fast clean
 

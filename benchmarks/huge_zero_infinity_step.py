@@ -68,6 +68,7 @@ def main() -> None:
                     help="large enough that Adam's first step (about lr per element) survives bf16 rounding "
                          "of weights up to 1.0, so 'every parameter changed' is visible in the bf16 copy")
     ap.add_argument("--export", default=None, help="write the consolidated weights (authors' format) here")
+    ap.add_argument("--save", default=None, help="write a sharded DeepSpeed checkpoint (every rank its part) here")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = ap.parse_args()
     import deepspeed
@@ -86,7 +87,8 @@ def main() -> None:
     cfg = ds_config(nvme, world)
     t0 = time.time()
     with deepspeed.zero.Init(config_dict_or_path=cfg, remote_device="nvme", dtype=torch.bfloat16):
-        model = create_model("revcol_huge", num_classes=1000, inter_supv=True)
+        # drop path off: with one image per rank it silences whole blocks (zero gradients) at random
+        model = create_model("revcol_huge", num_classes=1000, inter_supv=True, drop_path=0.0)
     n_params = sum(p.ds_numel for p in model.parameters())
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05),
                                                    config=cfg)
@@ -94,6 +96,16 @@ def main() -> None:
     for g in optimizer.param_groups:
         g["lr"] = args.lr * g.get("lr_scale", 1.0)
     before = fingerprints(model)
+    # every parameter must receive a non-zero gradient (then AdamW moves its fp32 master weight)
+    params = list(model.parameters())
+    grad_max = torch.zeros(len(params), dtype=torch.float64)
+
+    def watch(i):
+        def hook(g):
+            grad_max[i] = max(float(grad_max[i]), float(g.detach().abs().max()))
+        return hook
+
+    handles = [p.register_hook(watch(i)) for i, p in enumerate(params)]
     torch.manual_seed(rank)
     x = torch.randn(1, 3, args.res, args.res)
     y = torch.randint(0, 1000, (1,))
@@ -103,11 +115,21 @@ def main() -> None:
         loss, _ = revcol_loss(out, y, x, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     t_fwd = time.time() - t1
     engine.backward(loss)
+    for h in handles:
+        h.remove()
+    torch.distributed.all_reduce(grad_max, op=torch.distributed.ReduceOp.MAX)
     t_bwd = time.time() - t1 - t_fwd
     engine.step()
     t_step = time.time() - t1
     after = fingerprints(model)
     changed = sum(a != b for a, b in zip(before, after))
+    names = [n for n, _ in model.named_parameters()]
+    zero_grad = [names[i] for i in range(len(names)) if grad_max[i] == 0]
+    unchanged = [names[i] for i in range(len(names)) if before[i] == after[i]]
+    kinds = {}
+    for n in unchanged:  # e.g. "level2.blocks.pwconv1.weight"
+        key = ".".join(x for x in n.split(".")[2:] if not x.isdigit())
+        kinds[key] = kinds.get(key, 0) + 1
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     export_s, export_rss, export_params, export_variant = None, None, None, None
     if args.export:  # one parameter gathered at a time; only rank 0 keeps them
@@ -127,6 +149,13 @@ def main() -> None:
         export_s = round(time.time() - t2, 1)
         export_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         del sd
+    save_s, save_bytes = None, None
+    if args.save:
+        t3 = time.time()
+        engine.save_checkpoint(args.save, tag="huge_step1")
+        torch.distributed.barrier()
+        save_s = round(time.time() - t3, 1)
+        save_bytes = sum(f.stat().st_size for f in Path(args.save).rglob("*") if f.is_file())
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, {"rss": rss, "loss": float(loss), "export_rss": export_rss})
     if rank == 0:
@@ -142,13 +171,16 @@ def main() -> None:
         peak = max(g["rss"] for g in gathered)
         print(json.dumps({
             "benchmark": "huge_zero_infinity_step", "params": n_params, "ranks": world, "res": args.res,
-            "loss": [g["loss"] for g in gathered], "params_changed": changed, "params_tensors": len(before),
+            "loss": [g["loss"] for g in gathered], "params_tensors": len(before),
+            "params_with_nonzero_grad": len(names) - len(zero_grad), "zero_grad_names": zero_grad[:10],
+            "min_grad_max_abs": float(grad_max.min()),
+            "bf16_weights_changed": changed, "bf16_unchanged_kinds": kinds,
             "build_s": round(t_build, 1), "forward_s": round(t_fwd, 1), "backward_s": round(t_bwd, 1),
             "step_total_s": round(t_step, 1), "peak_rss_bytes_per_rank": [g["rss"] for g in gathered],
             "peak_rss_sum_gib": round(sum(g["rss"] for g in gathered) / 2**30, 2),
             "nvme_bytes": nvme_bytes, "planner_nvme_bytes_per_rank": plan["nvme_bytes_per_gpu"],
             "planner_ram_bytes_per_rank": predicted_ram, "rss_over_planner": round(peak / predicted_ram, 2),
-            "lr": args.lr, "export_s": export_s, "export_params": export_params, "export_variant": export_variant,
+            "lr": args.lr, "save_s": save_s, "save_bytes": save_bytes, "export_s": export_s, "export_params": export_params, "export_variant": export_variant,
             "peak_rss_with_export_gib": [None if g["export_rss"] is None else round(g["export_rss"] / 2**30, 2)
                                          for g in gathered],
         }), flush=True)

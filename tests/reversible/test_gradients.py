@@ -230,3 +230,18 @@ def test_block_recompute_fp32():
 def test_more_plain_columns(plain_columns):
     m = build(torch.float64, inter_supv=True, plain_columns=plain_columns)
     assert rev_vs_plain(m) < 1e-10
+
+
+@pytest.mark.parametrize("k", [2, None])
+def test_huge_topology_level0_up2_fp64(k):
+    """RevCol-H's extra level-0 branch from the previous column's level 3, 8 columns, drop path on."""
+    torch.manual_seed(0)
+    m = create_model("revcol_huge", channels=(8, 8, 16, 16), layers=(1, 1, 2, 1), num_classes=7, inter_supv=True,
+                     drop_path=0.2, boundary_interval=k).double().train()
+    assert m.config.level0_up2 and m.config.num_columns == 8
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    labels = torch.tensor([1, 4])
+    la, ga = grads(m, x, labels, reversible=False)
+    lb, gb = grads(m, x, labels, reversible=True)
+    assert torch.equal(la, lb)
+    assert worst_relative_error(ga, gb) < 1e-10
