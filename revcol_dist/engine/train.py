@@ -102,6 +102,11 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
         from ..parallel.ds_config import resolve_ds_config
 
         ds = resolve_ds_config(ds_config, cfg, info.world_size)
+        param_off = ds.get("zero_optimization", {}).get("offload_param", {}).get("device")
+        if cfg.train.ema_decay > 0 and param_off == "nvme":
+            raise ConfigError(f"{ds_config} offloads parameters to NVMe, where the EMA cannot follow them "
+                              f"(each rank averages its resident partition): set train.ema_decay=0, or offload "
+                              f"parameters to the CPU (ds_configs/zero3_offload.json)")
     elif cfg.train.batch_size % info.world_size:
         raise ConfigError(f"the global batch train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"the world size {info.world_size}")

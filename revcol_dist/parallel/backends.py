@@ -128,6 +128,7 @@ class DeepSpeedBackend(Backend):
         stage = zero_stage(ds_config)
         self.name = f"zero{stage}"
         opt = make_optimizer(model, optimizer, weight_decay, layer_decay)
+        self.ds_config = ds_config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
         self.stage = stage
 
@@ -154,15 +155,29 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}")
 
     def official_state_dict(self, checkpoint_dir=None):
+        """Collective under ZeRO-3. From the saved checkpoint (fp32 master weights) where
+        DeepSpeed's zero_to_fp32 can read it; with NVMe offload its checkpoint holds only part of
+        the flat fp32 groups ("consumed N numels out of M"), so the live weights are gathered
+        instead, one parameter at a time."""
         if self.stage < 3:
             return super().official_state_dict()
-        if checkpoint_dir is None:
-            raise ValueError("ZeRO-3 weights are consolidated from a saved checkpoint")
+        from ..models.official import _to_official_key
+
+        inter_supv = self.model.config.inter_supv
+        zc = self.ds_config.get("zero_optimization", {})
+        on_nvme = any(zc.get(k, {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer"))
+        if on_nvme or checkpoint_dir is None:
+            import deepspeed
+
+            out = {}
+            for name, p in self.model.named_parameters():
+                with deepspeed.zero.GatheredParameters([p]):
+                    if self.info.is_main:
+                        out[_to_official_key(name, inter_supv)] = p.detach().float().cpu().clone()
+            return out if self.info.is_main else None
         if not self.info.is_main:
             return None
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from ..models.official import _to_official_key
-
         sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
-        return {_to_official_key(k, self.model.config.inter_supv): v for k, v in sd.items()}
+        return {_to_official_key(k, inter_supv): v for k, v in sd.items()}

@@ -12,7 +12,8 @@ from .launch_helpers import REPO, env, losses, run_torchrun, weights, worst_rela
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
-BIGGER = ["--set", "model.args.channels=[64,128,256,512]", "--set", "model.args.num_columns=2"]
+BIGGER = ["--set", "model.args.channels=[64,128,256,512]", "--set", "model.args.num_columns=2",
+          "--set", "train.ema_decay=0"]  # the EMA follows resident partitions only (refused with NVMe)
 
 
 def _async_io_builds() -> bool:
@@ -50,6 +51,8 @@ def test_nvme_offload_matches_in_memory_zero3(aio, tmp_path):
     swap = [f for f in nvme.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in swap) > 2**20, "nothing was swapped to the NVMe path"
     a, b = losses(tmp_path / "zero3"), losses(tmp_path / "zero3_nvme")
+    with_ema = run_torchrun(cfg, 2, "--deepspeed_config", str(ds_path), *BIGGER[:-2], "--set", "train.ema_decay=0.5")
+    assert with_ema.returncode != 0 and "offloads parameters to NVMe" in with_ema.stderr
     assert a.keys() == b.keys() == {1, 2, 3}
     assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
     assert worst_relative(weights(tmp_path / "zero3"), weights(tmp_path / "zero3_nvme")) < 1e-5
