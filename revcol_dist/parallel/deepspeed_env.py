@@ -12,6 +12,8 @@ def init_deepspeed_distributed(timeout_s: int = 300) -> None:
 
     import deepspeed
     import torch
+    import torch._dynamo  # noqa: F401  imported now: importing it later inside zero.Init (which patches
+    # Tensor.__new__) fails with "Signature mismatch between ... new_tensor and tensor_pynew"
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "gloo":
