@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -12,23 +11,17 @@ from ..config import Config, ConfigError, load_config
 from ..data.sources import build_streams, prepare_data
 from ..models import create_model
 from ..models.official import CheckpointError, load_official_checkpoint, safe_load
+from ..parallel.backends import Backend
 from ..parallel.distributed import barrier, device_for, dist_env, init_distributed
 from .pretrained import _folder_state_dict
 from .train import evaluate_distributed
 
 
-class _Evaluator:
-    def __init__(self, model: torch.nn.Module, precision: str) -> None:
-        self.model, self.precision = model, precision
+class _Evaluator(Backend):
+    """Evaluation only: the model as it is, with the training backends' autocast."""
 
     def forward(self, x):
         return self.model(x)
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dev = next(self.model.parameters()).device.type
-        return torch.autocast(dev, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
 
 def resolve_eval_config(checkpoint: Path, config: Optional[str], overrides: Sequence[str]) -> Config:
@@ -73,6 +66,6 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None, overrides
     else:
         load_official_checkpoint(model, src, strict=True, use_ema=use_ema)
     model.to(device)
-    res = evaluate_distributed(_Evaluator(model, cfg.train.precision), val, device)
+    res = evaluate_distributed(_Evaluator(model, info, cfg.train.precision), val, device)
     res.update({"checkpoint": str(src), "ema": use_ema})
     return res
