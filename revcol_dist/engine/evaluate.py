@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-
 from ..config import Config, ConfigError, load_config
 from ..data.sources import build_streams, prepare_data
 from ..models import create_model
