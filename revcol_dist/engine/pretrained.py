@@ -9,7 +9,7 @@ from typing import Dict
 
 import torch
 
-from ..models.official import CheckpointError, LoadReport, _to_official_key, load_official_checkpoint
+from ..models.official import CheckpointError, LoadReport, load_official_checkpoint, rename_to_official
 
 
 def _folder_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def _folder_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     inter_supv = any(k.startswith("decoders.") for k in sd)
-    return {_to_official_key(k, inter_supv): v for k, v in sd.items()}
+    return rename_to_official(sd, inter_supv)
 
 
 def load_pretrained(model: torch.nn.Module, path: str, use_ema: bool = False) -> LoadReport:

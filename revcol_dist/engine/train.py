@@ -17,7 +17,7 @@ from ..config import Config, ConfigError, dump_config
 from ..data.mixup import Mixup
 from ..data.sources import build_streams, prepare_data
 from ..models import create_model
-from ..models.official import _to_official_key
+from ..models.official import rename_to_official
 from ..monitor.console import Console
 from ..monitor.model_stats import alpha_stats
 from ..monitor.system import peak_memory_bytes
@@ -261,9 +261,9 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "skipped": not applied}) + "\n")
                 in_epoch = step - epoch * steps_per_epoch
+                now = time.time()
+                ips = window_seen / max(now - window_t, 1e-9)  # over the current logging window
                 if step % t.log_every == 0 or step == total or step == 1:
-                    now = time.time()
-                    ips = window_seen / max(now - window_t, 1e-9)
                     names = sorted(parts)
                     avg = _mean_across_ranks(torch.stack([parts[k].float().cpu() for k in names])) if names else []
                     scalars = {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": backend.last_grad_norm,
@@ -277,10 +277,8 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                         scalars.update(alpha_stats(model))  # collective under ZeRO-3
                     tb.add(scalars, step)
                     window_t, window_seen, window_steps = now, 0, 0
-                    console.update(in_epoch, step, total, {"loss": loss_val, "lr": lr, "images_per_sec": ips})
-                elif console.mode == "rich":
-                    console.update(in_epoch, step, total, {"loss": loss_val, "lr": lr,
-                                                           "images_per_sec": window_seen / max(time.time() - window_t, 1e-9)})
+                # the live bar moves every step; plain lines appear every log_every (Console decides)
+                console.update(in_epoch, step, total, {"loss": loss_val, "lr": lr, "images_per_sec": ips})
                 if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
                     last_ckpt = checkpoint()
                 if step >= total or in_epoch >= steps_per_epoch:
@@ -300,7 +298,7 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
     if info.is_main:
         payload = {"model": official, "config": cfg.to_dict(), "step": step}
         if ema_sd is not None:
-            payload["state_dict_ema"] = {_to_official_key(k, model.config.inter_supv): v for k, v in ema_sd.items()}
+            payload["state_dict_ema"] = rename_to_official(ema_sd, model.config.inter_supv)
         atomic_save(payload, export)
     val = validate("final")
     peak = _max_across_ranks(peak_memory_bytes(device))

@@ -73,11 +73,15 @@ def _to_official_key(key: str, inter_supv: bool) -> str:
     return key
 
 
+def rename_to_official(state_dict: Mapping[str, torch.Tensor], inter_supv: bool) -> Dict[str, torch.Tensor]:
+    """A state_dict under our key names, renamed to the released ones."""
+    return {_to_official_key(k, inter_supv): v for k, v in state_dict.items()}
+
+
 def to_official_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """The model's weights under the released key names (load with the authors' code or ours)."""
     model = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
-    inter = model.config.inter_supv
-    return {_to_official_key(k, inter): v for k, v in model.state_dict().items()}
+    return rename_to_official(model.state_dict(), model.config.inter_supv)
 
 
 @dataclass

@@ -161,7 +161,7 @@ class DeepSpeedBackend(Backend):
         instead, one parameter at a time."""
         if self.stage < 3:
             return super().official_state_dict()
-        from ..models.official import _to_official_key
+        from ..models.official import _to_official_key, rename_to_official
 
         inter_supv = self.model.config.inter_supv
         zc = self.ds_config.get("zero_optimization", {})
@@ -180,4 +180,4 @@ class DeepSpeedBackend(Backend):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
-        return {_to_official_key(k, inter_supv): v for k, v in sd.items()}
+        return rename_to_official(sd, inter_supv)
