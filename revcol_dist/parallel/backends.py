@@ -149,10 +149,17 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
 
     def load(self, directory):
+        from .nvme_resume import offloads_optimizer_to_nvme, prime_optimizer_state, restore_resident_state
+
+        nvme = offloads_optimizer_to_nvme(self.engine)
+        if nvme:
+            prime_optimizer_state(self.engine)
         path, _ = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}")
+        if nvme:
+            restore_resident_state(self.engine, directory)
 
     def official_state_dict(self, checkpoint_dir=None):
         """Collective under ZeRO-3. From the saved checkpoint (fp32 master weights) where
