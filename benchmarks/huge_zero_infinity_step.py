@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
+TAG = "huge_step"
+
+
 def ds_config(nvme: str, world: int) -> dict:
     return {
         "train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -69,6 +72,9 @@ def main() -> None:
                          "of weights up to 1.0, so 'every parameter changed' is visible in the bf16 copy")
     ap.add_argument("--export", default=None, help="write the consolidated weights (authors' format) here")
     ap.add_argument("--save", default=None, help="write a sharded DeepSpeed checkpoint (every rank its part) here")
+    ap.add_argument("--resume", default=None,
+                    help="first load the --save checkpoint written by an earlier run (its weights must come back "
+                         "bit for bit), then take the step")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)
     args = ap.parse_args()
     import deepspeed
@@ -93,6 +99,20 @@ def main() -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05),
                                                    config=cfg)
     t_build = time.time() - t0
+    resume_s, resumed_identical = None, None
+    if args.resume:
+        from revcol_dist.parallel.nvme_resume import prime_optimizer_state, restore_resident_state
+
+        t4 = time.time()
+        prime_optimizer_state(engine)
+        path, _ = engine.load_checkpoint(args.resume, tag=TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        assert path is not None, f"no checkpoint {TAG} under {args.resume}"
+        restore_resident_state(engine, Path(args.resume) / TAG)
+        resume_s = round(time.time() - t4, 1)
+        saved = json.loads((Path(args.resume) / TAG / "fingerprints.json").read_text())
+        now = fingerprints(model)
+        resumed_identical = sum(a == b for a, b in zip(saved, now))
     for g in optimizer.param_groups:
         g["lr"] = args.lr * g.get("lr_scale", 1.0)
     before = fingerprints(model)
@@ -152,7 +172,9 @@ def main() -> None:
     save_s, save_bytes = None, None
     if args.save:
         t3 = time.time()
-        engine.save_checkpoint(args.save, tag="huge_step1")
+        engine.save_checkpoint(args.save, tag=TAG)
+        if rank == 0:  # what a resumed run must find again
+            (Path(args.save) / TAG / "fingerprints.json").write_text(json.dumps(after))
         torch.distributed.barrier()
         save_s = round(time.time() - t3, 1)
         save_bytes = sum(f.stat().st_size for f in Path(args.save).rglob("*") if f.is_file())
@@ -180,7 +202,8 @@ def main() -> None:
             "peak_rss_sum_gib": round(sum(g["rss"] for g in gathered) / 2**30, 2),
             "nvme_bytes": nvme_bytes, "planner_nvme_bytes_per_rank": plan["nvme_bytes_per_gpu"],
             "planner_ram_bytes_per_rank": predicted_ram, "rss_over_planner": round(peak / predicted_ram, 2),
-            "lr": args.lr, "save_s": save_s, "save_bytes": save_bytes, "export_s": export_s, "export_params": export_params, "export_variant": export_variant,
+            "lr": args.lr, "resume_s": resume_s, "resumed_params_identical": resumed_identical,
+            "save_s": save_s, "save_bytes": save_bytes, "export_s": export_s, "export_params": export_params, "export_variant": export_variant,
             "peak_rss_with_export_gib": [None if g["export_rss"] is None else round(g["export_rss"] / 2**30, 2)
                                          for g in gathered],
         }), flush=True)

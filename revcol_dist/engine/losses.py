@@ -18,12 +18,25 @@ def revcol_loss(out, labels: torch.Tensor, images: torch.Tensor, mean: Sequence[
     parts["loss_cls_final"] = total.detach()
     n = len(out.aux_logits)
     if n:
-        m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-        target = (images * s + m).clamp(0.01, 0.99)
+        target = reconstruction_target(images, mean, std)
         for i, (a, rec) in enumerate(zip(out.aux_logits, out.reconstructions)):
-            ce = F.cross_entropy(a.float(), labels, label_smoothing=label_smoothing)
-            bce = F.binary_cross_entropy_with_logits(rec.float(), target)
-            total = total + 0.7 * (i + 1) / (n + 1) * ce + 3.0 * (1 - i / n) * bce
+            loss, ce, bce = aux_loss(i, n, a, rec, labels, target, label_smoothing)
+            total = total + loss
             parts[f"loss_cls_{i}"], parts[f"loss_rec_{i}"] = ce.detach(), bce.detach()
     return total, parts
+
+
+def reconstruction_target(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The decoders' target: the un-normalised image in [0.01, 0.99]."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images * s + m).clamp(0.01, 0.99)
+
+
+def aux_loss(i: int, n: int, logits: torch.Tensor, rec: torch.Tensor, labels: torch.Tensor, target: torch.Tensor,
+             label_smoothing: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head i of n earlier heads: (weighted sum, CE, BCE). A pipeline stage computes the terms
+    of the heads it holds with this, so the total is the single-process loss."""
+    ce = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    bce = F.binary_cross_entropy_with_logits(rec.float(), target)
+    return 0.7 * (i + 1) / (n + 1) * ce + 3.0 * (1 - i / n) * bce, ce, bce

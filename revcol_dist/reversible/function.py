@@ -311,14 +311,47 @@ def _alpha_mins(columns: Sequence[Column]) -> List[List[float]]:
     return [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
 
 
+class Segment:
+    """A pipeline stage's view of one micro-batch's reversible run (``run_reversible(...,
+    segment=Segment())``). A stage that did not keep its outputs (``keep_outputs=False``) gets
+    them back from the next stage, reconstructed, before its backward; after its backward it
+    can read the inputs it reconstructed and send them on to the stage before."""
+
+    def __init__(self) -> None:
+        self.st: Optional[_StepState] = None
+        self.last = -1
+
+    def provide_outputs(self, values: Sequence[torch.Tensor]) -> None:
+        """The outputs as the next stage reconstructed them. Where the outputs were kept
+        anyway, the two are compared (drift) and the kept ones are used."""
+        for l, v in enumerate(values):
+            key = (self.last, l)
+            if key in self.st.kept:
+                self.st.reconstructed(key, v)
+            else:
+                self.st.values[key] = v
+
+    def inputs_kept(self) -> set:
+        """Levels of the initial state the engine keeps (small |alpha|): their storage is in use."""
+        return {l for (j, l) in self.st.kept if j == -1}
+
+    def reconstructed_inputs(self) -> List[torch.Tensor]:
+        return [self.st.get((-1, l)) for l in range(4)]
+
+
 def run_reversible(
     columns: Sequence[Column],
     x: torch.Tensor,
     taps: Sequence[int],
     policy: ReversiblePolicy,
     stats: Optional[DriftStats] = None,
+    initial: Optional[Sequence[torch.Tensor]] = None,
+    keep_outputs: bool = True,
+    segment: Optional[Segment] = None,
 ) -> Tuple[List[torch.Tensor], Dict[int, torch.Tensor]]:
-    """Run columns[0..n) from the stem output x reversibly.
+    """Run columns[0..n) from the stem output x reversibly; ``initial`` is the state of the
+    column before the first (a pipeline stage that starts mid-network), else column 0 starts
+    from nothing.
 
     Returns the last column's four maps and {column index: c3} for each index in ``taps``.
     """
@@ -326,8 +359,11 @@ def run_reversible(
     n = len(columns)
     n_plain = min(policy.plain_columns, n)
     seg = columns[: n - n_plain]
+    if not keep_outputs and n_plain:
+        raise ValueError("outputs handed back by a later stage must be the reversible segment's: "
+                         "use policy.plain_columns=0 with keep_outputs=False")
     if not seg:
-        state, tapped = None, {}
+        state, tapped = (list(initial) if initial is not None else None), {}
         for i, col in enumerate(columns):
             state = col(x, state)
             if i in taps:
@@ -338,9 +374,12 @@ def run_reversible(
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
         mins = _alpha_mins(seg)
     tapped: Dict[int, torch.Tensor] = {}
-    prev: Optional[List[torch.Tensor]] = None
+    prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
+    if segment is not None:
+        segment.st, segment.last = st, len(seg) - 1
     for j, col in enumerate(seg):
-        boundary = j == len(seg) - 1 or (k is not None and (j + 1) % k == 0)
+        last = j == len(seg) - 1
+        boundary = (last and keep_outputs) or (not last and k is not None and (j + 1) % k == 0)
         cur: List[torch.Tensor] = []
         for l in range(4):
             p = None if prev is None else prev[l]

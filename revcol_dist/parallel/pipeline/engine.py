@@ -1,0 +1,329 @@
+"""A RevCol split over pipeline stages (columns, with the stem on the first stage and each
+head on the stage of the column it reads), 1F1B over micro-batches, data parallel replicas of
+the whole pipeline. Ranks are laid out replica-major: rank = replica * stages + stage.
+
+Between stages travel the stem output x and the four maps of the stage's last column. Each
+stage computes the loss terms of the heads it holds (labels and images are local: every rank
+reads the same batch), so the pipeline's loss is the sum of the stages' losses and equals
+the single-process loss.
+
+Memory: with the reversible engine a stage keeps, per micro-batch in flight, x and its
+outputs (the next stage's inputs are reconstructed, not kept). With ``zero_stash`` it does
+not keep its outputs either: the next stage sends them back, reconstructed, with their
+gradients. Every ``check_every`` steps the outputs are kept anyway and compared with what
+comes back; above ``drift_tolerance`` zero-stash is switched off for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ...engine.losses import aux_loss, reconstruction_target
+from ...models.revcol import _maybe_checkpoint
+from ...reversible import Segment, run_reversible
+from .partition import _attached, column_costs, partition_table
+from ...plan.model import partition_columns
+from .schedule import one_f_one_b
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_HEADER = 6  # dtype, ndim, up to 4 sizes per tensor
+
+
+class _Box:
+    grads: Sequence[torch.Tensor] = ()
+
+
+class _GradTap(torch.autograd.Function):
+    """Received tensors enter the stage's graph here; their gradients are caught for the stage
+    before. Only the anchor is a leaf, so nothing in the graph holds the received storage."""
+
+    @staticmethod
+    def forward(ctx, box, anchor, *tensors):
+        ctx.box = box
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.box.grads = grads
+        return (None, None, *[None] * len(grads))
+
+
+class _GradSink(torch.autograd.Function):
+    """The stage's sent outputs end here; backward hands them the next stage's gradients.
+    Saves nothing: the outputs themselves need not outlive their sending."""
+
+    @staticmethod
+    def forward(ctx, box, *tensors):
+        ctx.box = box
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return (None, *ctx.box.grads)
+
+
+@dataclasses.dataclass
+class _InFlight:
+    loss: Optional[torch.Tensor]
+    sink: Optional[torch.Tensor]
+    box_in: Optional[_Box]
+    box_out: Optional[_Box]
+    segment: Optional[Segment]
+    sent: List[tuple]  # (shape, dtype) of the outputs, for the gradients coming back
+    stash_free: bool  # outputs not kept: the next stage returns them
+
+
+class PipelineEngine:
+    def __init__(self, model, stages: int, micro_batches: int, *, cost: str = "params", res: int = 224,
+                 zero_stash: bool = False, check_every: int = 50, drift_tolerance: float = 1e-3,
+                 precision: str = "fp32", label_smoothing: float = 0.0,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                 log: Optional[Callable[[str], None]] = print) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("PipelineEngine needs torch.distributed initialised (launch with torchrun)")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % stages:
+            raise ValueError(f"world size {world} is not a multiple of {stages} pipeline stages")
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        if zero_stash and not model.reversible:
+            raise ValueError("zero_stash reconstructs stage outputs: it needs model.reversible = True")
+        self.model, self.S, self.D, self.M = model, stages, world // stages, micro_batches
+        self.stage, self.replica = rank % stages, rank // stages
+        self.first, self.last = self.stage == 0, self.stage == stages - 1
+        self.prev_rank = rank - 1 if not self.first else None
+        self.next_rank = rank + 1 if not self.last else None
+        self.dp_group = None
+        for s in range(stages):  # every rank creates every group, in the same order
+            g = dist.new_group([d * stages + s for d in range(self.D)])
+            if s == self.stage:
+                self.dp_group = g
+        costs = column_costs(model, cost, res)
+        self.partition = partition_columns(costs, stages)
+        if any(not cols for cols in self.partition):
+            raise ValueError(f"{stages} stages for {len(costs)} columns: some stage would be empty")
+        self.columns = self.partition[self.stage]
+        if rank == 0 and log is not None:
+            log(partition_table(self.partition, costs, cost))
+        owned = {id(p) for c in self.columns for m in _attached(model)[c] for p in m.parameters()}
+        self.params = [p for p in model.parameters() if id(p) in owned]
+        for p in model.parameters():  # other stages' weights: not needed here
+            if id(p) not in owned:
+                p.data = p.data.new_empty(0)
+                p.requires_grad_(False)
+        self.zero_stash, self.check_every, self.drift_tolerance = zero_stash, check_every, drift_tolerance
+        self.precision, self.label_smoothing, self.mean, self.std = precision, label_smoothing, mean, std
+        self.steps = 0
+        self.last_drift: Optional[float] = None
+        self.anchor = torch.zeros((), requires_grad=True)
+        self.timing: Dict[str, float] = {}
+        self._log = log if rank == 0 else None
+
+    # ---- one training step -------------------------------------------------------------
+
+    def parameters(self):
+        return iter(self.params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """Forward and backward of this replica's batch as M micro-batches; gradients are
+        averaged over the replicas and left in .grad. Returns the mean loss over all replicas."""
+        if images.shape[0] % self.M:
+            raise ValueError(f"batch of {images.shape[0]} does not split into {self.M} equal micro-batches")
+        self.model.train()
+        check = self.zero_stash and self.steps % self.check_every == 0
+        self._check = check
+        mb_images, mb_labels = images.chunk(self.M), labels.chunk(self.M)
+        self._inflight: Dict[int, _InFlight] = {}
+        self._pending: List = []
+        self._loss = torch.zeros((), dtype=torch.float64)
+        self._drift = torch.zeros((), dtype=torch.float64)
+        self.timing = {"wait_s": 0.0, "compute_s": 0.0}
+        t0 = time.perf_counter()
+        for kind, m in one_f_one_b(self.stage, self.S, self.M):
+            if kind == "F":
+                self._forward(mb_images[m], mb_labels[m], m)
+            else:
+                self._backward(m)
+            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+        for w, _ in self._pending:
+            w.wait()
+        self._pending = []
+        self.timing["step_s"] = time.perf_counter() - t0
+        self.timing["compute_s"] = self.timing["step_s"] - self.timing["wait_s"]
+        self._average_gradients()
+        stats = torch.stack([self._loss, self._drift])
+        dist.all_reduce(stats[:1])  # every stage's share, every replica
+        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
+        if check:
+            self.last_drift = float(stats[1])
+            if self.last_drift > self.drift_tolerance:
+                self.zero_stash = False
+                if self._log:
+                    self._log(f"pipeline: reconstructed stage outputs drift {self.last_drift:.2e} > "
+                              f"{self.drift_tolerance:.0e}: zero-stash off, stages keep their outputs")
+        self.steps += 1
+        return float(stats[0]) / self.D
+
+    # ---- forward and backward of one micro-batch ---------------------------------------
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return torch.autocast(self.anchor.device.type, dtype=dtype)
+
+    def _forward(self, images, labels, m: int) -> None:
+        model, cfg = self.model, self.model.config
+        a, b = self.columns[0], self.columns[-1] + 1
+        box_in = box_out = sink = seg = None
+        stash_free = self.zero_stash and not self._check and not self.last
+        if not self.first:
+            received = self._recv_activations()
+        t = time.perf_counter()
+        with self._autocast():
+            if self.first:
+                x, initial = model.stem(images), None
+            else:
+                box_in = _Box()
+                tapped_in = _GradTap.apply(box_in, self.anchor, *received)
+                del received
+                x, initial = tapped_in[0], list(tapped_in[1:])
+                del tapped_in
+            supervise = cfg.inter_supv
+            aux_cols = [c for c in cfg.head_columns[:-1] if a <= c < b] if supervise else []
+            cols = model.columns[a:b]
+            if model.reversible:
+                policy = model.policy
+                if not self.last or self.zero_stash:  # a segment's outputs/inputs are exchanged
+                    policy = dataclasses.replace(policy, plain_columns=0)
+                seg = Segment()
+                state, tapped = run_reversible(cols, x, [c - a for c in aux_cols], policy, model.drift,
+                                               initial=initial, keep_outputs=not stash_free, segment=seg)
+            else:
+                state, tapped = initial, {}
+                for j, col in enumerate(cols):
+                    state = col(x, state)
+                    if j + a in aux_cols:
+                        tapped[j] = state[3]
+            del initial
+            loss = None
+            if aux_cols:
+                target = reconstruction_target(images, self.mean, self.std)
+                sizes = [state[2].shape[-2:], state[1].shape[-2:], state[0].shape[-2:]]
+                n = len(cfg.head_columns) - 1
+                for h, col in enumerate(cfg.head_columns[:-1]):
+                    if col not in aux_cols:
+                        continue
+                    c3 = tapped[col - a]
+                    logits = _maybe_checkpoint(model.heads[h], cfg.checkpoint_heads, c3)
+                    rec = _maybe_checkpoint(model.decoders[h], cfg.checkpoint_heads, c3, sizes, images.shape[-2:])
+                    term = aux_loss(h, n, logits, rec, labels, target, self.label_smoothing)[0]
+                    loss = term if loss is None else loss + term
+            if self.last:
+                ce = F.cross_entropy(model.heads[-1](state[3]).float(), labels, label_smoothing=self.label_smoothing)
+                loss = ce if loss is None else loss + ce
+        if loss is not None:
+            loss = loss / self.M
+            self._loss += float(loss.detach())
+        sent: List[torch.Tensor] = []
+        if not self.last:
+            outs = [x] + list(state)
+            box_out = _Box()
+            sink = _GradSink.apply(box_out, *outs)
+            sent = [(o.shape, o.dtype) for o in outs]
+            self._send([o.detach() for o in outs], self.next_rank, header=True)
+        del state, x
+        self.timing["compute_s"] += time.perf_counter() - t
+        self._inflight[m] = _InFlight(loss, sink, box_in, box_out, seg, sent, stash_free)
+
+    def _backward(self, m: int) -> None:
+        fl = self._inflight.pop(m)
+        roots, grads = [], []
+        if fl.loss is not None:
+            roots.append(fl.loss)
+            grads.append(torch.ones_like(fl.loss))
+        if not self.last:
+            returned = self.zero_stash or self._check  # our outputs come back reconstructed
+            g = self._recv(fl.sent + (fl.sent[1:] if returned else []), self.next_rank)
+            if returned:
+                fl.segment.provide_outputs(g[5:])
+                g = g[:5]
+            fl.box_out.grads = g
+            roots.append(fl.sink)
+            grads.append(torch.zeros_like(fl.sink))
+            del g
+        t = time.perf_counter()
+        torch.autograd.backward(roots, grads)
+        del roots, grads
+        if fl.segment is not None and fl.segment.st is not None and fl.segment.st.drift is not None:
+            self._drift = torch.maximum(self._drift, fl.segment.st.drift.double())
+        if not self.first:
+            out = list(fl.box_in.grads)
+            if self.zero_stash or self._check:
+                out += [r.detach() for r in fl.segment.reconstructed_inputs()]
+            self._send(out, self.prev_rank)
+        self.timing["compute_s"] += time.perf_counter() - t
+
+    # ---- communication -----------------------------------------------------------------
+
+    def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> None:
+        if header:
+            h = torch.zeros(len(tensors) * _HEADER, dtype=torch.int64)
+            for i, t in enumerate(tensors):
+                h[i * _HEADER] = _DTYPES.index(t.dtype)
+                h[i * _HEADER + 1] = t.ndim
+                h[i * _HEADER + 2: i * _HEADER + 2 + t.ndim] = torch.tensor(t.shape)
+            tensors = [h] + tensors
+        for i, t in enumerate(tensors):
+            t = t.contiguous()
+            self._pending.append((dist.isend(t, dst, tag=i), t))
+
+    def _recv(self, specs, src: int) -> List[torch.Tensor]:
+        t = time.perf_counter()
+        out = []
+        for i, (shape, dtype) in enumerate(specs):
+            buf = torch.empty(shape, dtype=dtype)
+            dist.recv(buf, src, tag=i)
+            out.append(buf)
+        self.timing["wait_s"] += time.perf_counter() - t
+        return out
+
+    def _recv_activations(self) -> List[torch.Tensor]:
+        t = time.perf_counter()
+        h = torch.empty(5 * _HEADER, dtype=torch.int64)
+        dist.recv(h, self.prev_rank, tag=0)
+        self.timing["wait_s"] += time.perf_counter() - t
+        specs = []
+        for i in range(5):
+            dtype, ndim = _DTYPES[int(h[i * _HEADER])], int(h[i * _HEADER + 1])
+            specs.append((tuple(int(v) for v in h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
+        # tags continue after the header's
+        out = []
+        t = time.perf_counter()
+        for i, (shape, dtype) in enumerate(specs):
+            buf = torch.empty(shape, dtype=dtype)
+            dist.recv(buf, self.prev_rank, tag=i + 1)
+            out.append(buf)
+        self.timing["wait_s"] += time.perf_counter() - t
+        return out
+
+    def _average_gradients(self) -> None:
+        if self.D == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.D
+        for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(avg)

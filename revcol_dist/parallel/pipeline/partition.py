@@ -1,0 +1,69 @@
+"""Which columns each stage runs, chosen by measured cost: parameter counts, or FLOPs counted
+by running the model once. The stem goes with column 0, each classifier head and decoder with
+the column it reads."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from ...plan.model import partition_columns
+
+
+def _attached(model) -> List[List[torch.nn.Module]]:
+    """Modules whose cost a column carries: itself, its heads/decoders, the stem (column 0)."""
+    cfg = model.config
+    parts: List[List[torch.nn.Module]] = [[c] for c in model.columns]
+    parts[0].append(model.stem)
+    if cfg.inter_supv:
+        for h, col in enumerate(cfg.head_columns[:-1]):
+            parts[col] += [model.heads[h], model.decoders[h]]
+    parts[-1].append(model.heads[-1])  # the final classifier reads the last column
+    return parts
+
+
+def column_costs(model, by: str = "params", res: int = 224) -> List[float]:
+    parts = _attached(model)
+    if by == "params":
+        return [float(sum(p.numel() for m in mods for p in m.parameters())) for mods in parts]
+    if by != "flops":
+        raise ValueError(f"partition cost must be 'params' or 'flops', got {by!r}")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = {m: n for n, m in model.named_modules()}
+    was_training, was_rev = model.training, model.reversible
+    model.train()  # heads and decoders of intermediate supervision run in training mode only
+    model.reversible = False
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 3, res, res, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        model.reversible = was_rev
+    counts = counter.get_flop_counts()
+    top = type(model).__name__
+
+    def flops(m) -> float:
+        return float(sum(counts.get(f"{top}.{names[m]}", {}).values()))
+
+    return [sum(flops(m) for m in mods) for mods in parts]
+
+
+def split_columns(model, stages: int, by: str = "params", res: int = 224) -> List[List[int]]:
+    n = len(model.columns)
+    if not 1 <= stages <= n:
+        raise ValueError(f"{stages} pipeline stages for {n} columns: use 1 to {n} stages")
+    return partition_columns(column_costs(model, by, res), stages)
+
+
+def partition_table(groups: Sequence[Sequence[int]], costs: Sequence[float], by: str) -> str:
+    total = sum(costs)
+    lines = [f"pipeline partition by {by} ({len(groups)} stages):"]
+    for s, cols in enumerate(groups):
+        c = sum(costs[i] for i in cols)
+        extra = (["stem"] if 0 in cols else []) + (["final head"] if len(costs) - 1 in cols else [])
+        lines.append(f"  stage {s}: columns {cols[0]}-{cols[-1]}{' + ' + ', '.join(extra) if extra else ''}"
+                     f"  {c:,.0f} ({100 * c / total:.1f}%)")
+    return "\n".join(lines)
