@@ -89,11 +89,24 @@ class MonitorSection:
 
 
 @dataclass
+class PipelineSection:
+    """Column pipeline parallelism (docs/pipeline.md); world size = stages x replicas."""
+
+    stages: int = 1  # 1: off
+    micro_batches: int = 1  # per replica and step; train.batch_size / replicas must divide by it
+    cost: str = "params"  # partition columns by params | flops
+    zero_stash: bool = False  # stages keep no outputs; the next stage sends them back reconstructed
+    check_every: int = 50  # zero-stash: keep and compare outputs every N steps (drift guard)
+    drift_tolerance: float = 1.0e-3
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     output_dir: str = "runs/default"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -226,6 +239,16 @@ def validate(cfg: Config) -> None:
         problems.append(f"train.pretrained: {t.pretrained} does not exist (a .pth file or a checkpoint folder)")
     if cfg.data.img_size < 32:
         problems.append(f"data.img_size must be >= 32 (RevCol's stride 32), got {cfg.data.img_size}")
+    pp = cfg.pipeline
+    if pp.stages < 1 or pp.micro_batches < 1:
+        problems.append(f"pipeline.stages and pipeline.micro_batches must be >= 1, got {pp.stages}, {pp.micro_batches}")
+    if pp.cost not in ("params", "flops"):
+        problems.append(f"pipeline.cost must be params or flops, got {pp.cost!r}")
+    if pp.stages > 1 and t.ema_decay > 0:
+        problems.append("train.ema_decay > 0 is not supported with pipeline.stages > 1 yet: set train.ema_decay=0")
+    if pp.stages > 1 and t.grad_accum > 1:
+        problems.append("pipeline micro-batches are the gradient accumulation: use pipeline.micro_batches, "
+                        "not train.grad_accum")
     if problems:
         raise ConfigError("; ".join(problems))
 

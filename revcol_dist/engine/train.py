@@ -65,7 +65,10 @@ def evaluate_distributed(backend, stream, device) -> Dict[str, float]:
     for images, labels, _ in stream:
         images, labels = images.to(device), labels.to(device)
         with backend.autocast():
-            logits = backend.forward(images).logits.float()
+            out = backend.forward(images)
+        if out is None:  # a pipeline stage without the final head
+            continue
+        logits = out.logits.float()
         k = min(5, logits.shape[1])
         hit = logits.topk(k, dim=1).indices == labels[:, None]
         counts += torch.tensor([labels.numel(), hit[:, 0].sum().item(), hit.any(1).sum().item(),
@@ -107,13 +110,26 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
             raise ConfigError(f"{ds_config} offloads parameters to NVMe, where the EMA cannot follow them "
                               f"(each rank averages its resident partition): set train.ema_decay=0, or offload "
                               f"parameters to the CPU (ds_configs/zero3_offload.json)")
-    elif cfg.train.batch_size % info.world_size:
+    pipe = cfg.pipeline
+    replicas, replica = info.world_size, info.rank  # data-parallel replicas (pipeline: of the whole pipeline)
+    if pipe.stages > 1:
+        if ds_config is not None:
+            raise ConfigError("pipeline.stages > 1 runs its own data parallelism: drop --deepspeed_config "
+                              "(or set pipeline.stages=1)")
+        if info.world_size % pipe.stages:
+            raise ConfigError(f"pipeline.stages={pipe.stages} does not divide the world size {info.world_size}: "
+                              f"launch stages x replicas processes")
+        replicas, replica = info.world_size // pipe.stages, info.rank // pipe.stages
+        if cfg.train.batch_size % (replicas * pipe.micro_batches):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must split into {replicas} replicas x "
+                              f"{pipe.micro_batches} micro-batches (pipeline.micro_batches)")
+    if ds_config is None and cfg.train.batch_size % replicas:
         raise ConfigError(f"the global batch train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"the world size {info.world_size}")
-    per_rank = cfg.train.batch_size // info.world_size
+    per_rank = cfg.train.batch_size // replicas
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and per_rank % 2:
         raise ConfigError(f"mixup/cutmix pair samples within a rank's batch: the per-rank batch "
-                          f"{cfg.train.batch_size}/{info.world_size}={per_rank} must be even")
+                          f"{cfg.train.batch_size}/{replicas}={per_rank} must be even")
     init_distributed(info, use_deepspeed=ds_config is not None)
     device = device_for(info)
     out_dir = Path(cfg.output_dir)
@@ -126,8 +142,8 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
     if info.is_main:  # prepare the embedded data once, before the other ranks read it
         prepare_data(cfg.data)
     barrier()
-    train_stream, val_stream = build_streams(cfg.data, cfg.train.batch_size, cfg.train.seed,
-                                             info.rank, info.world_size)
+    # every stage of a pipeline replica reads the same batches
+    train_stream, val_stream = build_streams(cfg.data, cfg.train.batch_size, cfg.train.seed, replica, replicas)
     torch.manual_seed(cfg.train.seed)
     args = dict(cfg.model.args)
     args.setdefault("num_classes", train_stream.num_classes)
@@ -144,7 +160,13 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
         say(load_pretrained(model, cfg.train.pretrained).summary())
     meta = _model_meta(cfg, model)
     t = cfg.train
-    if ds is not None:
+    if pipe.stages > 1:
+        from ..parallel.pipeline.backend import PipelineBackend
+
+        backend = PipelineBackend(model, info, pipe, t.optimizer, t.weight_decay, t.clip_grad, t.layer_decay,
+                                  t.precision, res=cfg.data.img_size, mean=train_stream.mean, std=train_stream.std,
+                                  log=say)
+    elif ds is not None:
         backend = DeepSpeedBackend(model, info, ds, t.optimizer, t.weight_decay, t.layer_decay, t.precision)
     else:
         backend = LocalBackend(model, info, t.optimizer, t.weight_decay, t.clip_grad, device, t.layer_decay,
@@ -191,6 +213,7 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                 ema.load_state_dict(client["ema"])
             say(f"resumed from {where} at step {step}")
 
+    fused = getattr(backend, "fused", False)
     tb = Scalars(out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
     log_path = out_dir / "train_log.jsonl"
     t0, seen, loss_val = time.time(), 0, float("nan")
@@ -227,16 +250,23 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 targets = labels
                 if mixer is not None:
-                    images, targets = mixer(images, labels, step, info.rank)
+                    images, targets = mixer(images, labels, step, replica)
                 lr = lr_at(step, total, warmup, base_lr, min_lr, warmup_lr)
-                with backend.autocast():
-                    out = backend.forward(images)
-                    loss, parts = revcol_loss(out, targets, images, train_stream.mean, train_stream.std,
-                                              label_smoothing=0.0 if mixer is not None else t.label_smoothing)
-                if _nan_injected(step + 1, info):
-                    loss = loss * float("nan")
-                loss_val = float(_mean_across_ranks(loss.detach().reshape(1)))  # NaN on one rank: NaN on all
-                applied = math.isfinite(loss_val) and backend.backward_and_step(loss, lr)
+                smoothing = 0.0 if mixer is not None else t.label_smoothing
+                if fused:  # pipeline: forward and backward interleaved over micro-batches
+                    if _nan_injected(step + 1, info):
+                        images = images * float("nan")
+                    loss_val, applied = backend.train_step(images, targets, lr, smoothing)
+                    parts = {}
+                else:
+                    with backend.autocast():
+                        out = backend.forward(images)
+                        loss, parts = revcol_loss(out, targets, images, train_stream.mean, train_stream.std,
+                                                  label_smoothing=smoothing)
+                    if _nan_injected(step + 1, info):
+                        loss = loss * float("nan")
+                    loss_val = float(_mean_across_ranks(loss.detach().reshape(1)))  # NaN on one rank: NaN on all
+                    applied = math.isfinite(loss_val) and backend.backward_and_step(loss, lr)
                 step += 1
                 _maybe_inject_fault(step, info)
                 if applied:
@@ -253,7 +283,7 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                             f"the loss or gradients were non-finite for {nan_run} steps in a row (last at step "
                             f"{step}); lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32 "
                             f"(train.max_nan_skips={t.max_nan_skips})")
-                n_img = labels.numel() * info.world_size
+                n_img = labels.numel() * replicas
                 seen += n_img
                 window_seen += n_img
                 window_steps += 1
@@ -269,11 +299,11 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                     scalars = {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": backend.last_grad_norm,
                                "train/images_per_sec": ips, "train/step_time": (now - window_t) / max(window_steps, 1),
                                "sys/mem_peak_bytes": peak_memory_bytes(device),
-                               "rev/drift": model.drift.last_drift if hasattr(model, "drift") else None}
+                               "rev/drift": backend.engine.last_drift if fused else model.drift.last_drift}
                     for k, v in zip(names, avg):
                         tag = k.replace("loss_cls_final", f"loss_cls_{n_heads - 1}")
                         scalars[f"train/{tag}"] = float(v)
-                    if step % alpha_every == 0 or step == total:
+                    if not fused and (step % alpha_every == 0 or step == total):  # pipeline: weights spread
                         scalars.update(alpha_stats(model))  # collective under ZeRO-3
                     tb.add(scalars, step)
                     window_t, window_seen, window_steps = now, 0, 0

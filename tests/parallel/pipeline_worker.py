@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="the pipeline model without the reversible engine")
     ap.add_argument("--cost", default="params")
     ap.add_argument("--float64", action="store_true")
+    ap.add_argument("--drift-tolerance", type=float, default=1e-3)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dist.init_process_group("gloo")
@@ -42,7 +43,7 @@ def main() -> None:
     dtype = torch.float64 if args.float64 else torch.float32
     ref, model = ref.to(dtype), model.to(dtype)
     engine = PipelineEngine(model, args.stages, args.micro, cost=args.cost, res=32, zero_stash=args.zero_stash,
-                            check_every=args.check_every, log=print)
+                            check_every=args.check_every, drift_tolerance=args.drift_tolerance, log=print)
     per_replica = 2 * args.micro
     g = torch.Generator().manual_seed(1)
     out = {"rank": rank, "stage": engine.stage, "replica": engine.replica, "columns": engine.columns,
@@ -80,10 +81,10 @@ def main() -> None:
         with torch.no_grad():  # the same SGD step on both, so step 2 starts from trained weights
             for p in engine.parameters():
                 if p.grad is not None:
-                    p -= 0.5 * p.grad
+                    p -= 0.05 * p.grad
             for p in ref.parameters():
                 if p.grad is not None:
-                    p -= 0.5 * p.grad
+                    p -= 0.05 * p.grad
     owned = sum(1 for _ in engine.parameters())
     counts = torch.tensor([owned])
     dist.all_reduce(counts)

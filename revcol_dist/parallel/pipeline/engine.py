@@ -148,7 +148,7 @@ class PipelineEngine:
         self._pending: List = []
         self._loss = torch.zeros((), dtype=torch.float64)
         self._drift = torch.zeros((), dtype=torch.float64)
-        self.timing = {"wait_s": 0.0, "compute_s": 0.0}
+        self.timing = {"wait_s": 0.0}
         t0 = time.perf_counter()
         for kind, m in one_f_one_b(self.stage, self.S, self.M):
             if kind == "F":
@@ -175,6 +175,36 @@ class PipelineEngine:
         self.steps += 1
         return float(stats[0]) / self.D
 
+    @torch.no_grad()
+    def forward_eval(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits of the final head on the last stage (None on the others), micro-batch by
+        micro-batch through the stages; no graph, nothing kept."""
+        model = self.model
+        was = model.training
+        model.eval()
+        self.timing = {"wait_s": 0.0}
+        a, b = self.columns[0], self.columns[-1] + 1
+        logits = []
+        try:
+            for chunk in images.chunk(min(self.M, images.shape[0])):
+                with self._autocast():
+                    if self.first:
+                        x, state = model.stem(chunk), None
+                    else:
+                        x, *state = self._recv_activations()
+                    for col in model.columns[a:b]:
+                        state = col(x, state)
+                    if self.last:
+                        logits.append(model.heads[-1](state[3]).float())
+                if not self.last:
+                    self._pending = []
+                    self._send([x] + list(state), self.next_rank, header=True)
+                    for w, _ in self._pending:
+                        w.wait()
+        finally:
+            model.train(was)
+        return torch.cat(logits) if logits else None
+
     # ---- forward and backward of one micro-batch ---------------------------------------
 
     def _autocast(self):
@@ -190,7 +220,6 @@ class PipelineEngine:
         stash_free = self.zero_stash and not self._check and not self.last
         if not self.first:
             received = self._recv_activations()
-        t = time.perf_counter()
         with self._autocast():
             if self.first:
                 x, initial = model.stem(images), None
@@ -244,7 +273,6 @@ class PipelineEngine:
             sent = [(o.shape, o.dtype) for o in outs]
             self._send([o.detach() for o in outs], self.next_rank, header=True)
         del state, x
-        self.timing["compute_s"] += time.perf_counter() - t
         self._inflight[m] = _InFlight(loss, sink, box_in, box_out, seg, sent, stash_free)
 
     def _backward(self, m: int) -> None:
@@ -263,7 +291,6 @@ class PipelineEngine:
             roots.append(fl.sink)
             grads.append(torch.zeros_like(fl.sink))
             del g
-        t = time.perf_counter()
         torch.autograd.backward(roots, grads)
         del roots, grads
         if fl.segment is not None and fl.segment.st is not None and fl.segment.st.drift is not None:
@@ -273,7 +300,6 @@ class PipelineEngine:
             if self.zero_stash or self._check:
                 out += [r.detach() for r in fl.segment.reconstructed_inputs()]
             self._send(out, self.prev_rank)
-        self.timing["compute_s"] += time.perf_counter() - t
 
     # ---- communication -----------------------------------------------------------------
 
