@@ -36,6 +36,11 @@ _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _HEADER = 6  # dtype, ndim, up to 4 sizes per tensor
 
 
+def _wait(sends) -> None:
+    for work, _ in sends:
+        work.wait()
+
+
 class _Box:
     grads: Sequence[torch.Tensor] = ()
 
@@ -145,7 +150,8 @@ class PipelineEngine:
         self._check = check
         mb_images, mb_labels = images.chunk(self.M), labels.chunk(self.M)
         self._inflight: Dict[int, _InFlight] = {}
-        self._pending: List = []
+        self._sent_fwd: Dict[int, List] = {}  # micro-batch -> (work, tensor) of its activations
+        self._sent_bwd: Dict[int, List] = {}  # micro-batch -> (work, tensor) of its gradients
         self._loss = torch.zeros((), dtype=torch.float64)
         self._drift = torch.zeros((), dtype=torch.float64)
         self.timing = {"wait_s": 0.0}
@@ -155,10 +161,9 @@ class PipelineEngine:
                 self._forward(mb_images[m], mb_labels[m], m)
             else:
                 self._backward(m)
-            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
-        for w, _ in self._pending:
-            w.wait()
-        self._pending = []
+        for sends in list(self._sent_fwd.values()) + list(self._sent_bwd.values()):
+            _wait(sends)
+        self._sent_fwd, self._sent_bwd = {}, {}
         self.timing["step_s"] = time.perf_counter() - t0
         self.timing["compute_s"] = self.timing["step_s"] - self.timing["wait_s"]
         self._average_gradients()
@@ -197,10 +202,7 @@ class PipelineEngine:
                     if self.last:
                         logits.append(model.heads[-1](state[3]).float())
                 if not self.last:
-                    self._pending = []
-                    self._send([x] + list(state), self.next_rank, header=True)
-                    for w, _ in self._pending:
-                        w.wait()
+                    _wait(self._send([x] + list(state), self.next_rank, header=True))
         finally:
             model.train(was)
         return torch.cat(logits) if logits else None
@@ -220,6 +222,10 @@ class PipelineEngine:
         stash_free = self.zero_stash and not self._check and not self.last
         if not self.first:
             received = self._recv_activations()
+            # The stage before ran B(j) before it sent F(j + S - s + 1): our gradients of j arrived.
+            # (gloo's is_completed() stays False until wait(), so sends are released on such proof.)
+            for j in [j for j in self._sent_bwd if j <= m - (self.S - self.stage + 1)]:
+                _wait(self._sent_bwd.pop(j))
         with self._autocast():
             if self.first:
                 x, initial = model.stem(images), None
@@ -271,7 +277,7 @@ class PipelineEngine:
             box_out = _Box()
             sink = _GradSink.apply(box_out, *outs)
             sent = [(o.shape, o.dtype) for o in outs]
-            self._send([o.detach() for o in outs], self.next_rank, header=True)
+            self._sent_fwd[m] = self._send([o.detach() for o in outs], self.next_rank, header=True)
         del state, x
         self._inflight[m] = _InFlight(loss, sink, box_in, box_out, seg, sent, stash_free)
 
@@ -284,6 +290,7 @@ class PipelineEngine:
         if not self.last:
             returned = self.zero_stash or self._check  # our outputs come back reconstructed
             g = self._recv(fl.sent + (fl.sent[1:] if returned else []), self.next_rank)
+            _wait(self._sent_fwd.pop(m))  # the next stage has had them: let go of the buffers
             if returned:
                 fl.segment.provide_outputs(g[5:])
                 g = g[:5]
@@ -299,11 +306,11 @@ class PipelineEngine:
             out = list(fl.box_in.grads)
             if self.zero_stash or self._check:
                 out += [r.detach() for r in fl.segment.reconstructed_inputs()]
-            self._send(out, self.prev_rank)
+            self._sent_bwd[m] = self._send(out, self.prev_rank)
 
     # ---- communication -----------------------------------------------------------------
 
-    def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> None:
+    def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> List:
         if header:
             h = torch.zeros(len(tensors) * _HEADER, dtype=torch.int64)
             for i, t in enumerate(tensors):
@@ -311,9 +318,11 @@ class PipelineEngine:
                 h[i * _HEADER + 1] = t.ndim
                 h[i * _HEADER + 2: i * _HEADER + 2 + t.ndim] = torch.tensor(t.shape)
             tensors = [h] + tensors
+        sends = []
         for i, t in enumerate(tensors):
             t = t.contiguous()
-            self._pending.append((dist.isend(t, dst, tag=i), t))
+            sends.append((dist.isend(t, dst, tag=i), t))
+        return sends
 
     def _recv(self, specs, src: int) -> List[torch.Tensor]:
         t = time.perf_counter()
