@@ -244,8 +244,6 @@ def validate(cfg: Config) -> None:
         problems.append(f"pipeline.stages and pipeline.micro_batches must be >= 1, got {pp.stages}, {pp.micro_batches}")
     if pp.cost not in ("params", "flops"):
         problems.append(f"pipeline.cost must be params or flops, got {pp.cost!r}")
-    if pp.stages > 1 and t.ema_decay > 0:
-        problems.append("train.ema_decay > 0 is not supported with pipeline.stages > 1 yet: set train.ema_decay=0")
     if pp.stages > 1 and t.grad_accum > 1:
         problems.append("pipeline micro-batches are the gradient accumulation: use pipeline.micro_batches, "
                         "not train.grad_accum")

@@ -303,8 +303,13 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
                     for k, v in zip(names, avg):
                         tag = k.replace("loss_cls_final", f"loss_cls_{n_heads - 1}")
                         scalars[f"train/{tag}"] = float(v)
-                    if not fused and (step % alpha_every == 0 or step == total):  # pipeline: weights spread
-                        scalars.update(alpha_stats(model))  # collective under ZeRO-3
+                    if step % alpha_every == 0 or step == total:
+                        stats = alpha_stats(model)  # collective under ZeRO-3
+                        if fused:  # each pipeline stage has its own columns' alphas
+                            every = [None] * info.world_size
+                            dist.all_gather_object(every, stats)
+                            stats = {k: v for d in every for k, v in d.items()}
+                        scalars.update(stats)
                     tb.add(scalars, step)
                     window_t, window_seen, window_steps = now, 0, 0
                 # the live bar moves every step; plain lines appear every log_every (Console decides)
@@ -323,7 +328,9 @@ def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = 
     elapsed = time.time() - t0
     last_ckpt = checkpoint()
     official = backend.official_state_dict(last_ckpt)
-    ema_sd = ema.full_state_dict(info.is_main) if ema is not None else None
+    ema_sd = None
+    if ema is not None:  # pipeline: every stage averages its own weights; gather them like the weights
+        ema_sd = backend.gather_to_main(dict(zip(ema.names, ema.shadow))) if fused else ema.full_state_dict(info.is_main)
     export = out_dir / "model_official.pth"
     if info.is_main:
         payload = {"model": official, "config": cfg.to_dict(), "step": step}

@@ -11,7 +11,8 @@ import torch
 def alpha_stats(model: torch.nn.Module) -> Dict[str, float]:
     """``model/alpha_{col}_{level}/mean`` and ``/min`` of |alpha| (the clamp acts on |alpha|).
 
-    Under ZeRO-3 the alphas are gathered (collective: call on every rank)."""
+    Under ZeRO-3 the alphas are gathered (collective: call on every rank); a pipeline stage
+    reports its own columns."""
     named = [(n, p) for n, p in model.named_parameters() if ".alpha" in n and n.startswith("columns.")]
     params = [p for _, p in named]
     gather = None
@@ -24,6 +25,8 @@ def alpha_stats(model: torch.nn.Module) -> Dict[str, float]:
         gather.__enter__()
     try:
         for name, p in named:
+            if p.numel() == 0:  # a pipeline stage holds only its own columns
+                continue
             col = int(name.split(".")[1])
             level = int(name.rsplit("alpha", 1)[1])
             a = p.detach().float().abs()

@@ -110,12 +110,11 @@ class PipelineBackend(Backend):
         self.engine.zero_stash, self.engine.steps = state["zero_stash"], state["steps"]
         self.engine.last_drift = state["drift"]
 
-    def official_state_dict(self, checkpoint_dir=None):
-        """Every stage's weights, gathered on rank 0 from the first replica."""
-        from ...models.official import rename_to_official
-
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        mine = {names[id(p)]: p.detach().clone() for p in self.engine.parameters()} if self.engine.replica == 0 else {}
+    def gather_to_main(self, named) -> Optional[dict]:
+        """{name: tensor} of every stage's parameters (taken from ``named`` where this stage owns
+        the name), merged on rank 0 from the first replica, in the model's parameter order."""
+        owned = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        mine = {n: t.detach().cpu().clone() for n, t in named.items() if n in owned} if self.engine.replica == 0 else {}
         parts = [None] * dist.get_world_size() if self.info.is_main else None
         dist.gather_object(mine, parts, dst=0)
         if not self.info.is_main:
@@ -123,6 +122,15 @@ class PipelineBackend(Backend):
         merged = {}
         for part in parts:
             merged.update(part)
+        return {n: merged[n] for n, _ in self.model.named_parameters() if n in merged}
+
+    def official_state_dict(self, checkpoint_dir=None):
+        """Every stage's weights, gathered on rank 0 from the first replica."""
+        from ...models.official import rename_to_official
+
+        merged = self.gather_to_main(dict(self.model.named_parameters()))
+        if merged is None:
+            return None
         buffers = dict(self.model.named_buffers())
         full = {n: merged[n] if n in merged else buffers[n].detach().clone()
                 for n in self.model.state_dict(keep_vars=True)}
