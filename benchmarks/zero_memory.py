@@ -23,12 +23,11 @@ from pathlib import Path
 
 WORKER = textwrap.dedent(
     """
-    import gc, json, sys, torch, deepspeed
+    import gc, json, sys, torch
     from revcol_dist.parallel.deepspeed_env import init_deepspeed_distributed
-    from revcol_dist.engine.optim import make_optimizer
-    from revcol_dist.models import create_model
+    from revcol_dist.plan.measure import build_and_step, zero_config
 
-    def live_bytes():
+    def live_bytes():  # resident after the step (not the peak the planner test meters)
         seen, total = set(), 0
         for o in gc.get_objects():
             try:
@@ -41,28 +40,11 @@ WORKER = textwrap.dedent(
         return total
 
     stage, out = int(sys.argv[1]), sys.argv[2]
-    # Communication buckets sized for a 60M-parameter model: the default (5e8 elements) would
-    # add a fixed 2 GB fp32 bucket per rank that has nothing to do with sharding.
-    BUCKET = 5 * 10**6
     init_deepspeed_distributed()
     torch.set_num_threads(1)
     world = torch.distributed.get_world_size()
-    cfg = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
-                                 "stage3_prefetch_bucket_size": BUCKET, "stage3_param_persistence_threshold": 10**4},
-           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     gc.collect(); base = live_bytes()
-    if stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=cfg):
-            model = create_model("revcol_small", num_classes=1000)
-    else:
-        model = create_model("revcol_small", num_classes=1000)
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05), config=cfg)
-    x = torch.randn(1, 3, 32, 32)
-    loss = engine(x).logits.float().logsumexp(1).mean()
-    engine.backward(loss); engine.step()
-    del loss, x
+    engine, n_params = build_and_step("revcol_small", stage, zero_config(stage, world, batch=1), batch=1, res=32)
     gc.collect()
     used = live_bytes() - base
     rank = torch.distributed.get_rank()

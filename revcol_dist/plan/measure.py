@@ -20,33 +20,47 @@ CONFIGS = [(m, z) for m in ("revcol_tiny", "revcol_small") for z in (0, 3)]
 BATCH, RES = 2, 64
 
 
-def measure(model_name: str, zero: int, world: int) -> int:
+def zero_config(zero: int, world: int, batch: int = BATCH) -> dict:
+    """DeepSpeed config with communication buckets sized for small models: the default (5e8
+    elements) adds a fixed 2 GB fp32 bucket per rank that has nothing to do with sharding."""
+    return {"train_batch_size": batch * world, "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": zero, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
+                                  "stage3_prefetch_bucket_size": BUCKET, "stage3_param_persistence_threshold": PERSIST},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+
+
+def build_and_step(model_name: str, zero: int, cfg: dict, batch: int = BATCH, res: int = RES):
+    """Build (under zero.Init for ZeRO-3), initialise DeepSpeed with AdamW, take one step.
+    Returns the engine and the model's parameter count."""
     import deepspeed
 
     from ..engine.optim import make_optimizer
     from ..models import create_model
+
+    torch.manual_seed(0)
+    if zero == 3:
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = create_model(model_name, num_classes=1000)
+    else:
+        model = create_model(model_name, num_classes=1000)
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05), config=cfg)
+    x = torch.randn(batch, 3, res, res)
+    loss = engine(x).logits.float().logsumexp(1).mean()
+    engine.backward(loss)
+    engine.step()
+    return engine, n_params
+
+
+def measure(model_name: str, zero: int, world: int) -> int:
+    """Peak live tensor bytes from building the model through one optimizer step."""
     from ..monitor.live_bytes import LiveBytes
 
-    cfg = {"train_batch_size": BATCH * world, "train_micro_batch_size_per_gpu": BATCH, "gradient_clipping": 0.0,
-           "zero_optimization": {"stage": zero, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET,
-                                 "stage3_prefetch_bucket_size": BUCKET, "stage3_param_persistence_threshold": PERSIST},
-           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     gc.collect()
-    torch.manual_seed(0)
     with LiveBytes() as meter:
-        if zero == 3:
-            with deepspeed.zero.Init(config_dict_or_path=cfg):
-                model = create_model(model_name, num_classes=1000)
-        else:
-            model = create_model(model_name, num_classes=1000)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05), config=cfg)
-        x = torch.randn(BATCH, 3, RES, RES)
-        loss = engine(x).logits.float().logsumexp(1).mean()
-        engine.backward(loss)
-        engine.step()
-        del loss, x
+        engine, _ = build_and_step(model_name, zero, zero_config(zero, world))
     peak = meter.peak
-    del engine, model
+    del engine
     gc.collect()
     return peak
 

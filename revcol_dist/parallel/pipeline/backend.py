@@ -64,7 +64,7 @@ class PipelineBackend(Backend):
     def _global_grad_norm(self) -> float:
         """Over every stage: replicas hold equal (averaged) gradients, so the world sum counts
         each stage D times."""
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for p in self.engine.parameters():
             if p.grad is not None:
                 sq += p.grad.double().pow(2).sum()

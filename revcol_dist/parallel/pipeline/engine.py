@@ -127,7 +127,9 @@ class PipelineEngine:
         self.precision, self.label_smoothing, self.mean, self.std = precision, label_smoothing, mean, std
         self.steps = 0
         self.last_drift: Optional[float] = None
-        self.anchor = torch.zeros((), requires_grad=True)
+        # messages, stats and the anchor live where the weights do (NCCL needs device tensors)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.anchor = torch.zeros((), requires_grad=True, device=self.device)
         self.timing: Dict[str, float] = {}
         self._log = log if rank == 0 else None
 
@@ -152,8 +154,8 @@ class PipelineEngine:
         self._inflight: Dict[int, _InFlight] = {}
         self._sent_fwd: Dict[int, List] = {}  # micro-batch -> (work, tensor) of its activations
         self._sent_bwd: Dict[int, List] = {}  # micro-batch -> (work, tensor) of its gradients
-        self._loss = torch.zeros((), dtype=torch.float64)
-        self._drift = torch.zeros((), dtype=torch.float64)
+        self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._drift = torch.zeros((), dtype=torch.float64, device=self.device)
         self.timing = {"wait_s": 0.0}
         t0 = time.perf_counter()
         for kind, m in one_f_one_b(self.stage, self.S, self.M):
@@ -167,18 +169,17 @@ class PipelineEngine:
         self.timing["step_s"] = time.perf_counter() - t0
         self.timing["compute_s"] = self.timing["step_s"] - self.timing["wait_s"]
         self._average_gradients()
-        stats = torch.stack([self._loss, self._drift])
-        dist.all_reduce(stats[:1])  # every stage's share, every replica
-        dist.all_reduce(stats[1:], op=dist.ReduceOp.MAX)
+        dist.all_reduce(self._loss)  # every stage's share, every replica
         if check:
-            self.last_drift = float(stats[1])
+            dist.all_reduce(self._drift, op=dist.ReduceOp.MAX)
+            self.last_drift = float(self._drift)
             if self.last_drift > self.drift_tolerance:
                 self.zero_stash = False
                 if self._log:
                     self._log(f"pipeline: reconstructed stage outputs drift {self.last_drift:.2e} > "
                               f"{self.drift_tolerance:.0e}: zero-stash off, stages keep their outputs")
         self.steps += 1
-        return float(stats[0]) / self.D
+        return float(self._loss) / self.D
 
     @torch.no_grad()
     def forward_eval(self, images: torch.Tensor) -> Optional[torch.Tensor]:
@@ -270,7 +271,7 @@ class PipelineEngine:
                 loss = ce if loss is None else loss + ce
         if loss is not None:
             loss = loss / self.M
-            self._loss += float(loss.detach())
+            self._loss += loss.detach().double()  # no host sync per micro-batch
         sent: List[torch.Tensor] = []
         if not self.last:
             outs = [x] + list(state)
@@ -312,12 +313,10 @@ class PipelineEngine:
 
     def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> List:
         if header:
-            h = torch.zeros(len(tensors) * _HEADER, dtype=torch.int64)
+            h = [0] * (len(tensors) * _HEADER)
             for i, t in enumerate(tensors):
-                h[i * _HEADER] = _DTYPES.index(t.dtype)
-                h[i * _HEADER + 1] = t.ndim
-                h[i * _HEADER + 2: i * _HEADER + 2 + t.ndim] = torch.tensor(t.shape)
-            tensors = [h] + tensors
+                h[i * _HEADER: i * _HEADER + 2 + t.ndim] = [_DTYPES.index(t.dtype), t.ndim, *t.shape]
+            tensors = [torch.tensor(h, dtype=torch.int64, device=self.device)] + tensors
         sends = []
         for i, t in enumerate(tensors):
             t = t.contiguous()
@@ -328,7 +327,7 @@ class PipelineEngine:
         t = time.perf_counter()
         out = []
         for i, (shape, dtype) in enumerate(specs):
-            buf = torch.empty(shape, dtype=dtype)
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
             dist.recv(buf, src, tag=i)
             out.append(buf)
         self.timing["wait_s"] += time.perf_counter() - t
@@ -336,18 +335,19 @@ class PipelineEngine:
 
     def _recv_activations(self) -> List[torch.Tensor]:
         t = time.perf_counter()
-        h = torch.empty(5 * _HEADER, dtype=torch.int64)
+        h = torch.empty(5 * _HEADER, dtype=torch.int64, device=self.device)
         dist.recv(h, self.prev_rank, tag=0)
         self.timing["wait_s"] += time.perf_counter() - t
+        h = h.tolist()
         specs = []
         for i in range(5):
-            dtype, ndim = _DTYPES[int(h[i * _HEADER])], int(h[i * _HEADER + 1])
-            specs.append((tuple(int(v) for v in h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
+            dtype, ndim = _DTYPES[h[i * _HEADER]], h[i * _HEADER + 1]
+            specs.append((tuple(h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
         # tags continue after the header's
         out = []
         t = time.perf_counter()
         for i, (shape, dtype) in enumerate(specs):
-            buf = torch.empty(shape, dtype=dtype)
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
             dist.recv(buf, self.prev_rank, tag=i + 1)
             out.append(buf)
         self.timing["wait_s"] += time.perf_counter() - t
