@@ -168,6 +168,13 @@ def test_pretrain_launcher_on_the_pipeline(digits, nproc):
     mb = json.loads((tmp / f"pipe{nproc}" / "metrics.json").read_text())
     assert mb["backend"] == f"pipeline2x{nproc // 2}"
     assert abs(ma["val_top1"] - mb["val_top1"]) <= 0.5  # same weights up to rounding: same predictions, nearly
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp / f"pipe{nproc}" / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])  # every stage's alphas reach rank 0's TensorBoard
+    assert {f"model/alpha_{c}_{l}/mean" for c in range(4) for l in range(4)} <= tags
+    assert {"train/loss", "val/top1", "val_ema/top1"} <= tags
 
 
 @pytest.mark.multiprocess
