@@ -7,13 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from revcol_dist.models import create_model
 from revcol_dist.parallel.pipeline import bubble_fraction, column_costs, one_f_one_b, partition_table, split_columns
 from revcol_dist.parallel.pipeline.schedule import max_in_flight
 
-from .launch_helpers import REPO, env, free_port
+from .launch_helpers import (LAUNCHER, REPO, env, free_port, losses, run_single, run_torchrun, weights,
+                             worst_relative, write_config)
 
 WORKER = str(REPO / "tests" / "parallel" / "pipeline_worker.py")
 
@@ -127,8 +127,6 @@ def test_zero_stash_falls_back_when_drift_is_too_large(tmp_path):
 
 
 # ---- the training loop on the pipeline (launchers/pretrain.py) ------------------------
-
-from .launch_helpers import LAUNCHER, losses, run_single, run_torchrun, weights, worst_relative, write_config  # noqa: E402
 
 PIPE = ["--set", "pipeline.stages=2", "--set", "pipeline.micro_batches=2"]  # EMA on (the test config's 0.5)
 
