@@ -44,7 +44,8 @@ def test_partition_by_params_and_flops():
     assert sum(by_params) == sum(p.numel() for p in model.parameters())  # every parameter counted once
     flops = column_costs(model, "flops", res=64)
     assert all(f > 0 for f in flops) and len(flops) == 8
-    groups = split_columns(model, 4, "flops", res=64)
+    groups, costs_back = split_columns(model, 4, "flops", res=64)
+    assert costs_back == flops
     assert [c for g in groups for c in g] == list(range(8)) and all(groups)
     costs = [sum(flops[c] for c in g) for g in groups]
     assert max(costs) <= 1.35 * sum(flops) / 4  # balanced up to one column's granularity

@@ -32,14 +32,6 @@ class PipelineBackend(Backend):
         # the engine released other stages' weights (requires_grad False): only ours are here
         self.optimizer = make_optimizer(model, optimizer, weight_decay, layer_decay)
 
-    @property
-    def replicas(self) -> int:
-        return self.engine.D
-
-    @property
-    def replica(self) -> int:
-        return self.engine.replica
-
     def train_step(self, images, targets, lr: float, label_smoothing: float = 0.0):
         """Returns (mean loss over replicas, whether the optimizer stepped)."""
         self.engine.label_smoothing = label_smoothing

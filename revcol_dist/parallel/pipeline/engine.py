@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from ...engine.losses import aux_loss, reconstruction_target
 from ...models.revcol import _maybe_checkpoint
 from ...reversible import Segment, run_reversible
-from .partition import _attached, column_costs, partition_table
-from ...plan.model import partition_columns
+from .partition import _attached, partition_table, split_columns
 from .schedule import one_f_one_b
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -82,7 +81,6 @@ class _InFlight:
     box_out: Optional[_Box]
     segment: Optional[Segment]
     sent: List[tuple]  # (shape, dtype) of the outputs, for the gradients coming back
-    stash_free: bool  # outputs not kept: the next stage returns them
 
 
 class PipelineEngine:
@@ -110,10 +108,7 @@ class PipelineEngine:
             g = dist.new_group([d * stages + s for d in range(self.D)])
             if s == self.stage:
                 self.dp_group = g
-        costs = column_costs(model, cost, res)
-        self.partition = partition_columns(costs, stages)
-        if any(not cols for cols in self.partition):
-            raise ValueError(f"{stages} stages for {len(costs)} columns: some stage would be empty")
+        self.partition, costs = split_columns(model, stages, cost, res)
         self.columns = self.partition[self.stage]
         if rank == 0 and log is not None:
             log(partition_table(self.partition, costs, cost))
@@ -220,7 +215,7 @@ class PipelineEngine:
         model, cfg = self.model, self.model.config
         a, b = self.columns[0], self.columns[-1] + 1
         box_in = box_out = sink = seg = None
-        stash_free = self.zero_stash and not self._check and not self.last
+        stash_free = self.zero_stash and not self._check and not self.last  # the next stage returns them
         if not self.first:
             received = self._recv_activations()
             # The stage before ran B(j) before it sent F(j + S - s + 1): our gradients of j arrived.
@@ -280,7 +275,7 @@ class PipelineEngine:
             sent = [(o.shape, o.dtype) for o in outs]
             self._sent_fwd[m] = self._send([o.detach() for o in outs], self.next_rank, header=True)
         del state, x
-        self._inflight[m] = _InFlight(loss, sink, box_in, box_out, seg, sent, stash_free)
+        self._inflight[m] = _InFlight(loss, sink, box_in, box_out, seg, sent)
 
     def _backward(self, m: int) -> None:
         fl = self._inflight.pop(m)

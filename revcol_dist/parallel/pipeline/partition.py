@@ -4,7 +4,7 @@ the column it reads."""
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -51,11 +51,13 @@ def column_costs(model, by: str = "params", res: int = 224) -> List[float]:
     return [sum(flops(m) for m in mods) for mods in parts]
 
 
-def split_columns(model, stages: int, by: str = "params", res: int = 224) -> List[List[int]]:
+def split_columns(model, stages: int, by: str = "params", res: int = 224) -> Tuple[List[List[int]], List[float]]:
+    """(columns of each stage, cost of each column)."""
     n = len(model.columns)
     if not 1 <= stages <= n:
         raise ValueError(f"{stages} pipeline stages for {n} columns: use 1 to {n} stages")
-    return partition_columns(column_costs(model, by, res), stages)
+    costs = column_costs(model, by, res)
+    return partition_columns(costs, stages), costs
 
 
 def partition_table(groups: Sequence[Sequence[int]], costs: Sequence[float], by: str) -> str:
