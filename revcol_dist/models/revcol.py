@@ -90,15 +90,21 @@ class RevCol(nn.Module):
         logits = self.heads[-1](state[3])
         if not supervise:
             return RevColOutput(logits)
-        sizes = [state[2].shape[-2:], state[1].shape[-2:], state[0].shape[-2:]]
-        image_size = images.shape[-2:]
         aux, recs = [], []
-        recompute = cfg.checkpoint_heads and torch.is_grad_enabled()
         for h, col in enumerate(head_cols[:-1]):
-            c3 = tapped[col]
-            aux.append(_maybe_checkpoint(self.heads[h], recompute, c3))
-            recs.append(_maybe_checkpoint(self.decoders[h], recompute, c3, sizes, image_size))
+            a, r = self.aux_outputs(h, tapped[col], state, images.shape[-2:])
+            aux.append(a)
+            recs.append(r)
         return RevColOutput(logits, aux, recs)
+
+    def aux_outputs(self, h: int, c3: torch.Tensor, state, image_size):
+        """Intermediate head h on its column's c3: (logits, reconstruction). ``state`` is any
+        column's four maps (for the decoder's sizes). Recomputed in backward when
+        ``checkpoint_heads`` is on."""
+        sizes = [state[2].shape[-2:], state[1].shape[-2:], state[0].shape[-2:]]
+        recompute = self.config.checkpoint_heads and torch.is_grad_enabled()
+        return (_maybe_checkpoint(self.heads[h], recompute, c3),
+                _maybe_checkpoint(self.decoders[h], recompute, c3, sizes, image_size))
 
     def _check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:

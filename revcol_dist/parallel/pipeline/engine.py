@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...engine.losses import aux_loss, reconstruction_target
-from ...models.revcol import _maybe_checkpoint
 from ...reversible import Segment, run_reversible
 from .partition import _attached, partition_table, split_columns
 from .schedule import one_f_one_b
@@ -251,14 +250,11 @@ class PipelineEngine:
             loss = None
             if aux_cols:
                 target = reconstruction_target(images, self.mean, self.std)
-                sizes = [state[2].shape[-2:], state[1].shape[-2:], state[0].shape[-2:]]
                 n = len(cfg.head_columns) - 1
                 for h, col in enumerate(cfg.head_columns[:-1]):
                     if col not in aux_cols:
                         continue
-                    c3 = tapped[col - a]
-                    logits = _maybe_checkpoint(model.heads[h], cfg.checkpoint_heads, c3)
-                    rec = _maybe_checkpoint(model.decoders[h], cfg.checkpoint_heads, c3, sizes, images.shape[-2:])
+                    logits, rec = model.aux_outputs(h, tapped[col - a], state, images.shape[-2:])
                     term = aux_loss(h, n, logits, rec, labels, target, self.label_smoothing)[0]
                     loss = term if loss is None else loss + term
             if self.last:
@@ -267,7 +263,7 @@ class PipelineEngine:
         if loss is not None:
             loss = loss / self.M
             self._loss += loss.detach().double()  # no host sync per micro-batch
-        sent: List[torch.Tensor] = []
+        sent: List[tuple] = []
         if not self.last:
             outs = [x] + list(state)
             box_out = _Box()
@@ -318,35 +314,23 @@ class PipelineEngine:
             sends.append((dist.isend(t, dst, tag=i), t))
         return sends
 
-    def _recv(self, specs, src: int) -> List[torch.Tensor]:
+    def _recv(self, specs, src: int, first_tag: int = 0) -> List[torch.Tensor]:
         t = time.perf_counter()
         out = []
         for i, (shape, dtype) in enumerate(specs):
             buf = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(buf, src, tag=i)
+            dist.recv(buf, src, tag=first_tag + i)
             out.append(buf)
         self.timing["wait_s"] += time.perf_counter() - t
         return out
 
     def _recv_activations(self) -> List[torch.Tensor]:
-        t = time.perf_counter()
-        h = torch.empty(5 * _HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(h, self.prev_rank, tag=0)
-        self.timing["wait_s"] += time.perf_counter() - t
-        h = h.tolist()
+        h = self._recv([((5 * _HEADER,), torch.int64)], self.prev_rank)[0].tolist()
         specs = []
         for i in range(5):
             dtype, ndim = _DTYPES[h[i * _HEADER]], h[i * _HEADER + 1]
             specs.append((tuple(h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
-        # tags continue after the header's
-        out = []
-        t = time.perf_counter()
-        for i, (shape, dtype) in enumerate(specs):
-            buf = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(buf, self.prev_rank, tag=i + 1)
-            out.append(buf)
-        self.timing["wait_s"] += time.perf_counter() - t
-        return out
+        return self._recv(specs, self.prev_rank, first_tag=1)  # tags continue after the header's
 
     def _average_gradients(self) -> None:
         if self.D == 1:
