@@ -15,16 +15,23 @@ from revcol_dist.models import create_model
 from revcol_dist.monitor.live_bytes import LiveBytes
 from published_reversible import run_published
 
-MODES = ("plain", "published", "rev_k1", "rev_k2", "rev_kN", "rev_kN_lean", "rev_kN_block")
+MODES = ("plain", "plain_heads_recomputed", "published", "rev_k1", "rev_k2", "rev_k2_autograd_blocks",
+         "rev_kN", "rev_kN_lean", "rev_kN_block")
 
-# Reversible policies by benchmark mode name.
+# Reversible policies by benchmark mode name (lean blocks unless said otherwise).
 POLICIES = {
     "rev_k1": dict(boundary_interval=1),
     "rev_k2": dict(boundary_interval=2),  # the default
+    "rev_k2_autograd_blocks": dict(boundary_interval=2, lean_blocks=False),
     "rev_kN": dict(boundary_interval=None),
     "rev_kN_lean": dict(boundary_interval=None, plain_columns=0),
     "rev_kN_block": dict(boundary_interval=None, plain_columns=0, recompute="block"),
     "rev_k2_fast": dict(boundary_interval=2, plain_columns=2),
+    "rev_k2_fast_autograd_blocks": dict(boundary_interval=2, plain_columns=2, lean_blocks=False),
+    # plain autograd: every activation stored, heads and decoders too
+    "plain": dict(checkpoint_heads=False),
+    # plain autograd for the columns, heads and decoders recomputed in backward
+    "plain_heads_recomputed": dict(checkpoint_heads=True),
 }
 
 
@@ -33,7 +40,7 @@ def build(name: str, mode: str, inter_supv: bool, **kw):
     torch.manual_seed(0)
     policy = POLICIES.get(mode, {})
     m = create_model(name, num_classes=1000, inter_supv=inter_supv, **{**policy, **kw}).train()
-    m.reversible = mode != "plain"
+    m.reversible = not mode.startswith("plain")
     if mode == "published":
         m._run_columns = lambda x, taps: run_published(m.columns, x, taps)
     return m

@@ -95,8 +95,13 @@ class Level(nn.Module):
             ]
         )
 
-    def forward(self, down_in, up_in=None, up2_in=None) -> torch.Tensor:
-        return self.blocks(self.fusion(down_in, up_in, up2_in))
+    def forward(self, down_in, up_in=None, up2_in=None, run_block=None) -> torch.Tensor:
+        y = self.fusion(down_in, up_in, up2_in)
+        if run_block is None:
+            return self.blocks(y)
+        for block in self.blocks:
+            y = run_block(block, y)
+        return y
 
 
 class Column(nn.Module):
@@ -139,15 +144,17 @@ class Column(nn.Module):
             return (down, prev[1], prev[3])
         return (down, prev[l + 1])
 
-    def level_forward(self, l: int, *inputs: torch.Tensor) -> torch.Tensor:
-        return getattr(self, f"level{l}")(*inputs)
+    def level_forward(self, l: int, *inputs: torch.Tensor, run_block=None) -> torch.Tensor:
+        return getattr(self, f"level{l}")(*inputs, run_block=run_block)
 
-    def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
-        """Plain autograd forward (the non-reversible path)."""
+    def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None, run_block=None) -> List[torch.Tensor]:
+        """Plain autograd forward (the non-reversible path). ``run_block(block, y)`` lets an
+        execution engine run the ConvNeXt blocks its own way (default: ``block(y)``)."""
         alphas = self.alphas()
         cur: List[torch.Tensor] = []
         for l in range(4):
-            f = self.level_forward(l, *self.level_inputs(l, x, cur, prev if prev is not None else [None] * 4))
+            inputs = self.level_inputs(l, x, cur, prev if prev is not None else [None] * 4)
+            f = self.level_forward(l, *inputs, run_block=run_block)
             cur.append(shortcut(alphas[l], None if prev is None else prev[l], f))
         return cur
 

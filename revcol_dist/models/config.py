@@ -37,6 +37,9 @@ class RevColConfig:
     # Recompute granularity in backward: "level" (one extra forward) or "block" (keeps only
     # one ConvNeXt block's graph alive; a second extra forward of the blocks).
     recompute: str = "level"
+    # Backpropagate ConvNeXt blocks by hand (reversible/lean_block.py): six channel-sized
+    # maps kept per block instead of autograd's twelve, no per-block autograd call.
+    lean_blocks: bool = True
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:

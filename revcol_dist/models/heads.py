@@ -44,9 +44,16 @@ class Decoder(nn.Module):
     def forward(self, c3: torch.Tensor, sizes: Sequence[Sequence[int]], image_size: Sequence[int]) -> torch.Tensor:
         """sizes: spatial sizes of the c2, c1, c0 maps (the published x2 where sizes allow)."""
         x = c3
-        for proj, block, size in zip(self.proj_layers, self.normal_layers, sizes):
-            x = F.interpolate(proj(x), size=tuple(size), mode="bilinear", align_corners=True)
-            x = block(x)
+        for i, size in enumerate(sizes):
+            x = self.stage(i, x, size)
+        return self.output(x, image_size)
+
+    def stage(self, i: int, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """One C_{l+1} -> C_l step (separately recomputable)."""
+        x = F.interpolate(self.proj_layers[i](x), size=tuple(size), mode="bilinear", align_corners=True)
+        return self.normal_layers[i](x)
+
+    def output(self, x: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
         return _to_size(self.projback(x), image_size)
 
 

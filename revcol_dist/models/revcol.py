@@ -56,6 +56,7 @@ class RevCol(nn.Module):
             offload_boundaries=config.offload_boundaries,
             plain_columns=config.plain_columns,
             recompute=config.recompute,
+            lean_blocks=config.lean_blocks,
         )
         self.drift = DriftStats()
 
@@ -75,10 +76,17 @@ class RevCol(nn.Module):
                 tapped[i] = state[3]
         return state, tapped
 
+    def _stem(self, images: torch.Tensor) -> torch.Tensor:
+        """Under the reversible engine the stem is recomputed in backward too: its conv output
+        (as large as a level-0 map) is otherwise kept for the LayerNorm's backward."""
+        if self.reversible and self.config.checkpoint_heads and torch.is_grad_enabled():
+            return _checkpoint(self.stem, images)
+        return self.stem(images)
+
     def forward_features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """The last column's four maps (strides 4, 8, 16, 32), for detection/segmentation necks."""
         self._check_input(images)
-        state, _ = self._run_columns(self.stem(images), ())
+        state, _ = self._run_columns(self._stem(images), ())
         return state
 
     def forward(self, images: torch.Tensor) -> RevColOutput:
@@ -86,7 +94,7 @@ class RevCol(nn.Module):
         cfg = self.config
         supervise = cfg.inter_supv and self.training
         head_cols = cfg.head_columns if supervise else ()
-        state, tapped = self._run_columns(self.stem(images), head_cols)
+        state, tapped = self._run_columns(self._stem(images), head_cols)
         logits = self.heads[-1](state[3])
         if not supervise:
             return RevColOutput(logits)
@@ -103,8 +111,13 @@ class RevCol(nn.Module):
         ``checkpoint_heads`` is on."""
         sizes = [state[2].shape[-2:], state[1].shape[-2:], state[0].shape[-2:]]
         recompute = self.config.checkpoint_heads and torch.is_grad_enabled()
+        dec = self.decoders[h]
+        if recompute and isinstance(dec, Decoder):
+            # Recomputed one stage at a time: only one stage's graph is alive in backward.
+            return (_maybe_checkpoint(self.heads[h], recompute, c3),
+                    _checkpoint(_staged_decoder, dec, c3, sizes, image_size))
         return (_maybe_checkpoint(self.heads[h], recompute, c3),
-                _maybe_checkpoint(self.decoders[h], recompute, c3, sizes, image_size))
+                _maybe_checkpoint(dec, recompute, c3, sizes, image_size))
 
     def _check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -115,8 +128,18 @@ class RevCol(nn.Module):
             )
 
 
+def _checkpoint(fn, *args):
+    # Heads, decoders and the stem draw no random numbers; non-reentrant checkpoint keeps
+    # gradients ordinary (and nests).
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 def _maybe_checkpoint(module: nn.Module, recompute: bool, *args):
-    if not recompute:
-        return module(*args)
-    # Heads and decoders draw no random numbers; non-reentrant checkpoint keeps gradients ordinary.
-    return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=False)
+    return _checkpoint(module, *args) if recompute else module(*args)
+
+
+def _staged_decoder(dec: Decoder, c3: torch.Tensor, sizes, image_size) -> torch.Tensor:
+    x = c3
+    for i, size in enumerate(sizes):
+        x = _checkpoint(dec.stage, i, x, size)
+    return _checkpoint(dec.output, x, image_size)

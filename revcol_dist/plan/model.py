@@ -19,6 +19,10 @@ ACT_BYTES = {"fp32": 4, "bf16": 2}
 # depthwise-conv input, LayerNorm input, first-Linear input (c each), GELU input, second-Linear
 # input (4c each), the layer-scale product input (c): 12c.
 BLOCK_SAVED_CHANNELS = 12
+# The engine's hand-written block backward (reversible/lean_block.py) keeps x, the conv output
+# and h (4c): 6c; a recomputed level also keeps the GELU output (4c more).
+LEAN_BLOCK_SAVED_CHANNELS = 6
+LEAN_RECOMPUTE_SAVED_CHANNELS = 10
 RESERVED_FRACTION = 0.08  # allocator fragmentation, CUDA context, communication buffers
 
 
@@ -38,6 +42,7 @@ class PlanInput:
     inter_supv: bool = True
     boundary_interval: Optional[int] = 2
     plain_columns: int = 1
+    lean_blocks: bool = True
     offload_boundaries: bool = False
     persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
     gpu_tflops: float = 989.0  # dense bf16 peak of one H100 SXM
@@ -135,12 +140,14 @@ def boundary_bytes(channels, res: int, batch: int) -> int:
     return batch * 4 * sum(c * math.ceil(res / (4 * 2**l)) ** 2 for l, c in enumerate(channels))
 
 
-def column_activation_bytes(channels, layers, res: int, batch: int, act: int) -> List[int]:
-    """Saved-for-backward bytes of each level of one column run with ordinary autograd."""
+def column_activation_bytes(channels, layers, res: int, batch: int, act: int,
+                            per_block: int = BLOCK_SAVED_CHANNELS) -> List[int]:
+    """Saved-for-backward bytes of each level of one column (per_block channel-sized maps per
+    block: 12 under ordinary autograd)."""
     out = []
     for l, (c, n) in enumerate(zip(channels, layers)):
         pos = math.ceil(res / (4 * 2**l)) ** 2
-        out.append(batch * pos * c * (BLOCK_SAVED_CHANNELS * n + 2) * act)  # + fusion's inputs
+        out.append(batch * pos * c * (per_block * n + 2) * act)  # + fusion's inputs
     return out
 
 
@@ -197,13 +204,19 @@ def make_plan(inp: PlanInput) -> Dict:
     kept = math.ceil(cols_in_stage / k)
     one_boundary = boundary_bytes(cfg.channels, inp.res, inp.batch)
     boundaries = kept * one_boundary
-    levels = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act)
+    lean = inp.lean_blocks
+    levels = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act,
+                                     LEAN_RECOMPUTE_SAVED_CHANNELS if lean else BLOCK_SAVED_CHANNELS)
     transient = max(levels)  # backward recomputes one level at a time
-    plain = min(inp.plain_columns, cols_in_stage) * sum(levels)
-    stem = inp.batch * cfg.channels[0] * math.ceil(inp.res / 4) ** 2 * 4 * 2 + inp.batch * 3 * inp.res**2 * 4
+    plain = min(inp.plain_columns, cols_in_stage) * sum(column_activation_bytes(
+        cfg.channels, cfg.layers, inp.res, inp.batch, act, LEAN_BLOCK_SAVED_CHANNELS if lean else BLOCK_SAVED_CHANNELS))
+    # stem output and input images (the stem's conv output is recomputed, not kept)
+    stem = inp.batch * cfg.channels[0] * math.ceil(inp.res / 4) ** 2 * 4 + inp.batch * 3 * inp.res**2 * 4
     # The plain last column(s) free their activations in their own backward, before the
     # reconstructed columns recompute: the two never coexist.
-    activations = (0 if inp.offload_boundaries else boundaries) + max(transient, plain) + stem
+    # one weight gradient in flight before it is accumulated (the largest: pwconv of level 3)
+    grad_transient = 4 * cfg.channels[3] ** 2 * b["grad"]
+    activations = (0 if inp.offload_boundaries else boundaries) + max(transient, plain) + stem + grad_transient
     if inp.offload_boundaries:
         host += boundaries
     if S > 1:  # 1F1B: up to S micro-batches in flight on the first stage, one boundary each
@@ -264,6 +277,7 @@ def make_plan(inp: PlanInput) -> Dict:
             "optimizer_step_transient": int(step_tmp),
             "kept_boundaries": int(0 if inp.offload_boundaries else boundaries),
             "recompute_transient_peak": int(transient), "plain_columns": int(plain), "stem_and_input": int(stem),
+            "weight_gradient_transient": int(grad_transient),
             "pipeline_in_flight": int((S - 1) * one_boundary if S > 1 else 0),
             "compute_phase_peak": int(compute_phase), "optimizer_step_peak": int(step_phase),
             "total": int(peak),

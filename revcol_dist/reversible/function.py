@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..models.column import Column, clamp_alpha, invert_shortcut, shortcut
+from . import lean_block
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy
 from .replay import AutocastState, RNGState
@@ -43,7 +44,9 @@ class _StepState:
         # ZeRO-3 partitions parameters: they cannot be Function inputs (their recorded shape
         # is empty), so gradients are accumulated into .grad, where ZeRO's hooks pick them
         # up, exactly as under DeepSpeed's own activation checkpointing.
-        self.accumulate = any(hasattr(p, "ds_id") for c in columns for p in c.parameters())
+        self.accumulate = _partitioned(columns)
+        # Blocks backpropagated by hand (lean_block): parameters must be Function inputs.
+        self.lean = policy.lean_blocks and not self.accumulate
         self.random = any(getattr(m, "p", 0.0) > 0.0 and m.training for c in columns for m in c.modules())
         self.offloader = Offloader(policy.offload_boundaries, x.device)
         self.values: Dict[Key, object] = {}
@@ -96,10 +99,11 @@ class _StepState:
 class _Recompute:
     """A level recomputed in backward, shared by its fusion, block and shortcut nodes."""
 
-    def __init__(self, ins, ys=None, block_inputs=None) -> None:
+    def __init__(self, ins, ys=None, block_inputs=None, saved=None) -> None:
         self.ins = ins  # the level's inputs (detached, requiring grad where needed)
         self.ys = ys  # "level" mode: graph tensors [fusion out, block 1 out, ..., level out]
         self.block_inputs = block_inputs  # "block" mode: no-grad inputs of each block
+        self.saved = saved  # "level" mode, lean blocks: what each block's hand-written backward needs
 
 
 class _Fusion(torch.autograd.Function):
@@ -143,7 +147,10 @@ class _Block(torch.autograd.Function):
         ctx.save_for_backward(*params)
         if st.random:
             st.rng[(j, l, b)] = RNGState.capture(st.x.device)
-        return getattr(st.columns[j], f"level{l}").blocks[b](y)
+        block = getattr(st.columns[j], f"level{l}").blocks[b]
+        if st.lean and st.block_mode:
+            return lean_block.forward_chunked(block, y)
+        return block(y)
 
     @staticmethod
     def backward(ctx, g):
@@ -155,6 +162,13 @@ class _Block(torch.autograd.Function):
         wrt_p = [p for i, p in enumerate(params) if needs[5 + i]]
         block = getattr(st.columns[j], f"level{l}").blocks[b]
         module_params = list(block.parameters()) if st.accumulate else []
+        if st.lean:
+            saved, rec.saved[b] = rec.saved[b], None
+            # level mode: one node for the whole block; block mode: the tail node ran first
+            tail = lean_block.backward_tail(block, saved, g) if not st.block_mode else ()
+            g_x, body = lean_block.backward_body(block, saved, g)
+            del saved
+            return (None, None, None, None, g_x, *[_param_layout(gp, p) for gp, p in zip(body + tail, params)])
         if rec.ys is not None:  # backprop through this block's part of the recomputed graph
             y_in, y_out = rec.ys[b], rec.ys[b + 1]
             rec.ys[b + 1] = None
@@ -167,6 +181,31 @@ class _Block(torch.autograd.Function):
         del y_out
         it = iter(grads[1:])
         return (None, None, None, None, grads[0], *[next(it) if needs[5 + i] else None for i in range(len(params))])
+
+
+class _BlockTail(torch.autograd.Function):
+    """Identity on a block's output whose backward returns the layer-scale and pwconv2
+    gradients (lean blocks): a separate node, so the block's two large weight gradients are
+    never alive at once."""
+
+    @staticmethod
+    def forward(ctx, st: _StepState, j: int, l: int, b: int, y, *params):
+        ctx.st, ctx.j, ctx.l, ctx.b = st, j, l, b
+        ctx.save_for_backward(*params)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        st: _StepState = ctx.st
+        j, l, b = ctx.j, ctx.l, ctx.b
+        rec: _Recompute = st.recomputes[(j, l)]
+        block = getattr(st.columns[j], f"level{l}").blocks[b]
+        if rec.saved[b] is None:  # block mode: recompute from the block's input, without its MLP
+            with st.autocast.context(), st.replay((j, l, b)):
+                rec.saved[b] = lean_block.saved_for_vjp(block, rec.block_inputs[b])
+            rec.block_inputs[b] = None
+        grads = lean_block.backward_tail(block, rec.saved[b], g)
+        return (None, None, None, None, g, *[_param_layout(gp, p) for gp, p in zip(grads, ctx.saved_tensors)])
 
 
 class _Shortcut(torch.autograd.Function):
@@ -196,7 +235,18 @@ class _Shortcut(torch.autograd.Function):
         fneeds = st.fusion_needs[(j, l)]
         ins = [v.detach().requires_grad_(n) for v, n in zip(vals, fneeds)]
         device = st.x.device
-        if not st.block_mode:
+        if not st.block_mode and st.lean:
+            with torch.enable_grad(), st.autocast.context():
+                y0 = level.fusion(*ins)
+            saved, y = [], y0.detach()
+            with st.autocast.context():
+                for b, block in enumerate(level.blocks):
+                    with st.replay((j, l, b)):
+                        y, kept = lean_block.forward(block, y, keep=True, keep_gelu=True)
+                    saved.append(kept)
+            f = y
+            st.recomputes[(j, l)] = _Recompute(ins, ys=[y0], saved=saved)
+        elif not st.block_mode:
             with torch.enable_grad(), st.autocast.context():
                 ys = [level.fusion(*ins)]
                 for b, block in enumerate(level.blocks):
@@ -211,9 +261,10 @@ class _Shortcut(torch.autograd.Function):
                 for b, block in enumerate(level.blocks):
                     block_inputs.append(y)
                     with st.replay((j, l, b), keep=True):
-                        y = block(y)
+                        y = lean_block.forward_chunked(block, y) if st.lean else block(y)
             f = y
-            st.recomputes[(j, l)] = _Recompute(ins, block_inputs=block_inputs)
+            st.recomputes[(j, l)] = _Recompute(ins, block_inputs=block_inputs,
+                                               saved=[None] * len(block_inputs) if st.lean else None)
         needs = ctx.needs_input_grad
         want_alpha = alpha.requires_grad and (st.accumulate or needs[5])
         g_prev = g_alpha = None
@@ -303,6 +354,11 @@ class _Outputs(torch.autograd.Function):
         return grads
 
 
+def _partitioned(columns) -> bool:
+    """ZeRO-3 parameters (gathered by module hooks, gradients through ZeRO's own hooks)."""
+    return any(hasattr(p, "ds_id") for c in columns for p in c.parameters())
+
+
 def _alpha_mins(columns: Sequence[Column]) -> List[List[float]]:
     """min |alpha_l| per column and level, in one host sync."""
     with torch.no_grad():
@@ -362,10 +418,11 @@ def run_reversible(
     if not keep_outputs and n_plain:
         raise ValueError("outputs handed back by a later stage must be the reversible segment's: "
                          "use policy.plain_columns=0 with keep_outputs=False")
+    run_block = lean_block.lean_block if policy.lean_blocks and not _partitioned(columns) else None
     if not seg:
         state, tapped = (list(initial) if initial is not None else None), {}
         for i, col in enumerate(columns):
-            state = col(x, state)
+            state = col(x, state, run_block=run_block)
             if i in taps:
                 tapped[i] = state[3]
         return state, tapped
@@ -394,7 +451,13 @@ def run_reversible(
             fparams = [] if st.accumulate else list(level.fusion.parameters())
             y = _Fusion.apply(st, j, l, down, up, up2, *fparams)
             for b, block in enumerate(level.blocks):
-                y = _Block.apply(st, j, l, b, y, *([] if st.accumulate else block.parameters()))
+                if st.lean and st.block_mode:  # two nodes: the two large weight gradients one at a time
+                    y = _Block.apply(st, j, l, b, y, *lean_block.body_params(block))
+                    y = _BlockTail.apply(st, j, l, b, y, *lean_block.tail_params(block))
+                elif st.lean:
+                    y = _Block.apply(st, j, l, b, y, *lean_block.body_params(block), *lean_block.tail_params(block))
+                else:
+                    y = _Block.apply(st, j, l, b, y, *([] if st.accumulate else block.parameters()))
             out = _Shortcut.apply(st, j, l, y, p, None if st.accumulate else getattr(col, f"alpha{l}"))
             if boundary:
                 st.keep((j, l), out)
@@ -406,7 +469,7 @@ def run_reversible(
     if len(seg) - 1 in tapped:
         tapped[len(seg) - 1] = state[3]
     for i in range(len(seg), n):
-        state = columns[i](x, state)
+        state = columns[i](x, state, run_block=run_block)
         if i in taps:
             tapped[i] = state[3]
     return state, tapped

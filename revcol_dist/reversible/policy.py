@@ -22,6 +22,9 @@ class ReversiblePolicy:
     # "block": recompute the level without grad, keeping each block's input, then each block
     # with grad in turn: only one block's graph is alive (a second extra forward).
     recompute: str = "level"
+    # Backpropagate ConvNeXt blocks by hand (lean_block): half the kept maps of autograd in
+    # plain columns and recomputed levels, and no autograd call per block.
+    lean_blocks: bool = True
     # Move kept boundaries to host memory until backward.
     offload_boundaries: bool = False
 

@@ -1,0 +1,309 @@
+"""A ConvNeXt block's forward and backward written out by hand, for the reversible engine.
+
+Autograd keeps about twelve channel-sized maps per block (input, conv output, LN output,
+the two hidden-sized MLP maps, the pre-scale output). The backward needs far less:
+
+- the layer-scale gradient sum_t g*o equals sum_k W2[c,k] * M[c,k] + b2[c] * sum_t g with
+  M = g^T a, and dW2 = gamma * M: one matmul gives both, so the block output o is never needed;
+- the GELU output a is recomputed from its input h (elementwise);
+- the LN output is recomputed from the conv output and the saved mean/rstd.
+
+``forward(..., keep=True)`` therefore keeps x, the conv output, mean/rstd and h (six
+channel-sized maps instead of twelve); ``vjp`` recomputes even h, a token chunk at a time,
+so that only one block input is needed and the hidden-sized transients are bounded.
+Every op is the one the module's own forward runs (same kernels, same autocast casts), so
+the output is bitwise the module's and reconstruction stays exact.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..models.layers import ConvNeXtBlock
+
+# Token chunk of the hand-written MLP backward, in elements of (tokens x 4C): its
+# hidden-sized transients are about three chunks. Small where h is recomputed (the
+# memory-first "block" mode), large where h was kept (speed first).
+CHUNK_ELEMENTS = 1 << 16
+CHUNK_ELEMENTS_KEPT_H = 1 << 20
+
+
+class Saved(NamedTuple):
+    x: torch.Tensor  # block input (NCHW)
+    d: torch.Tensor  # depthwise conv output (NCHW, conv compute dtype)
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    h: Optional[torch.Tensor]  # pwconv1 output (tokens x 4C); None: recomputed per chunk
+    mask: Optional[torch.Tensor]  # drop path scale per sample (N,1,1,1), or None
+    cdt: torch.dtype  # the MLP's compute dtype
+    o: Optional[torch.Tensor] = None  # pwconv2 output (tokens x C), kept where smaller than its weight
+    a: Optional[torch.Tensor] = None  # GELU output (tokens x 4C), kept only on request (speed over memory)
+
+
+def _ln_dtype(d: torch.Tensor, block: ConvNeXtBlock) -> torch.dtype:
+    # autocast runs layer_norm in fp32; without autocast this is d's own dtype
+    return torch.promote_types(d.dtype, block.norm.weight.dtype)
+
+
+def _drop_mask(block: ConvNeXtBlock, batch: int, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """The scaled mask DropPath draws for the block's (N, C, H, W) branch: same shape, dtype
+    and RNG draw as the module's, so that replaying the RNG state replays it."""
+    dp = block.drop_path
+    if dp.p == 0.0 or not dp.training:
+        return None
+    keep = 1.0 - dp.p
+    return torch.empty((batch, 1, 1, 1), dtype=dtype, device=device).bernoulli_(keep).div_(keep)
+
+
+def _conv(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+    c = block.dwconv
+    return F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def compute_dtype(block: ConvNeXtBlock, d: torch.Tensor) -> torch.dtype:
+    """The MLP's dtype: autocast's where it is on (call inside the forward's autocast state)."""
+    dev = d.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else _ln_dtype(d, block)
+
+
+def _layer_norm(block: ConvNeXtBlock, d: torch.Tensor):
+    """LN over channels of the NCHW conv output; returns (n NHWC, mean, rstd)."""
+    dp = d.permute(0, 2, 3, 1)
+    dp = dp.to(_ln_dtype(d, block))
+    return torch.native_layer_norm(dp, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
+
+
+def _normalized(block: ConvNeXtBlock, s: Saved) -> torch.Tensor:
+    """The LN output again (one fused kernel, bitwise the forward's)."""
+    return _layer_norm(block, s.d)[0]
+
+
+@torch.no_grad()
+def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu: bool = False):
+    """The block's output, computed as its module does; with keep, also what ``backward`` needs
+    (with keep_gelu also the GELU output, saving its recomputation: for transient graphs)."""
+    d = _conv(block, x)
+    n, mean, rstd = _layer_norm(block, d)
+    h = F.linear(n, block.pwconv1.weight, block.pwconv1.bias)
+    del n
+    a = F.gelu(h)
+    o = F.linear(a, block.pwconv2.weight, block.pwconv2.bias)
+    y = (block.gamma * o).permute(0, 3, 1, 2)
+    mask = _drop_mask(block, y.shape[0], y.dtype, y.device)
+    out = x + (y * mask if mask is not None else y)
+    if not keep:
+        return out, None
+    # Few tokens (deep levels): keeping o (tokens x C) is cheaper than the two weight-sized
+    # passes of the layer-scale trick in ``backward_tail``.
+    o = o.flatten(0, 2) if o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1] else None
+    return out, Saved(x, d, mean, rstd, h.flatten(0, 2), mask, h.dtype, o, a.flatten(0, 2) if keep_gelu else None)
+
+
+@torch.no_grad()
+def forward_chunked(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's output with its MLP run a token chunk at a time: the hidden-sized maps
+    never exist whole (the memory-first recompute)."""
+    d = _conv(block, x)
+    n = _layer_norm(block, d)[0]
+    del d
+    N, H, W, C = n.shape
+    n = n.reshape(-1, C)
+    o = None
+    step = max(1, CHUNK_ELEMENTS // block.pwconv1.weight.shape[0])
+    for t0 in range(0, n.shape[0], step):
+        oc = F.linear(F.gelu(F.linear(n[t0:t0 + step], block.pwconv1.weight, block.pwconv1.bias)),
+                      block.pwconv2.weight, block.pwconv2.bias)
+        if o is None:
+            o = oc.new_empty(n.shape[0], C) if step < n.shape[0] else oc
+        if o is not oc:
+            o[t0:t0 + step] = oc
+        del oc
+    del n
+    y = (block.gamma * o.view(N, H, W, C)).permute(0, 3, 1, 2)
+    del o
+    mask = _drop_mask(block, y.shape[0], y.dtype, y.device)
+    return x + (y * mask if mask is not None else y)
+
+
+@torch.no_grad()
+def saved_for_vjp(block: ConvNeXtBlock, x: torch.Tensor) -> Saved:
+    """What ``backward`` needs, recomputed from the block input without the MLP (memory-lean VJP)."""
+    d = _conv(block, x)
+    _, mean, rstd = _layer_norm(block, d)
+    cdt = compute_dtype(block, d)
+    mask = _drop_mask(block, x.shape[0], torch.promote_types(block.gamma.dtype, cdt), x.device)
+    return Saved(x, d, mean, rstd, None, mask, cdt)
+
+
+TAIL = ("gamma", "pwconv2.weight", "pwconv2.bias")  # gradients the tail node returns
+BODY = ("dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight", "pwconv1.bias")
+
+
+def _tokens(block: ConvNeXtBlock, s: Saved, g: torch.Tensor):
+    """g as the gradient of gamma*o (drop path applied), tokens x C."""
+    gy = g if s.mask is None else g * s.mask
+    N, C, H, W = g.shape
+    return gy.permute(0, 2, 3, 1).reshape(N * H * W, C)
+
+
+def _hidden(block: ConvNeXtBlock, s: Saved, n: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """pwconv1's output for tokens [t0, t1): kept, or recomputed from the LN output."""
+    if s.h is not None:
+        return s.h[t0:t1]
+    return F.linear(n[t0:t1].to(s.cdt), block.pwconv1.weight.to(s.cdt), block.pwconv1.bias.to(s.cdt))
+
+
+def _chunk(block: ConvNeXtBlock, s: Saved) -> int:
+    return max(1, (CHUNK_ELEMENTS if s.h is None else CHUNK_ELEMENTS_KEPT_H) // block.pwconv1.weight.shape[0])
+
+
+@torch.no_grad()
+def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> dict:
+    """Gradients of layer scale and pwconv2 (their own autograd node, so that the block's two
+    large weight gradients are never alive together)."""
+    w2, b2, gamma = block.pwconv2.weight, block.pwconv2.bias, block.gamma
+    gy = _tokens(block, s, g)
+    T, C = gy.shape
+    acc = torch.promote_types(s.cdt, torch.float32)
+    n = _normalized(block, s).reshape(T, -1) if s.h is None else None
+    # with o kept: dW2 = g_o^T a directly; else M = gy^T a (then dW2 = gamma * M)
+    lhs = gy if s.o is None else gy * gamma
+    M = None
+    step = _chunk(block, s)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        a = s.a[t0:t1] if s.a is not None else F.gelu(_hidden(block, s, n, t0, t1))
+        M = _mm_acc(M, lhs[t0:t1].to(s.cdt).t(), a, acc)
+        del a
+    del n, lhs
+    gy_sum = gy.sum(0)
+    if s.o is not None:
+        g_gamma = (gy * s.o).sum(0)
+        gW2 = M
+    else:
+        # sum_t gy*o = sum_k W2[c,k] M[c,k] + b2[c] sum_t gy, row-chunked to bound the temporary
+        rows = max(1, CHUNK_ELEMENTS // w2.shape[1])
+        w2a = w2.to(acc)
+        g_gamma = torch.cat([torch.linalg.vecdot(M[r:r + rows], w2a[r:r + rows]) for r in range(0, C, rows)])
+        if b2 is not None:
+            g_gamma += b2 * gy_sum
+        gW2 = M.mul_(gamma[:, None])  # gamma * gy^T a = g_o^T a
+    del gy
+    return g_gamma.to(gamma.dtype), gW2.to(w2.dtype), (gamma * gy_sum).to(b2.dtype)
+
+
+@torch.no_grad()
+def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+    """(gradient of the block input, gradients of dwconv, norm and pwconv1)."""
+    N, C, H, W = g.shape
+    w1, b1, w2 = block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight
+    cdt = s.cdt
+    acc = torch.promote_types(cdt, torch.float32)
+    gy = _tokens(block, s, g)
+    T = gy.shape[0]
+    g_o = (gy * block.gamma).to(cdt)
+    del gy
+    n = _normalized(block, s).reshape(T, C)
+    w1c, w2c = w1.to(cdt), w2.to(cdt)
+    gW1 = gb1 = None
+    g_n = torch.empty(T, C, dtype=cdt, device=g.device)
+    step = _chunk(block, s)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        g_h = torch.ops.aten.gelu_backward(g_o[t0:t1] @ w2c, _hidden(block, s, n, t0, t1))
+        gW1 = _mm_acc(gW1, g_h.t(), n[t0:t1].to(cdt), acc)
+        gb1 = _acc(gb1, g_h.sum(0), acc)
+        torch.mm(g_h, w1c, out=g_n[t0:t1])
+        del g_h
+    del g_o, n
+    gW1, gb1 = gW1.to(w1.dtype), gb1.to(b1.dtype)
+    ln_dt = _ln_dtype(s.d, block)
+    dp = s.d.permute(0, 2, 3, 1).to(ln_dt)
+    g_dp, g_lw, g_lb = torch.ops.aten.native_layer_norm_backward(
+        g_n.view(N, H, W, C).to(ln_dt), dp, block.norm.normalized_shape, s.mean, s.rstd,
+        block.norm.weight, block.norm.bias, [True, True, True],
+    )
+    del g_n, dp
+    conv = block.dwconv
+    g_x, g_cw, g_cb = torch.ops.aten.convolution_backward(
+        g_dp.permute(0, 3, 1, 2).to(s.d.dtype), s.x.to(s.d.dtype), conv.weight.to(s.d.dtype), [C],
+        conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, conv.bias is not None],
+    )
+    del g_dp
+    grads = (g_cw.to(conv.weight.dtype), g_cb.to(conv.bias.dtype), g_lw, g_lb, gW1, gb1)
+    return g_x.to(g.dtype).add_(g), grads
+
+
+def backward(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+    """Both parts at once: (gradient of the block input, {parameter name: gradient})."""
+    tail = backward_tail(block, s, g)
+    g_x, body = backward_body(block, s, g)
+    return g_x, dict(zip(BODY + TAIL, body + tail))
+
+
+def _acc(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    part = part.to(dtype)
+    return part if total is None else total.add_(part)
+
+
+def _mm_acc(total: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if total is not None and total.dtype == a.dtype:
+        return total.addmm_(a, b)
+    return _acc(total, a @ b, dtype)  # reduced precision: each chunk's product summed in fp32
+
+
+def body_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
+    """The parameters ``backward_body`` returns gradients for, in the order of BODY."""
+    return (block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias,
+            block.pwconv1.weight, block.pwconv1.bias)
+
+
+def tail_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
+    """The parameters ``backward_tail`` returns gradients for, in the order of TAIL."""
+    return (block.gamma, block.pwconv2.weight, block.pwconv2.bias)
+
+
+class _Holder:
+    """What the body node saved, handed to the tail node that runs first in backward."""
+
+    def __init__(self, block: ConvNeXtBlock, saved: Saved) -> None:
+        self.block, self.saved = block, saved
+
+
+class _LeanBody(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, holder: _Holder, x: torch.Tensor, *body_params: torch.Tensor):
+        out, holder.saved = forward(holder.block, x, keep=True)
+        ctx.holder = holder
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        holder = ctx.holder
+        g_x, grads = backward_body(holder.block, holder.saved, g)
+        holder.saved = ctx.holder = None
+        return (None, g_x, *grads)
+
+
+class _LeanTail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, holder: _Holder, out: torch.Tensor, *tail_params: torch.Tensor):
+        ctx.holder = holder
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        holder = ctx.holder
+        ctx.holder = None
+        return (None, g, *backward_tail(holder.block, holder.saved, g))
+
+
+def lean_block(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block under ordinary autograd, keeping six channel-sized maps instead of twelve
+    (the engine's plain columns use it). Two nodes: pwconv2/layer-scale gradients first."""
+    holder = _Holder(block, None)
+    out = _LeanBody.apply(holder, x, *body_params(block))
+    return _LeanTail.apply(holder, out, *tail_params(block))
