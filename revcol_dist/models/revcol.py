@@ -57,6 +57,7 @@ class RevCol(nn.Module):
             plain_columns=config.plain_columns,
             recompute=config.recompute,
             lean_blocks=config.lean_blocks,
+            keep_levels=config.keep_levels,
         )
         self.drift = DriftStats()
 

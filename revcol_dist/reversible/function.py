@@ -434,12 +434,21 @@ def run_reversible(
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
     if segment is not None:
         segment.st, segment.last = st, len(seg) - 1
+    # Levels run with ordinary autograd in every column (their activations kept): deep levels
+    # hold a large share of the FLOPs and a small share of the activations.
+    plain_levels = set(policy.keep_levels) if not st.accumulate and segment is None else set()
     for j, col in enumerate(seg):
         last = j == len(seg) - 1
         boundary = (last and keep_outputs) or (not last and k is not None and (j + 1) % k == 0)
         cur: List[torch.Tensor] = []
         for l in range(4):
             p = None if prev is None else prev[l]
+            if l in plain_levels:
+                ins = col.level_inputs(l, x, cur, prev or [None] * 4)
+                out = shortcut(clamp_alpha(getattr(col, f"alpha{l}")), p, col.level_forward(l, *ins, run_block=run_block))
+                st.keep((j, l), out)  # read by the neighbouring reversible levels, never reconstructed
+                cur.append(out)
+                continue
             if p is not None and mins[j][l] < policy.min_reconstruct_alpha:
                 st.keep((j - 1, l), p)
             ins = col.level_inputs(l, x, cur, prev or [None] * 4)

@@ -265,3 +265,22 @@ def test_against_plain_autograd_with_nothing_recomputed():
         rev = build(torch.float64, inter_supv=True, recompute=recompute, plain_columns=1)
         _, gr = grads(rev, x, labels, True)
         assert worst_relative_error(gp, gr) < 1e-10
+
+
+@pytest.mark.parametrize("keep_levels", [(3,), (2, 3), (0,), (1, 3)])
+@pytest.mark.parametrize("k", [2, None])
+def test_kept_levels_exact(keep_levels, k):
+    """Levels run with ordinary autograd inside the reversible columns (their neighbours read
+    them kept, never reconstructed)."""
+    m = build(torch.float64, inter_supv=True, boundary_interval=k, keep_levels=keep_levels)
+    assert rev_vs_plain(m) < 1e-10
+
+
+def test_kept_levels_fp32_and_block_mode():
+    m = build(torch.float32, inter_supv=True, keep_levels=(2, 3), recompute="block", plain_columns=0)
+    assert rev_vs_plain(m, torch.float32) < 1e-5
+
+
+def test_bad_keep_levels_is_a_clear_error():
+    with pytest.raises(ValueError, match="keep_levels"):
+        build(keep_levels=(4,))
