@@ -10,10 +10,13 @@ of level (j, l) finds what it needs already reconstructed by nodes that ran befo
 - its up input c_{l+1}(j-1): reconstructed by the shortcut node (j, l+1), which runs first.
 
 The shortcut node recomputes the level (same RNG per block, same autocast), reconstructs
-c_l(j-1) = (c_l(j) - L(...)) / alpha_l, and hands the recomputed graph to the level's block
+c_l(j-1) = (c_l(j) - L(...)) / alpha_l, and hands what it recomputed to the level's block
 and fusion nodes, which backpropagate through their own part and return their parameters'
-gradients. So parameters (alpha included) receive ordinary returned gradients, one block at
-a time, as under plain autograd: hooks, DDP buckets and ``torch.autograd.grad`` see them.
+gradients (blocks by hand, see lean_block.py; or through a recomputed autograd graph with
+``lean_blocks=False`` and under ZeRO-3). So parameters (alpha included) receive ordinary
+returned gradients, one block at a time, as under plain autograd: hooks, DDP buckets and
+``torch.autograd.grad`` see them. Levels listed in ``policy.keep_levels`` are not part of this
+chain: they run with ordinary autograd and their outputs are kept.
 """
 
 from __future__ import annotations
@@ -62,10 +65,11 @@ class _StepState:
         state = self.rng.get(key) if keep else self.rng.pop(key, None)
         return state.restored(self.x.device) if state is not None else nullcontext()
 
-    def keep(self, key: Key, t: torch.Tensor) -> None:
+    def keep(self, key: Key, t: torch.Tensor, offload: bool = True) -> None:
+        """offload=False: t is held by an autograd graph anyway (a kept level's output)."""
         if key not in self.kept:
             self.kept.add(key)
-            self.values[key] = self.offloader.stash(t.detach())
+            self.values[key] = self.offloader.stash(t.detach()) if offload else t.detach()
 
     def get(self, key: Key) -> torch.Tensor:
         if key not in self.values:
@@ -165,10 +169,12 @@ class _Block(torch.autograd.Function):
         if st.lean:
             saved, rec.saved[b] = rec.saved[b], None
             # level mode: one node for the whole block; block mode: the tail node ran first
-            tail = lean_block.backward_tail(block, saved, g) if not st.block_mode else ()
-            g_x, body = lean_block.backward_body(block, saved, g)
+            if st.block_mode:
+                g_x, grads = lean_block.backward_body(block, saved, g)
+            else:
+                g_x, grads = lean_block.backward_both(block, saved, g)
             del saved
-            return (None, None, None, None, g_x, *[_param_layout(gp, p) for gp, p in zip(body + tail, params)])
+            return (None, None, None, None, g_x, *[lean_block.like_param(gp, p) for gp, p in zip(grads, params)])
         if rec.ys is not None:  # backprop through this block's part of the recomputed graph
             y_in, y_out = rec.ys[b], rec.ys[b + 1]
             rec.ys[b + 1] = None
@@ -205,7 +211,7 @@ class _BlockTail(torch.autograd.Function):
                 rec.saved[b] = lean_block.saved_for_vjp(block, rec.block_inputs[b])
             rec.block_inputs[b] = None
         grads = lean_block.backward_tail(block, rec.saved[b], g)
-        return (None, None, None, None, g, *[_param_layout(gp, p) for gp, p in zip(grads, ctx.saved_tensors)])
+        return (None, None, None, None, g, *[lean_block.like_param(gp, p) for gp, p in zip(grads, ctx.saved_tensors)])
 
 
 class _Shortcut(torch.autograd.Function):
@@ -300,22 +306,13 @@ def _grad(outputs, inputs, grad_out):
     return list(torch.autograd.grad(outputs, inputs, grad_out.to(outputs.dtype), allow_unused=True)) if inputs else []
 
 
-def _param_layout(g, p):
-    """A gradient laid out like its parameter. Autograd may return e.g. a depthwise kernel's
-    gradient (C, 1, k, k) with a different (equally contiguous) stride on the size-1 dim; DDP then
-    warns that grad and bucket strides differ and copies through a slower path."""
-    if g is None or g.stride() == p.stride() or not (g.is_contiguous() and p.is_contiguous()):
-        return g
-    return g.as_strided(p.shape, p.stride())
-
-
 def _backprop(outputs, wrt_ins, wrt_params, module_params, grad_out):
     """Gradients of ``outputs`` for wrt_ins and wrt_params (returned). With module_params
     (ZeRO-3), those parameters' gradients are accumulated into .grad instead."""
     if not module_params:
         grads = _grad(outputs, wrt_ins + wrt_params, grad_out)
         n = len(wrt_ins)
-        return grads[:n] + [_param_layout(g, p) for g, p in zip(grads[n:], wrt_params)]
+        return grads[:n] + [lean_block.like_param(g, p) for g, p in zip(grads[n:], wrt_params)]
     for t in wrt_ins:
         t.grad = None
     trainable = [p for p in module_params if p.requires_grad]
@@ -446,7 +443,7 @@ def run_reversible(
             if l in plain_levels:
                 ins = col.level_inputs(l, x, cur, prev or [None] * 4)
                 out = shortcut(clamp_alpha(getattr(col, f"alpha{l}")), p, col.level_forward(l, *ins, run_block=run_block))
-                st.keep((j, l), out)  # read by the neighbouring reversible levels, never reconstructed
+                st.keep((j, l), out, offload=False)  # read by the neighbouring levels, never reconstructed
                 cur.append(out)
                 continue
             if p is not None and mins[j][l] < policy.min_reconstruct_alpha:

@@ -4,20 +4,21 @@ Autograd keeps about twelve channel-sized maps per block (input, conv output, LN
 the two hidden-sized MLP maps, the pre-scale output). The backward needs far less:
 
 - the layer-scale gradient sum_t g*o equals sum_k W2[c,k] * M[c,k] + b2[c] * sum_t g with
-  M = g^T a, and dW2 = gamma * M: one matmul gives both, so the block output o is never needed;
+  M = g^T a, and dW2 = gamma * M: one matmul gives both, so the block output o is not needed
+  (kept only where it is smaller than W2: few tokens, deep levels);
 - the GELU output a is recomputed from its input h (elementwise);
-- the LN output is recomputed from the conv output and the saved mean/rstd.
+- the LN output is recomputed from the conv output (one fused kernel).
 
 ``forward(..., keep=True)`` therefore keeps x, the conv output, mean/rstd and h (six
-channel-sized maps instead of twelve); ``vjp`` recomputes even h, a token chunk at a time,
-so that only one block input is needed and the hidden-sized transients are bounded.
+channel-sized maps instead of twelve); after ``saved_for_vjp`` even h is recomputed, a token
+chunk at a time, so that only the block input is needed and hidden-sized transients stay bounded.
 Every op is the one the module's own forward runs (same kernels, same autocast casts), so
 the output is bitwise the module's and reconstruction stays exact.
 """
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -161,11 +162,11 @@ def _chunk(block: ConvNeXtBlock, s: Saved) -> int:
 
 
 @torch.no_grad()
-def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> dict:
-    """Gradients of layer scale and pwconv2 (their own autograd node, so that the block's two
-    large weight gradients are never alive together)."""
+def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor, gy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+    """Gradients of TAIL in order: layer scale and pwconv2 (their own autograd node, so that
+    the block's two large weight gradients need not be alive together)."""
     w2, b2, gamma = block.pwconv2.weight, block.pwconv2.bias, block.gamma
-    gy = _tokens(block, s, g)
+    gy = _tokens(block, s, g) if gy is None else gy
     T, C = gy.shape
     acc = torch.promote_types(s.cdt, torch.float32)
     n = _normalized(block, s).reshape(T, -1) if s.h is None else None
@@ -196,13 +197,13 @@ def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-    """(gradient of the block input, gradients of dwconv, norm and pwconv1)."""
+def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor, gy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """(gradient of the block input, gradients of BODY in order)."""
     N, C, H, W = g.shape
     w1, b1, w2 = block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight
     cdt = s.cdt
     acc = torch.promote_types(cdt, torch.float32)
-    gy = _tokens(block, s, g)
+    gy = _tokens(block, s, g) if gy is None else gy
     T = gy.shape[0]
     g_o = (gy * block.gamma).to(cdt)
     del gy
@@ -237,11 +238,18 @@ def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torc
     return g_x.to(g.dtype).add_(g), grads
 
 
+def backward_both(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL)."""
+    gy = _tokens(block, s, g)
+    tail = backward_tail(block, s, g, gy)
+    g_x, body = backward_body(block, s, g, gy)
+    return g_x, body + tail
+
+
 def backward(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-    """Both parts at once: (gradient of the block input, {parameter name: gradient})."""
-    tail = backward_tail(block, s, g)
-    g_x, body = backward_body(block, s, g)
-    return g_x, dict(zip(BODY + TAIL, body + tail))
+    """(gradient of the block input, {parameter name: gradient})."""
+    g_x, grads = backward_both(block, s, g)
+    return g_x, dict(zip(BODY + TAIL, grads))
 
 
 def _acc(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,6 +261,15 @@ def _mm_acc(total: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, dty
     if total is not None and total.dtype == a.dtype:
         return total.addmm_(a, b)
     return _acc(total, a @ b, dtype)  # reduced precision: each chunk's product summed in fp32
+
+
+def like_param(g: Optional[torch.Tensor], p: torch.Tensor) -> Optional[torch.Tensor]:
+    """A gradient laid out like its parameter. A depthwise kernel's gradient (C, 1, k, k) may
+    come with a different (equally contiguous) stride on the size-1 dim; DDP then warns that
+    grad and bucket strides differ and copies through a slower path."""
+    if g is None or g.stride() == p.stride() or not (g.is_contiguous() and p.is_contiguous()):
+        return g
+    return g.as_strided(p.shape, p.stride())
 
 
 def body_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
@@ -285,7 +302,7 @@ class _LeanBody(torch.autograd.Function):
         holder = ctx.holder
         g_x, grads = backward_body(holder.block, holder.saved, g)
         holder.saved = ctx.holder = None
-        return (None, g_x, *grads)
+        return (None, g_x, *[like_param(gp, p) for gp, p in zip(grads, body_params(holder.block))])
 
 
 class _LeanTail(torch.autograd.Function):
@@ -298,7 +315,8 @@ class _LeanTail(torch.autograd.Function):
     def backward(ctx, g):
         holder = ctx.holder
         ctx.holder = None
-        return (None, g, *backward_tail(holder.block, holder.saved, g))
+        grads = backward_tail(holder.block, holder.saved, g)
+        return (None, g, *[like_param(gp, p) for gp, p in zip(grads, tail_params(holder.block))])
 
 
 def lean_block(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:

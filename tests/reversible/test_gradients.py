@@ -148,8 +148,9 @@ def test_drift_is_measured_at_kept_boundaries():
     assert m64.drift.last_drift < 1e-13
 
 
-def test_offloaded_boundaries_give_same_gradients():
-    m = build(boundary_interval=1)
+@pytest.mark.parametrize("keep_levels", [(), (3,)])
+def test_offloaded_boundaries_give_same_gradients(keep_levels):
+    m = build(boundary_interval=1, keep_levels=keep_levels)
     x = torch.randn(2, 3, 64, 64)
     labels = torch.tensor([1, 2])
     _, g_ref = grads(m, x, labels, True)
