@@ -50,7 +50,10 @@ class _StepState:
         self.accumulate = _partitioned(columns)
         # Blocks backpropagated by hand (lean_block): parameters must be Function inputs.
         self.lean = policy.lean_blocks and not self.accumulate
-        self.random = any(getattr(m, "p", 0.0) > 0.0 and m.training for c in columns for m in c.modules())
+        # drop path is the only randomness in a column (walking the blocks, not every module:
+        # this runs every step)
+        self.random = any(b.drop_path.p > 0.0 and b.drop_path.training
+                          for c in columns for l in range(4) for b in getattr(c, f"level{l}").blocks)
         self.offloader = Offloader(policy.offload_boundaries, x.device)
         self.values: Dict[Key, object] = {}
         self.kept: set = set()
@@ -227,7 +230,8 @@ class _Shortcut(torch.autograd.Function):
             with _gathered([alpha]):
                 return shortcut(clamp_alpha(alpha), prev, f)
         ctx.save_for_backward(alpha)
-        return shortcut(clamp_alpha(alpha), prev, f)
+        ctx.a = clamp_alpha(alpha).detach()  # the clamped value the backward inverts with
+        return shortcut(ctx.a, prev, f)
 
     @staticmethod
     def backward(ctx, g):
@@ -275,7 +279,7 @@ class _Shortcut(torch.autograd.Function):
         want_alpha = alpha.requires_grad and (st.accumulate or needs[5])
         g_prev = g_alpha = None
         with _gathered([alpha] if st.accumulate else []):
-            a = clamp_alpha(alpha.detach())
+            a = ctx.a if not st.accumulate else clamp_alpha(alpha.detach())
             with torch.no_grad():
                 if ctx.has_prev:
                     prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
@@ -352,8 +356,10 @@ class _Outputs(torch.autograd.Function):
 
 
 def _partitioned(columns) -> bool:
-    """ZeRO-3 parameters (gathered by module hooks, gradients through ZeRO's own hooks)."""
-    return any(hasattr(p, "ds_id") for c in columns for p in c.parameters())
+    """ZeRO-3 parameters (gathered by module hooks, gradients through ZeRO's own hooks). ZeRO-3
+    converts every parameter of the model, so the first one tells."""
+    first = next(iter(columns[0].parameters()), None) if columns else None
+    return first is not None and hasattr(first, "ds_id")
 
 
 def _alpha_mins(columns: Sequence[Column]) -> List[List[float]]:

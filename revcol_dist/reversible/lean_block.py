@@ -44,6 +44,11 @@ class Saved(NamedTuple):
     a: Optional[torch.Tensor] = None  # GELU output (tokens x 4C), kept only on request (speed over memory)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; skips Tensor.to's call overhead in the common case (no autocast, same dtype)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _ln_dtype(d: torch.Tensor, block: ConvNeXtBlock) -> torch.dtype:
     # autocast runs layer_norm in fp32; without autocast this is d's own dtype
     return torch.promote_types(d.dtype, block.norm.weight.dtype)
@@ -73,7 +78,7 @@ def compute_dtype(block: ConvNeXtBlock, d: torch.Tensor) -> torch.dtype:
 def _layer_norm(block: ConvNeXtBlock, d: torch.Tensor):
     """LN over channels of the NCHW conv output; returns (n NHWC, mean, rstd)."""
     dp = d.permute(0, 2, 3, 1)
-    dp = dp.to(_ln_dtype(d, block))
+    dp = _as(dp, _ln_dtype(d, block))
     return torch.native_layer_norm(dp, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
 
 
@@ -154,7 +159,7 @@ def _hidden(block: ConvNeXtBlock, s: Saved, n: torch.Tensor, t0: int, t1: int) -
     """pwconv1's output for tokens [t0, t1): kept, or recomputed from the LN output."""
     if s.h is not None:
         return s.h[t0:t1]
-    return F.linear(n[t0:t1].to(s.cdt), block.pwconv1.weight.to(s.cdt), block.pwconv1.bias.to(s.cdt))
+    return F.linear(_as(n[t0:t1], s.cdt), _as(block.pwconv1.weight, s.cdt), _as(block.pwconv1.bias, s.cdt))
 
 
 def _chunk(block: ConvNeXtBlock, s: Saved) -> int:
@@ -162,11 +167,11 @@ def _chunk(block: ConvNeXtBlock, s: Saved) -> int:
 
 
 @torch.no_grad()
-def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor, gy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
+def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """Gradients of TAIL in order: layer scale and pwconv2 (their own autograd node, so that
     the block's two large weight gradients need not be alive together)."""
     w2, b2, gamma = block.pwconv2.weight, block.pwconv2.bias, block.gamma
-    gy = _tokens(block, s, g) if gy is None else gy
+    gy = _tokens(block, s, g)
     T, C = gy.shape
     acc = torch.promote_types(s.cdt, torch.float32)
     n = _normalized(block, s).reshape(T, -1) if s.h is None else None
@@ -177,7 +182,7 @@ def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor, gy: Optional[
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         a = s.a[t0:t1] if s.a is not None else F.gelu(_hidden(block, s, n, t0, t1))
-        M = _mm_acc(M, lhs[t0:t1].to(s.cdt).t(), a, acc)
+        M = _mm_acc(M, _as(lhs[t0:t1], s.cdt).t(), a, acc)
         del a
     del n, lhs
     gy_sum = gy.sum(0)
@@ -187,62 +192,63 @@ def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor, gy: Optional[
     else:
         # sum_t gy*o = sum_k W2[c,k] M[c,k] + b2[c] sum_t gy, row-chunked to bound the temporary
         rows = max(1, CHUNK_ELEMENTS // w2.shape[1])
-        w2a = w2.to(acc)
+        w2a = _as(w2, acc)
         g_gamma = torch.cat([torch.linalg.vecdot(M[r:r + rows], w2a[r:r + rows]) for r in range(0, C, rows)])
         if b2 is not None:
             g_gamma += b2 * gy_sum
         gW2 = M.mul_(gamma[:, None])  # gamma * gy^T a = g_o^T a
     del gy
-    return g_gamma.to(gamma.dtype), gW2.to(w2.dtype), (gamma * gy_sum).to(b2.dtype)
+    return _as(g_gamma, gamma.dtype), _as(gW2, w2.dtype), (gamma * gy_sum).to(b2.dtype)
 
 
 @torch.no_grad()
-def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor, gy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """(gradient of the block input, gradients of BODY in order)."""
     N, C, H, W = g.shape
     w1, b1, w2 = block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight
     cdt = s.cdt
     acc = torch.promote_types(cdt, torch.float32)
-    gy = _tokens(block, s, g) if gy is None else gy
+    gy = _tokens(block, s, g)
     T = gy.shape[0]
     g_o = (gy * block.gamma).to(cdt)
     del gy
     n = _normalized(block, s).reshape(T, C)
-    w1c, w2c = w1.to(cdt), w2.to(cdt)
+    w1c, w2c = _as(w1, cdt), _as(w2, cdt)
     gW1 = gb1 = None
     g_n = torch.empty(T, C, dtype=cdt, device=g.device)
     step = _chunk(block, s)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         g_h = torch.ops.aten.gelu_backward(g_o[t0:t1] @ w2c, _hidden(block, s, n, t0, t1))
-        gW1 = _mm_acc(gW1, g_h.t(), n[t0:t1].to(cdt), acc)
+        gW1 = _mm_acc(gW1, g_h.t(), _as(n[t0:t1], cdt), acc)
         gb1 = _acc(gb1, g_h.sum(0), acc)
         torch.mm(g_h, w1c, out=g_n[t0:t1])
         del g_h
     del g_o, n
-    gW1, gb1 = gW1.to(w1.dtype), gb1.to(b1.dtype)
+    gW1, gb1 = _as(gW1, w1.dtype), _as(gb1, b1.dtype)
     ln_dt = _ln_dtype(s.d, block)
-    dp = s.d.permute(0, 2, 3, 1).to(ln_dt)
+    dp = _as(s.d.permute(0, 2, 3, 1), ln_dt)
     g_dp, g_lw, g_lb = torch.ops.aten.native_layer_norm_backward(
-        g_n.view(N, H, W, C).to(ln_dt), dp, block.norm.normalized_shape, s.mean, s.rstd,
+        _as(g_n.view(N, H, W, C), ln_dt), dp, block.norm.normalized_shape, s.mean, s.rstd,
         block.norm.weight, block.norm.bias, [True, True, True],
     )
     del g_n, dp
     conv = block.dwconv
     g_x, g_cw, g_cb = torch.ops.aten.convolution_backward(
-        g_dp.permute(0, 3, 1, 2).to(s.d.dtype), s.x.to(s.d.dtype), conv.weight.to(s.d.dtype), [C],
+        _as(g_dp.permute(0, 3, 1, 2), s.d.dtype), _as(s.x, s.d.dtype), _as(conv.weight, s.d.dtype), [C],
         conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, conv.bias is not None],
     )
     del g_dp
-    grads = (g_cw.to(conv.weight.dtype), g_cb.to(conv.bias.dtype), g_lw, g_lb, gW1, gb1)
-    return g_x.to(g.dtype).add_(g), grads
+    grads = (_as(g_cw, conv.weight.dtype), _as(g_cb, conv.bias.dtype), g_lw, g_lb, gW1, gb1)
+    return _as(g_x, g.dtype).add_(g), grads
 
 
 def backward_both(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL)."""
-    gy = _tokens(block, s, g)
-    tail = backward_tail(block, s, g, gy)
-    g_x, body = backward_body(block, s, g, gy)
+    """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL). Each
+    part lays out g itself: sharing that copy would keep it alive through the body's LN and
+    conv backward."""
+    tail = backward_tail(block, s, g)
+    g_x, body = backward_body(block, s, g)
     return g_x, body + tail
 
 
@@ -253,7 +259,7 @@ def backward(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Ten
 
 
 def _acc(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    part = part.to(dtype)
+    part = _as(part, dtype)
     return part if total is None else total.add_(part)
 
 
