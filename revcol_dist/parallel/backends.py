@@ -58,11 +58,11 @@ def _match_grad_layout(model: torch.nn.Module) -> None:
     Kernels may return an equally contiguous gradient with another stride on a size-1 dim (the
     CPU depthwise conv backward does, for (C, 1, k, k) weights); DDP then warns on every step and
     takes a slower copy path."""
-    from ..reversible.function import _param_layout
+    from ..reversible.lean_block import like_param
 
     for p in model.parameters():
         if p.requires_grad and 1 in p.shape and p.dim() > 1:
-            p.register_hook(lambda g, p=p: _param_layout(g, p))
+            p.register_hook(lambda g, p=p: like_param(g, p))
 
 
 class LocalBackend(Backend):
