@@ -97,9 +97,7 @@ def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu
     del n
     a = F.gelu(h)
     o = F.linear(a, block.pwconv2.weight, block.pwconv2.bias)
-    y = (block.gamma * o).permute(0, 3, 1, 2)
-    mask = _drop_mask(block, y.shape[0], y.dtype, y.device)
-    out = x + (y * mask if mask is not None else y)
+    out, mask = _residual(block, x, o)
     if not keep:
         return out, None
     # Few tokens (deep levels): keeping o (tokens x C) is cheaper than the two weight-sized
@@ -117,21 +115,32 @@ def forward_chunked(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
     del d
     N, H, W, C = n.shape
     n = n.reshape(-1, C)
-    o = None
-    step = max(1, CHUNK_ELEMENTS // block.pwconv1.weight.shape[0])
-    for t0 in range(0, n.shape[0], step):
-        oc = F.linear(F.gelu(F.linear(n[t0:t0 + step], block.pwconv1.weight, block.pwconv1.bias)),
-                      block.pwconv2.weight, block.pwconv2.bias)
-        if o is None:
-            o = oc.new_empty(n.shape[0], C) if step < n.shape[0] else oc
-        if o is not oc:
+    T = n.shape[0]
+
+    def mlp(rows: torch.Tensor) -> torch.Tensor:
+        h = F.linear(rows, block.pwconv1.weight, block.pwconv1.bias)
+        return F.linear(F.gelu(h), block.pwconv2.weight, block.pwconv2.bias)
+
+    step = _rows_per_chunk(block, CHUNK_ELEMENTS)
+    if step >= T:
+        o = mlp(n)
+    else:
+        o = None
+        for t0 in range(0, T, step):
+            oc = mlp(n[t0:t0 + step])
+            if o is None:
+                o = oc.new_empty(T, C)
             o[t0:t0 + step] = oc
-        del oc
+            del oc
     del n
-    y = (block.gamma * o.view(N, H, W, C)).permute(0, 3, 1, 2)
-    del o
+    return _residual(block, x, o.view(N, H, W, C))[0]
+
+
+def _residual(block: ConvNeXtBlock, x: torch.Tensor, o: torch.Tensor):
+    """x + drop_path(gamma * o) as the module computes it (o NHWC); also the drop-path mask."""
+    y = (block.gamma * o).permute(0, 3, 1, 2)
     mask = _drop_mask(block, y.shape[0], y.dtype, y.device)
-    return x + (y * mask if mask is not None else y)
+    return x + (y * mask if mask is not None else y), mask
 
 
 @torch.no_grad()
@@ -162,8 +171,13 @@ def _hidden(block: ConvNeXtBlock, s: Saved, n: torch.Tensor, t0: int, t1: int) -
     return F.linear(_as(n[t0:t1], s.cdt), _as(block.pwconv1.weight, s.cdt), _as(block.pwconv1.bias, s.cdt))
 
 
+def _rows_per_chunk(block: ConvNeXtBlock, elements: int) -> int:
+    """Tokens per chunk so that a (tokens x 4C) chunk has about ``elements`` elements."""
+    return max(1, elements // block.pwconv1.weight.shape[0])
+
+
 def _chunk(block: ConvNeXtBlock, s: Saved) -> int:
-    return max(1, (CHUNK_ELEMENTS if s.h is None else CHUNK_ELEMENTS_KEPT_H) // block.pwconv1.weight.shape[0])
+    return _rows_per_chunk(block, CHUNK_ELEMENTS if s.h is None else CHUNK_ELEMENTS_KEPT_H)
 
 
 @torch.no_grad()
@@ -191,7 +205,7 @@ def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torc
         gW2 = M
     else:
         # sum_t gy*o = sum_k W2[c,k] M[c,k] + b2[c] sum_t gy, row-chunked to bound the temporary
-        rows = max(1, CHUNK_ELEMENTS // w2.shape[1])
+        rows = _rows_per_chunk(block, CHUNK_ELEMENTS)
         w2a = _as(w2, acc)
         g_gamma = torch.cat([torch.linalg.vecdot(M[r:r + rows], w2a[r:r + rows]) for r in range(0, C, rows)])
         if b2 is not None:
