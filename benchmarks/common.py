@@ -15,22 +15,28 @@ from revcol_dist.models import create_model
 from revcol_dist.monitor.live_bytes import LiveBytes
 from published_reversible import run_published
 
-MODES = ("plain", "plain_heads_recomputed", "published", "rev_k1", "rev_k2", "rev_k2_autograd_blocks",
-         "rev_kN", "rev_kN_lean", "rev_kN_lean_keep3", "rev_k2_keep23", "rev_kN_block")
+MODES = ("plain", "plain_heads_recomputed", "published", "rev_default", "rev_kN_default", "rev_k1", "rev_k2",
+         "rev_k2_autograd_blocks", "rev_kN", "rev_kN_lean", "rev_kN_lean_keep3", "rev_k2_keep23", "rev_kN_block")
+
+# Nothing kept beyond the policy's boundaries: the engine as it was before keep_levels and
+# recompute_hidden became defaults (the modes below start from it unless said).
+_BARE = dict(keep_levels=(), recompute_hidden=())
 
 # Reversible policies by benchmark mode name (lean blocks unless said otherwise).
 POLICIES = {
-    "rev_k1": dict(boundary_interval=1),
-    "rev_k2": dict(boundary_interval=2),  # the default
-    "rev_k2_autograd_blocks": dict(boundary_interval=2, lean_blocks=False),
-    "rev_kN": dict(boundary_interval=None),
-    "rev_kN_lean": dict(boundary_interval=None, plain_columns=0),
-    "rev_kN_lean_keep3": dict(boundary_interval=None, plain_columns=0, keep_levels=(3,)),
-    "rev_kN_block": dict(boundary_interval=None, plain_columns=0, recompute="block"),
+    "rev_default": dict(),  # k=2, last column plain, level 3 kept, level-0 hidden maps recomputed
+    "rev_kN_default": dict(boundary_interval=None),  # the same with only the outputs kept
+    "rev_k1": dict(_BARE, boundary_interval=1),
+    "rev_k2": dict(_BARE, boundary_interval=2),
+    "rev_k2_autograd_blocks": dict(_BARE, boundary_interval=2, lean_blocks=False),
+    "rev_kN": dict(_BARE, boundary_interval=None),
+    "rev_kN_lean": dict(_BARE, boundary_interval=None, plain_columns=0),
+    "rev_kN_lean_keep3": dict(_BARE, boundary_interval=None, plain_columns=0, keep_levels=(3,)),
+    "rev_kN_block": dict(_BARE, boundary_interval=None, plain_columns=0, recompute="block"),
     # speed: levels 2-3 (60% of RevCol-T's FLOPs, 29% of its activations) kept, not recomputed
-    "rev_k2_keep23": dict(boundary_interval=2, keep_levels=(2, 3)),
-    "rev_k2_fast": dict(boundary_interval=2, plain_columns=2),
-    "rev_k2_fast_keep23": dict(boundary_interval=2, plain_columns=2, keep_levels=(2, 3)),
+    "rev_k2_keep23": dict(_BARE, boundary_interval=2, keep_levels=(2, 3)),
+    "rev_k2_fast": dict(_BARE, boundary_interval=2, plain_columns=2),
+    "rev_k2_fast_keep23": dict(_BARE, boundary_interval=2, plain_columns=2, keep_levels=(2, 3)),
     # plain autograd: every activation stored, heads and decoders too
     "plain": dict(checkpoint_heads=False),
     # plain autograd for the columns, heads and decoders recomputed in backward

@@ -149,12 +149,14 @@ class Column(nn.Module):
 
     def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None, run_block=None) -> List[torch.Tensor]:
         """Plain autograd forward (the non-reversible path). ``run_block(block, y)`` lets an
-        execution engine run the ConvNeXt blocks its own way (default: ``block(y)``)."""
+        execution engine run the ConvNeXt blocks its own way (default: ``block(y)``); a
+        sequence gives one per level."""
         alphas = self.alphas()
+        runners = run_block if isinstance(run_block, (list, tuple)) else [run_block] * 4
         cur: List[torch.Tensor] = []
         for l in range(4):
             inputs = self.level_inputs(l, x, cur, prev if prev is not None else [None] * 4)
-            f = self.level_forward(l, *inputs, run_block=run_block)
+            f = self.level_forward(l, *inputs, run_block=runners[l])
             cur.append(shortcut(alphas[l], None if prev is None else prev[l], f))
         return cur
 

@@ -42,13 +42,18 @@ class RevColConfig:
     lean_blocks: bool = True
     # Levels whose activations are kept in every column instead of recomputed (speed for a
     # little memory; e.g. (3,) or (2, 3)). Not applied under ZeRO-3 or a pipeline stage.
-    keep_levels: Tuple[int, ...] = ()
+    keep_levels: Tuple[int, ...] = (3,)
+    # Levels whose blocks, where their activations are kept (plain columns, keep_levels),
+    # keep no MLP hidden map (4C per token) and run pwconv1 again in backward: cheapest at
+    # level 0 (fewest channels), whose hidden maps are ~30% of a kept RevCol-T column.
+    recompute_hidden: Tuple[int, ...] = (0,)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
-        object.__setattr__(self, "keep_levels", tuple(sorted(set(int(l) for l in self.keep_levels))))
+        for levels in ("keep_levels", "recompute_hidden"):
+            object.__setattr__(self, levels, tuple(sorted(set(int(l) for l in getattr(self, levels)))))
         problems = []
         if len(self.channels) != 4 or any(c <= 0 for c in self.channels):
             problems.append(f"channels must be 4 positive ints, got {self.channels}")
@@ -68,8 +73,9 @@ class RevColConfig:
             problems.append(f"plain_columns must be in [0, num_columns={self.num_columns}], got {self.plain_columns}")
         if self.recompute not in ("level", "block"):
             problems.append(f"recompute must be 'level' or 'block', got {self.recompute!r}")
-        if any(not 0 <= l <= 3 for l in self.keep_levels):
-            problems.append(f"keep_levels must be levels 0..3, got {self.keep_levels}")
+        for levels in ("keep_levels", "recompute_hidden"):
+            if any(not 0 <= l <= 3 for l in getattr(self, levels)):
+                problems.append(f"{levels} must be levels 0..3, got {getattr(self, levels)}")
         if self.min_reconstruct_alpha < 0:
             problems.append(f"min_reconstruct_alpha must be >= 0, got {self.min_reconstruct_alpha}")
         if problems:

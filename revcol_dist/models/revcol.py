@@ -58,6 +58,7 @@ class RevCol(nn.Module):
             recompute=config.recompute,
             lean_blocks=config.lean_blocks,
             keep_levels=config.keep_levels,
+            recompute_hidden=config.recompute_hidden,
         )
         self.drift = DriftStats()
 

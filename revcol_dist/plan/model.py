@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 GIB = 2**30
 
@@ -20,8 +20,10 @@ ACT_BYTES = {"fp32": 4, "bf16": 2}
 # input (4c each), the layer-scale product input (c): 12c.
 BLOCK_SAVED_CHANNELS = 12
 # The engine's hand-written block backward (reversible/lean_block.py) keeps x, the conv output
-# and h (4c): 6c; a recomputed level also keeps the GELU output (4c more).
+# and h (4c): 6c; 2c where h is recomputed (recompute_hidden); a recomputed level also keeps
+# the GELU output (4c more).
 LEAN_BLOCK_SAVED_CHANNELS = 6
+LEAN_BLOCK_SAVED_CHANNELS_NO_HIDDEN = 2
 LEAN_RECOMPUTE_SAVED_CHANNELS = 10
 RESERVED_FRACTION = 0.08  # allocator fragmentation, CUDA context, communication buffers
 
@@ -43,6 +45,8 @@ class PlanInput:
     boundary_interval: Optional[int] = 2
     plain_columns: int = 1
     lean_blocks: bool = True
+    keep_levels: Tuple[int, ...] = (3,)  # levels kept in every column (not under ZeRO-3 or a pipeline)
+    recompute_hidden: Tuple[int, ...] = (0,)  # levels whose kept blocks drop their hidden map
     offload_boundaries: bool = False
     persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
     gpu_tflops: float = 989.0  # dense bf16 peak of one H100 SXM
@@ -141,13 +145,14 @@ def boundary_bytes(channels, res: int, batch: int) -> int:
 
 
 def column_activation_bytes(channels, layers, res: int, batch: int, act: int,
-                            per_block: int = BLOCK_SAVED_CHANNELS) -> List[int]:
+                            per_block=BLOCK_SAVED_CHANNELS) -> List[int]:
     """Saved-for-backward bytes of each level of one column (per_block channel-sized maps per
-    block: 12 under ordinary autograd)."""
+    block: 12 under ordinary autograd; one figure, or one per level)."""
     out = []
     for l, (c, n) in enumerate(zip(channels, layers)):
         pos = math.ceil(res / (4 * 2**l)) ** 2
-        out.append(batch * pos * c * (per_block * n + 2) * act)  # + fusion's inputs
+        k = per_block[l] if isinstance(per_block, (list, tuple)) else per_block
+        out.append(batch * pos * c * (k * n + 2) * act)  # + fusion's inputs
     return out
 
 
@@ -205,18 +210,29 @@ def make_plan(inp: PlanInput) -> Dict:
     one_boundary = boundary_bytes(cfg.channels, inp.res, inp.batch)
     boundaries = kept * one_boundary
     lean = inp.lean_blocks
+    # levels kept in every column: the engine ignores keep_levels under ZeRO-3 and in stages
+    kept_levels = set(inp.keep_levels) if z != 3 and S == 1 else set()
     levels = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act,
                                      LEAN_RECOMPUTE_SAVED_CHANNELS if lean else BLOCK_SAVED_CHANNELS)
-    transient = max(levels)  # backward recomputes one level at a time
-    plain = min(inp.plain_columns, cols_in_stage) * sum(column_activation_bytes(
-        cfg.channels, cfg.layers, inp.res, inp.batch, act, LEAN_BLOCK_SAVED_CHANNELS if lean else BLOCK_SAVED_CHANNELS))
+    # backward recomputes one level at a time
+    transient = max(b for l, b in enumerate(levels) if l not in kept_levels) if len(kept_levels) < 4 else 0
+    kept_per_block = [BLOCK_SAVED_CHANNELS if not lean else LEAN_BLOCK_SAVED_CHANNELS_NO_HIDDEN
+                      if l in inp.recompute_hidden else LEAN_BLOCK_SAVED_CHANNELS for l in range(4)]
+    for l, c in enumerate(cfg.channels):  # lean blocks keep pwconv2's output where tokens < 4c
+        if lean and inp.batch * math.ceil(inp.res / (4 * 2**l)) ** 2 < 4 * c:
+            kept_per_block[l] += 1
+    kept_column = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act, kept_per_block)
+    n_plain = min(inp.plain_columns, cols_in_stage)
+    plain = n_plain * sum(kept_column)
+    kept_level_bytes = (cols_in_stage - n_plain) * sum(kept_column[l] for l in kept_levels)
     # stem output and input images (the stem's conv output is recomputed, not kept)
     stem = inp.batch * cfg.channels[0] * math.ceil(inp.res / 4) ** 2 * 4 + inp.batch * 3 * inp.res**2 * 4
     # The plain last column(s) free their activations in their own backward, before the
     # reconstructed columns recompute: the two never coexist.
     # one weight gradient in flight before it is accumulated (the largest: pwconv of level 3)
     grad_transient = 4 * cfg.channels[3] ** 2 * b["grad"]
-    activations = (0 if inp.offload_boundaries else boundaries) + max(transient, plain) + stem + grad_transient
+    activations = ((0 if inp.offload_boundaries else boundaries) + max(transient, plain) + kept_level_bytes + stem
+                   + grad_transient)
     if inp.offload_boundaries:
         host += boundaries
     if S > 1:  # 1F1B: up to S micro-batches in flight on the first stage, one boundary each
@@ -252,9 +268,11 @@ def make_plan(inp: PlanInput) -> Dict:
     pipe_comm = 2 * one_boundary if S > 1 else 0  # per micro-batch: boundary forward, its gradient back
 
     # --- compute: forward MACs (published FLOPs); training = forward + 2x backward + the
-    # reversible recompute of every column but the plain ones
+    # reversible recompute of every column but the plain ones, of every level but the kept ones
     macs = forward_macs(cfg, inp.res)
-    recompute = (cfg.num_columns - min(inp.plain_columns, cfg.num_columns)) / cfg.num_columns
+    per_level = level_macs(cfg, inp.res)
+    recomputed_share = 1 - sum(per_level[l] for l in kept_levels) / sum(per_level)
+    recompute = recomputed_share * (cfg.num_columns - min(inp.plain_columns, cfg.num_columns)) / cfg.num_columns
     train_flops = 2 * macs * (3 + recompute)
     images_per_sec = inp.gpu_tflops * 1e12 * inp.mfu / train_flops
     if S > 1:  # 1F1B bubble with M = 4S micro-batches
@@ -276,7 +294,8 @@ def make_plan(inp: PlanInput) -> Dict:
             "zero3_gathered_working_set": int(gathered), "reduce_buckets": int(buckets),
             "optimizer_step_transient": int(step_tmp),
             "kept_boundaries": int(0 if inp.offload_boundaries else boundaries),
-            "recompute_transient_peak": int(transient), "plain_columns": int(plain), "stem_and_input": int(stem),
+            "recompute_transient_peak": int(transient), "plain_columns": int(plain),
+            "kept_levels": int(kept_level_bytes), "stem_and_input": int(stem),
             "weight_gradient_transient": int(grad_transient),
             "pipeline_in_flight": int((S - 1) * one_boundary if S > 1 else 0),
             "compute_phase_peak": int(compute_phase), "optimizer_step_peak": int(step_phase),
@@ -294,18 +313,27 @@ def forward_macs(cfg, res: int) -> int:
     and level the ConvNeXt blocks (k² c depthwise + 8 c² pointwise per position), the strided
     down-fusion (4 c_{l-1} c_l per position), the up-fusion's channel change at the lower
     resolution (columns after the first), RevCol-H's level-0 branch from level 3, the head."""
-    k2 = cfg.kernel_size**2
-    side = [math.ceil(res / (4 * 2**l)) for l in range(4)]
     c = cfg.channels
     macs = (res // 4) ** 2 * 3 * c[0] * 16
     for j in range(cfg.num_columns):
-        for l in range(4):
-            pos = side[l] ** 2
-            macs += cfg.layers[l] * pos * (k2 * c[l] + 8 * c[l] ** 2)
-            if l >= 1:
-                macs += pos * 4 * c[l - 1] * c[l]
-            if j >= 1 and l <= 2:
-                macs += side[l + 1] ** 2 * c[l + 1] * c[l]
-            if j >= 1 and l == 0 and cfg.level0_up2:
-                macs += side[3] ** 2 * c[3] * c[0]
+        macs += sum(level_macs(cfg, res, first_column=j == 0))
     return macs + c[3] * cfg.num_classes
+
+
+def level_macs(cfg, res: int, first_column: bool = False) -> List[int]:
+    """Forward multiply-accumulates of each level of one column."""
+    k2 = cfg.kernel_size**2
+    side = [math.ceil(res / (4 * 2**l)) for l in range(4)]
+    c = cfg.channels
+    out = []
+    for l in range(4):
+        pos = side[l] ** 2
+        macs = cfg.layers[l] * pos * (k2 * c[l] + 8 * c[l] ** 2)
+        if l >= 1:
+            macs += pos * 4 * c[l - 1] * c[l]
+        if not first_column and l <= 2:
+            macs += side[l + 1] ** 2 * c[l + 1] * c[l]
+        if not first_column and l == 0 and cfg.level0_up2:
+            macs += side[3] ** 2 * c[3] * c[0]
+        out.append(macs)
+    return out

@@ -22,6 +22,7 @@ chain: they run with ordinary autograd and their outputs are kept.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,7 +39,8 @@ Key = Tuple[int, int]
 class _StepState:
     """Values shared by the nodes of one forward/backward: kept maps and reconstructions."""
 
-    def __init__(self, columns, policy: ReversiblePolicy, stats: Optional[DriftStats], x: torch.Tensor) -> None:
+    def __init__(self, columns, policy: ReversiblePolicy, stats: Optional[DriftStats], x: torch.Tensor,
+                 partitioned: bool) -> None:
         self.columns = columns
         self.stats = stats
         self.x = x.detach()
@@ -47,7 +49,7 @@ class _StepState:
         # ZeRO-3 partitions parameters: they cannot be Function inputs (their recorded shape
         # is empty), so gradients are accumulated into .grad, where ZeRO's hooks pick them
         # up, exactly as under DeepSpeed's own activation checkpointing.
-        self.accumulate = _partitioned(columns)
+        self.accumulate = partitioned
         # Blocks backpropagated by hand (lean_block): parameters must be Function inputs.
         self.lean = policy.lean_blocks and not self.accumulate
         # drop path is the only randomness in a column (walking the blocks, not every module:
@@ -362,6 +364,12 @@ def _partitioned(columns) -> bool:
     return first is not None and hasattr(first, "ds_id")
 
 
+def _block_runners(policy: ReversiblePolicy) -> list:
+    """How blocks with kept activations run, per level (lean; hidden map dropped on request)."""
+    return [lean_block.lean_block if l not in policy.recompute_hidden
+            else partial(lean_block.lean_block, keep_hidden=False) for l in range(4)]
+
+
 def _alpha_mins(columns: Sequence[Column]) -> List[List[float]]:
     """min |alpha_l| per column and level, in one host sync."""
     with torch.no_grad():
@@ -421,7 +429,8 @@ def run_reversible(
     if not keep_outputs and n_plain:
         raise ValueError("outputs handed back by a later stage must be the reversible segment's: "
                          "use policy.plain_columns=0 with keep_outputs=False")
-    run_block = lean_block.lean_block if policy.lean_blocks and not _partitioned(columns) else None
+    partitioned = _partitioned(columns)
+    run_block = _block_runners(policy) if policy.lean_blocks and not partitioned else [None] * 4
     if not seg:
         state, tapped = (list(initial) if initial is not None else None), {}
         for i, col in enumerate(columns):
@@ -429,7 +438,7 @@ def run_reversible(
             if i in taps:
                 tapped[i] = state[3]
         return state, tapped
-    st = _StepState(seg, policy, stats, x)
+    st = _StepState(seg, policy, stats, x, partitioned)
     k = policy.boundary_interval
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
         mins = _alpha_mins(seg)
@@ -448,7 +457,8 @@ def run_reversible(
             p = None if prev is None else prev[l]
             if l in plain_levels:
                 ins = col.level_inputs(l, x, cur, prev or [None] * 4)
-                out = shortcut(clamp_alpha(getattr(col, f"alpha{l}")), p, col.level_forward(l, *ins, run_block=run_block))
+                f = col.level_forward(l, *ins, run_block=run_block[l])
+                out = shortcut(clamp_alpha(getattr(col, f"alpha{l}")), p, f)
                 st.keep((j, l), out, offload=False)  # read by the neighbouring levels, never reconstructed
                 cur.append(out)
                 continue

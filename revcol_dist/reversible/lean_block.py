@@ -88,9 +88,11 @@ def _normalized(block: ConvNeXtBlock, s: Saved) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu: bool = False):
+def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu: bool = False,
+            keep_hidden: bool = True):
     """The block's output, computed as its module does; with keep, also what ``backward`` needs
-    (with keep_gelu also the GELU output, saving its recomputation: for transient graphs)."""
+    (with keep_gelu also the GELU output, saving its recomputation: for transient graphs;
+    without keep_hidden not even h, which ``with_hidden`` recomputes before backward)."""
     d = _conv(block, x)
     n, mean, rstd = _layer_norm(block, d)
     h = F.linear(n, block.pwconv1.weight, block.pwconv1.bias)
@@ -103,7 +105,17 @@ def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu
     # Few tokens (deep levels): keeping o (tokens x C) is cheaper than the two weight-sized
     # passes of the layer-scale trick in ``backward_tail``.
     o = o.flatten(0, 2) if o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1] else None
-    return out, Saved(x, d, mean, rstd, h.flatten(0, 2), mask, h.dtype, o, a.flatten(0, 2) if keep_gelu else None)
+    return out, Saved(x, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype, o,
+                      a.flatten(0, 2) if keep_gelu else None)
+
+
+@torch.no_grad()
+def with_hidden(block: ConvNeXtBlock, s: Saved) -> Saved:
+    """s with pwconv1's output recomputed whole (one matmul), for a backward that runs at speed."""
+    if s.h is not None:
+        return s
+    n = _normalized(block, s).flatten(0, 2)
+    return s._replace(h=_hidden(block, s, n, 0, n.shape[0]))
 
 
 @torch.no_grad()
@@ -266,12 +278,6 @@ def backward_both(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torc
     return g_x, body + tail
 
 
-def backward(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-    """(gradient of the block input, {parameter name: gradient})."""
-    g_x, grads = backward_both(block, s, g)
-    return g_x, dict(zip(BODY + TAIL, grads))
-
-
 def _acc(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     part = _as(part, dtype)
     return part if total is None else total.add_(part)
@@ -306,20 +312,30 @@ def tail_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
 class _Holder:
     """What the body node saved, handed to the tail node that runs first in backward."""
 
-    def __init__(self, block: ConvNeXtBlock, saved: Saved) -> None:
-        self.block, self.saved = block, saved
+    def __init__(self, block: ConvNeXtBlock, keep_hidden: bool) -> None:
+        self.block, self.keep_hidden, self.saved = block, keep_hidden, None
+
+
+def _freed(holder: Optional[_Holder]) -> _Holder:
+    if holder is None or holder.saved is None:
+        raise RuntimeError(
+            "lean ConvNeXt block: what its forward kept was freed by an earlier backward. A second backward "
+            "through the same graph (retain_graph=True) is not supported by the reversible engine; set "
+            "model.reversible = False for that use."
+        )
+    return holder
 
 
 class _LeanBody(torch.autograd.Function):
     @staticmethod
     def forward(ctx, holder: _Holder, x: torch.Tensor, *body_params: torch.Tensor):
-        out, holder.saved = forward(holder.block, x, keep=True)
+        out, holder.saved = forward(holder.block, x, keep=True, keep_hidden=holder.keep_hidden)
         ctx.holder = holder
         return out
 
     @staticmethod
     def backward(ctx, g):
-        holder = ctx.holder
+        holder = _freed(ctx.holder)
         g_x, grads = backward_body(holder.block, holder.saved, g)
         holder.saved = ctx.holder = None
         return (None, g_x, *[like_param(gp, p) for gp, p in zip(grads, body_params(holder.block))])
@@ -333,15 +349,18 @@ class _LeanTail(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        holder = ctx.holder
+        holder = _freed(ctx.holder)
         ctx.holder = None
+        # h not kept: recomputed once here, used by both nodes, gone after the body's backward
+        holder.saved = with_hidden(holder.block, holder.saved)
         grads = backward_tail(holder.block, holder.saved, g)
         return (None, g, *[like_param(gp, p) for gp, p in zip(grads, tail_params(holder.block))])
 
 
-def lean_block(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+def lean_block(block: ConvNeXtBlock, x: torch.Tensor, keep_hidden: bool = True) -> torch.Tensor:
     """The block under ordinary autograd, keeping six channel-sized maps instead of twelve
-    (the engine's plain columns use it). Two nodes: pwconv2/layer-scale gradients first."""
-    holder = _Holder(block, None)
+    (the engine's plain columns use it), two without the hidden map h (``keep_hidden=False``:
+    pwconv1 runs again in backward). Two nodes: pwconv2/layer-scale gradients first."""
+    holder = _Holder(block, keep_hidden)
     out = _LeanBody.apply(holder, x, *body_params(block))
     return _LeanTail.apply(holder, out, *tail_params(block))

@@ -29,7 +29,12 @@ SCRIPT = textwrap.dedent(
         mx = w.abs().max().item()
     print(f"RESULT rank={rank} total={total} local={local} std={std:.5f} max={mx:.4f} alpha={a} gamma={g}")
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a gloo group left to process exit can abort
+    torch.distributed.destroy_process_group()
+    # gloo/DeepSpeed threads torn down by interpreter exit can abort the process after its
+    # work is done ("terminate called without an active exception"): leave without teardown
+    import sys, os
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 

@@ -66,7 +66,12 @@ WORKER = textwrap.dedent(
         if rank == 0:
             torch.save(full, f"{{out_dir}}/{{mode}}.pt")
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a gloo group left to process exit can abort
+    torch.distributed.destroy_process_group()
+    # gloo/DeepSpeed threads torn down by interpreter exit can abort the process after its
+    # work is done ("terminate called without an active exception"): leave without teardown
+    import sys, os
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 

@@ -24,6 +24,12 @@ def autograd_grads(block, x, g, rng):
     return out.detach(), gx, dict(zip(names, gp))
 
 
+def named_backward(block, saved, g):
+    """(gradient of the block input, {parameter name: gradient})."""
+    g_x, grads = lean_block.backward_both(block, saved, g)
+    return g_x, dict(zip(lean_block.BODY + lean_block.TAIL, grads))
+
+
 def worst(ref_x, ref_p, gx, gp):
     errs = [((gx - ref_x).abs().max() / ref_x.abs().max()).item()]
     for n, r in ref_p.items():
@@ -46,7 +52,7 @@ def test_kept_backward_matches_autograd(channels, spatial, dtype, tol):
         out2, saved = lean_block.forward(block, x.detach(), keep=True, keep_gelu=keep_gelu)
         assert torch.equal(out, out2)  # bitwise: reconstruction relies on it
         assert (saved.o is not None) == (channels == 64)
-        gx, gp = lean_block.backward(block, saved, g)
+        gx, gp = named_backward(block, saved, g)
         assert set(gp) == set(ref_p)
         assert worst(ref_x, ref_p, gx, gp) < tol
 
@@ -67,7 +73,7 @@ def test_recomputed_backward_matches_autograd(monkeypatch, chunk):
     torch.set_rng_state(rng)
     saved = lean_block.saved_for_vjp(block, x.detach())
     assert saved.h is None
-    gx, gp = lean_block.backward(block, saved, g)
+    gx, gp = named_backward(block, saved, g)
     assert worst(ref_x, ref_p, gx, gp) < 1e-12
 
 
@@ -91,13 +97,18 @@ def test_bf16_autocast_close_to_autograd():
         out = block(x)
         torch.set_rng_state(rng)
         y = lean_block.lean_block(block, x)
-    assert torch.equal(out, y)  # same kernels, same casts
+        torch.set_rng_state(rng)
+        y_no_h = lean_block.lean_block(block, x, keep_hidden=False)
+    assert torch.equal(out, y) and torch.equal(out, y_no_h)  # same kernels, same casts
     ref = torch.autograd.grad(out, [x, *block.parameters()], g)
     got = torch.autograd.grad(y, [x, *block.parameters()], g)
     for r, o in zip(ref, got):
         assert o.dtype == r.dtype
         # bf16 rounding only (the layer-scale sum and chunk order differ); fp32 gives 1e-7
         assert ((o - r).norm() / r.norm()).item() < 3e-2
+    # h recomputed in backward with the forward's casts: bitwise the kept h's gradients
+    got_no_h = torch.autograd.grad(y_no_h, [x, *block.parameters()], g)
+    assert all(torch.equal(a, b) for a, b in zip(got, got_no_h))
 
 
 def test_keeps_about_half_of_autograd():
@@ -116,3 +127,25 @@ def test_keeps_about_half_of_autograd():
     lean = held(lambda: lean_block.lean_block(block, x))
     # 6 (input excluded: 5) channel-sized maps against ~12: measured 0.52
     assert lean < 0.6 * auto, (lean, auto)
+
+
+@pytest.mark.parametrize("channels,spatial", SHAPES)
+def test_hidden_map_recomputed_in_backward(channels, spatial):
+    """keep_hidden=False: pwconv1 runs again in backward; same output and gradients, and the
+    hidden map (4 channel-sized maps) is not held between forward and backward."""
+    block, x, g = make(channels, spatial=spatial)
+    rng = torch.get_rng_state()
+    out, ref_x, ref_p = autograd_grads(block, x, g, rng)
+    names = [n for n, _ in block.named_parameters()]
+    torch.set_rng_state(rng)
+    with LiveBytes() as meter:
+        y = lean_block.lean_block(block, x, keep_hidden=False)
+    without_h = meter.current
+    assert torch.equal(y, out)
+    gx, *gp = torch.autograd.grad(y, [x, *block.parameters()], g)
+    assert worst(ref_x, ref_p, gx, dict(zip(names, gp))) < 1e-12
+    torch.set_rng_state(rng)
+    with LiveBytes() as meter:
+        lean_block.lean_block(block, x)
+    hidden_bytes = x.numel() * 4 * x.element_size()
+    assert meter.current - without_h == hidden_bytes
