@@ -33,6 +33,8 @@ POLICIES = {
     "rev_kN_lean": dict(_BARE, boundary_interval=None, plain_columns=0),
     "rev_kN_lean_keep3": dict(_BARE, boundary_interval=None, plain_columns=0, keep_levels=(3,)),
     "rev_kN_block": dict(_BARE, boundary_interval=None, plain_columns=0, recompute="block"),
+    "rev_k2_keep3": dict(keep_levels=(3,)),  # level 3 kept whatever the variant registers
+    "rev_k2_plain0": dict(plain_columns=0),  # the variant's defaults, last column recomputed too
     # speed: levels 2-3 (60% of RevCol-T's FLOPs, 29% of its activations) kept, not recomputed
     "rev_k2_keep23": dict(_BARE, boundary_interval=2, keep_levels=(2, 3)),
     "rev_k2_fast": dict(_BARE, boundary_interval=2, plain_columns=2),

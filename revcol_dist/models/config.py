@@ -40,9 +40,11 @@ class RevColConfig:
     # Backpropagate ConvNeXt blocks by hand (reversible/lean_block.py): six channel-sized
     # maps kept per block instead of autograd's twelve, no per-block autograd call.
     lean_blocks: bool = True
-    # Levels whose activations are kept in every column instead of recomputed (speed for a
-    # little memory; e.g. (3,) or (2, 3)). Not applied under ZeRO-3 or a pipeline stage.
-    keep_levels: Tuple[int, ...] = (3,)
+    # Levels whose activations are kept in every column instead of recomputed (speed for
+    # memory that grows with columns; e.g. (3,) or (2, 3)). RevCol-T/S register (3,): there it
+    # is faster than the published approach within its memory; with 16 columns (RevCol-B) or
+    # wide deep levels (RevCol-L) it is not. Not applied under ZeRO-3 or a pipeline stage.
+    keep_levels: Tuple[int, ...] = ()
     # Levels whose blocks, where their activations are kept (plain columns, keep_levels),
     # keep no MLP hidden map (4C per token) and run pwconv1 again in backward: cheapest at
     # level 0 (fewest channels), whose hidden maps are ~30% of a kept RevCol-T column.

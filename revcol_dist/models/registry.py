@@ -36,8 +36,11 @@ def create_model(name: str, **overrides) -> RevCol:
 
 
 # The published variants (kernel size 3, expansion 4, drop path as in the authors' builders).
-register_variant(RevColConfig((64, 128, 256, 512), (2, 2, 4, 2), 4, drop_path=0.1, name="revcol_tiny"))
-register_variant(RevColConfig((64, 128, 256, 512), (2, 2, 4, 2), 8, drop_path=0.3, name="revcol_small"))
+# RevCol-T/S keep level 3 in every column by default (measured: docs/benchmarks.md).
+register_variant(RevColConfig((64, 128, 256, 512), (2, 2, 4, 2), 4, drop_path=0.1, keep_levels=(3,),
+                              name="revcol_tiny"))
+register_variant(RevColConfig((64, 128, 256, 512), (2, 2, 4, 2), 8, drop_path=0.3, keep_levels=(3,),
+                              name="revcol_small"))
 register_variant(RevColConfig((72, 144, 288, 576), (1, 1, 3, 2), 16, drop_path=0.4, name="revcol_base"))
 register_variant(RevColConfig((128, 256, 512, 1024), (1, 2, 6, 2), 8, drop_path=0.5, name="revcol_large"))
 register_variant(RevColConfig((224, 448, 896, 1792), (1, 2, 6, 2), 8, drop_path=0.5, name="revcol_xlarge"))

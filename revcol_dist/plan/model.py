@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 GIB = 2**30
 
@@ -45,8 +45,6 @@ class PlanInput:
     boundary_interval: Optional[int] = 2
     plain_columns: int = 1
     lean_blocks: bool = True
-    keep_levels: Tuple[int, ...] = (3,)  # levels kept in every column (not under ZeRO-3 or a pipeline)
-    recompute_hidden: Tuple[int, ...] = (0,)  # levels whose kept blocks drop their hidden map
     offload_boundaries: bool = False
     persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
     gpu_tflops: float = 989.0  # dense bf16 peak of one H100 SXM
@@ -211,13 +209,14 @@ def make_plan(inp: PlanInput) -> Dict:
     boundaries = kept * one_boundary
     lean = inp.lean_blocks
     # levels kept in every column: the engine ignores keep_levels under ZeRO-3 and in stages
-    kept_levels = set(inp.keep_levels) if z != 3 and S == 1 else set()
+    # (keep_levels and recompute_hidden are the model's: its variant's, or model_args)
+    kept_levels = set(cfg.keep_levels) if z != 3 and S == 1 else set()
     levels = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act,
                                      LEAN_RECOMPUTE_SAVED_CHANNELS if lean else BLOCK_SAVED_CHANNELS)
     # backward recomputes one level at a time
     transient = max(b for l, b in enumerate(levels) if l not in kept_levels) if len(kept_levels) < 4 else 0
     kept_per_block = [BLOCK_SAVED_CHANNELS if not lean else LEAN_BLOCK_SAVED_CHANNELS_NO_HIDDEN
-                      if l in inp.recompute_hidden else LEAN_BLOCK_SAVED_CHANNELS for l in range(4)]
+                      if l in cfg.recompute_hidden else LEAN_BLOCK_SAVED_CHANNELS for l in range(4)]
     for l, c in enumerate(cfg.channels):  # lean blocks keep pwconv2's output where tokens < 4c
         if lean and inp.batch * math.ceil(inp.res / (4 * 2**l)) ** 2 < 4 * c:
             kept_per_block[l] += 1

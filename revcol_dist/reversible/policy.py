@@ -28,7 +28,7 @@ class ReversiblePolicy:
     # Levels run with ordinary autograd in every column, their activations kept rather than
     # recomputed: RevCol-T's level 3 holds 20% of a column's FLOPs and 6% of its activations,
     # levels 2-3 60% and 29%.
-    keep_levels: Tuple[int, ...] = (3,)
+    keep_levels: Tuple[int, ...] = ()
     # Levels whose lean blocks, where activations are kept (plain columns, keep_levels), drop
     # the MLP hidden map (4C per token) and run pwconv1 again in backward; cheapest where C
     # is small (level 0).
