@@ -36,7 +36,8 @@ def main() -> None:
                 del m
             key = f"{name}{'_inter' if inter else ''}"
             for mode in modes:
-                row[f"{mode}_over_published"] = row[mode] / row["published"] if "published" in row else None
+                if "published" in row and mode != "published":
+                    row[f"{mode}_over_published"] = row[mode] / row["published"]
             if {"rev_kN_block", "plain", "plain_heads_recomputed"} <= row.keys():
                 row["plain_over_rev_kN_block"] = row["plain"] / row["rev_kN_block"]
                 row["plain_heads_recomputed_over_rev_kN_block"] = row["plain_heads_recomputed"] / row["rev_kN_block"]

@@ -154,6 +154,15 @@ def column_activation_bytes(channels, layers, res: int, batch: int, act: int,
     return out
 
 
+def _kept_block_channels(cfg, inp: PlanInput, level: int) -> int:
+    """Channel-sized maps a block keeps where its activations are kept (plain columns, kept levels)."""
+    if not inp.lean_blocks:
+        return BLOCK_SAVED_CHANNELS
+    n = LEAN_BLOCK_SAVED_CHANNELS_NO_HIDDEN if level in cfg.recompute_hidden else LEAN_BLOCK_SAVED_CHANNELS
+    tokens = inp.batch * math.ceil(inp.res / (4 * 2**level)) ** 2
+    return n + (1 if tokens < 4 * cfg.channels[level] else 0)  # pwconv2's output kept where tokens < 4c
+
+
 def make_plan(inp: PlanInput) -> Dict:
     inp.validate()
     table = parameter_table(inp)
@@ -215,11 +224,7 @@ def make_plan(inp: PlanInput) -> Dict:
                                      LEAN_RECOMPUTE_SAVED_CHANNELS if lean else BLOCK_SAVED_CHANNELS)
     # backward recomputes one level at a time
     transient = max(b for l, b in enumerate(levels) if l not in kept_levels) if len(kept_levels) < 4 else 0
-    kept_per_block = [BLOCK_SAVED_CHANNELS if not lean else LEAN_BLOCK_SAVED_CHANNELS_NO_HIDDEN
-                      if l in cfg.recompute_hidden else LEAN_BLOCK_SAVED_CHANNELS for l in range(4)]
-    for l, c in enumerate(cfg.channels):  # lean blocks keep pwconv2's output where tokens < 4c
-        if lean and inp.batch * math.ceil(inp.res / (4 * 2**l)) ** 2 < 4 * c:
-            kept_per_block[l] += 1
+    kept_per_block = [_kept_block_channels(cfg, inp, l) for l in range(4)]
     kept_column = column_activation_bytes(cfg.channels, cfg.layers, inp.res, inp.batch, act, kept_per_block)
     n_plain = min(inp.plain_columns, cols_in_stage)
     plain = n_plain * sum(kept_column)

@@ -42,6 +42,7 @@ class Saved(NamedTuple):
     cdt: torch.dtype  # the MLP's compute dtype
     o: Optional[torch.Tensor] = None  # pwconv2 output (tokens x C), kept where smaller than its weight
     a: Optional[torch.Tensor] = None  # GELU output (tokens x 4C), kept only on request (speed over memory)
+    n: Optional[torch.Tensor] = None  # LN output (tokens x C), only while a backward that recomputed h runs
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -115,7 +116,7 @@ def with_hidden(block: ConvNeXtBlock, s: Saved) -> Saved:
     if s.h is not None:
         return s
     n = _normalized(block, s).flatten(0, 2)
-    return s._replace(h=_hidden(block, s, n, 0, n.shape[0]))
+    return s._replace(h=_hidden(block, s, n, 0, n.shape[0]), n=n)
 
 
 @torch.no_grad()
@@ -238,7 +239,7 @@ def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torc
     T = gy.shape[0]
     g_o = (gy * block.gamma).to(cdt)
     del gy
-    n = _normalized(block, s).reshape(T, C)
+    n = s.n if s.n is not None else _normalized(block, s).reshape(T, C)
     w1c, w2c = _as(w1, cdt), _as(w2, cdt)
     gW1 = gb1 = None
     g_n = torch.empty(T, C, dtype=cdt, device=g.device)
