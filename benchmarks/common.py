@@ -24,8 +24,10 @@ _BARE = dict(keep_levels=(), recompute_hidden=())
 
 # Reversible policies by benchmark mode name (lean blocks unless said otherwise).
 POLICIES = {
-    "rev_default": dict(),  # k=2, last column plain, level 3 kept, level-0 hidden maps recomputed
-    "rev_kN_default": dict(boundary_interval=None),  # the same with only the outputs kept
+    # the variant's defaults (RevCol-T/S: k=2, last column plain, level 3 kept, level-0 hidden
+    # maps recomputed); kN: the same with only the outputs kept
+    "rev_default": dict(),
+    "rev_kN_default": dict(boundary_interval=None),
     "rev_k1": dict(_BARE, boundary_interval=1),
     "rev_k2": dict(_BARE, boundary_interval=2),
     "rev_k2_autograd_blocks": dict(_BARE, boundary_interval=2, lean_blocks=False),

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 from common import build, peak_step_bytes, step  # noqa: E402
 
-MODES = ("plain", "published", "rev_default", "rev_kN_default", "rev_k2", "rev_k2_autograd_blocks", "rev_kN", "rev_kN_lean", "rev_kN_lean_keep3",
-         "rev_k2_keep23", "rev_k2_fast", "rev_k2_fast_keep23", "rev_kN_block")
+MODES = ("plain", "published", "rev_default", "rev_kN_default", "rev_k2", "rev_k2_autograd_blocks", "rev_kN",
+         "rev_kN_lean", "rev_kN_lean_keep3", "rev_k2_keep23", "rev_k2_fast", "rev_k2_fast_keep23", "rev_kN_block")
 
 
 def main() -> None:
