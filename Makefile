@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade -c constraints.txt pip setuptools wheel
 	# torch first, pinned: the local CPU build (an unpinned torch pulls GBs of CUDA wheels)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	# deepspeed/fairscale are sdists that import torch while building: build them against it
+	# deepspeed is an sdist that imports torch while building: build it against torch
 	$(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev]"
 	# FFCV (optional: without it the data pipelines fall back to a torch DataLoader)
 	$(MAKE) --no-print-directory apt && $(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev,ffcv]" \

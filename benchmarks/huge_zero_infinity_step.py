@@ -154,14 +154,14 @@ def main() -> None:
     export_s, export_rss, export_params, export_variant = None, None, None, None
     if args.export:  # one parameter gathered at a time; only rank 0 keeps them
         from revcol_dist.engine.checkpoint import atomic_save
-        from revcol_dist.models.official import _to_official_key, inspect_state_dict
+        from revcol_dist.models.official import to_official_key, inspect_state_dict
 
         t2 = time.time()
         sd = {}
         for name, p in model.named_parameters():
             with deepspeed.zero.GatheredParameters([p]):
                 if rank == 0:
-                    sd[_to_official_key(name, True)] = p.detach().clone()
+                    sd[to_official_key(name, True)] = p.detach().clone()
         if rank == 0:
             atomic_save({"model": sd}, args.export)
             export_params = sum(t.numel() for t in sd.values())

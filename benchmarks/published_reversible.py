@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from revcol_dist.models.column import invert_shortcut, shortcut
+from revcol_dist.reversible.coupling import invert_shortcut, shortcut
 
 
 class _PublishedColumn(torch.autograd.Function):

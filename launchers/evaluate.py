@@ -5,7 +5,8 @@
       --set data.dataset=/data/imagenet-1k
   torchrun --nproc_per_node 4 launchers/evaluate.py --checkpoint runs/x/checkpoints/step_00001000
 
-Our exports and checkpoint folders carry their training config; the authors' .pth files need --config.
+Our exports and checkpoint folders carry their training config, which is used unless --config is
+given; the authors' .pth files carry none and need --config.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from revcol_dist.cli import base_parser, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = base_parser(__doc__)
+    ap = base_parser(__doc__, default_config=None)  # the checkpoint's own config comes first
     ap.add_argument("--checkpoint", required=True, help="a .pth (released format) or a checkpoint folder")
     ap.add_argument("--ema", action="store_true", help="evaluate the EMA weights (state_dict_ema)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
+from .config import DEFAULT_CONFIG
 
-def base_parser(doc: str) -> argparse.ArgumentParser:
+
+def base_parser(doc: str, default_config: Optional[Path] = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML training config (configs/*.yaml)")
+    default = str(default_config) if default_config is not None and default_config.is_file() else None
+    ap.add_argument("--config", default=default,
+                    help=f"YAML training config (configs/*.yaml; default: {default or 'the built-in defaults'})")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -15,14 +15,20 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 
+# The main job's config: what every launcher runs without --config. The built-in defaults below
+# equal it (tested), so a config file that sets nothing runs the main job too.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and why."""
 
 
 @dataclass
 class ModelSection:
-    name: str = "revcol_tiny"
-    # Fields of RevColConfig to override (channels, layers, num_columns, num_classes, ...).
+    name: str = "revcol_mini"  # the main job's small RevCol; revcol_tiny ... revcol_huge are the published
+    # Fields of RevColConfig to override (channels, layers, num_columns, num_classes, ...);
+    # num_classes defaults to the data set's.
     args: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -35,8 +41,8 @@ class DataSection:
     img_size: int = 32
     num_workers: int = 0
     backend: str = "auto"  # auto | ffcv | torch
-    min_crop_scale: float = 0.08  # random-resized crop scale range (min, 1)
-    hflip: bool = True
+    min_crop_scale: float = 0.75  # random-resized crop scale range (min, 1); the published 0.08 for ImageNet
+    hflip: bool = False  # horizontal flips: on for natural images (the recipes), off for digits or text
     randaug: bool = False  # rand-m9-mstd0.5-inc1
     erasing: float = 0.0  # random erasing probability
     # Mixup / CutMix (batch mode, as published): Beta(alpha, alpha) mixing, enabled when alpha > 0;
@@ -49,10 +55,10 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 64  # global, across all ranks
-    lr: float = 1e-3
-    min_lr: float = 1e-6
+    lr: float = 2e-3
+    min_lr: float = 1e-5
     warmup_lr: float = 0.0
     warmup_epochs: float = 1.0
     # Published rule: lr, warmup_lr and min_lr are given for this global batch and scaled by
@@ -74,7 +80,7 @@ class TrainSection:
     optimizer: str = "adamw"  # adamw (betas 0.9/0.999, eps 1e-8) | sgd (momentum 0.9)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 20
     max_steps: Optional[int] = None  # stop early (smoke runs)
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2
@@ -85,7 +91,10 @@ class TrainSection:
 class MonitorSection:
     tensorboard: bool = True  # event files under <output_dir>/tensorboard (rank 0 only)
     console: str = "auto"  # auto (a live bar on a terminal, lines otherwise) | rich | plain | none
-    alpha_every: int = 0  # log model/alpha_* every N steps (0: every train.log_every)
+    alpha_every: int = 0  # alpha histograms every N steps (0: every train.log_every)
+    # With intermediate supervision: the decoders' reconstructions beside their inputs every N
+    # steps (0: off)
+    images_every: int = 200
 
 
 @dataclass
@@ -233,6 +242,8 @@ def validate(cfg: Config) -> None:
     for key in ("mixup_prob", "mixup_switch_prob", "erasing"):
         if not 0.0 <= getattr(d, key) <= 1.0:
             problems.append(f"data.{key} must be a probability in [0, 1], got {getattr(d, key)}")
+    if cfg.monitor.images_every < 0 or cfg.monitor.alpha_every < 0:
+        problems.append("monitor.images_every and monitor.alpha_every must be >= 0 (0: off / every log)")
     if cfg.monitor.console not in ("auto", "rich", "plain", "none"):
         problems.append(f"monitor.console must be auto, rich, plain or none, got {cfg.monitor.console!r}")
     if t.pretrained is not None and not Path(t.pretrained).exists():
@@ -249,6 +260,47 @@ def validate(cfg: Config) -> None:
                         "not train.grad_accum")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def validate_layout(cfg: Config, world_size: int, deepspeed: Optional[Dict[str, Any]] = None) -> None:
+    """What depends on the launch: the world size and the (resolved) DeepSpeed config. Runs
+    before any process group exists, so bad input fails fast with one line."""
+    pp, t = cfg.pipeline, cfg.train
+    if deepspeed is not None:
+        if int(deepspeed.get("zero_optimization", {}).get("stage", 0)) == 0:
+            raise ConfigError("the DeepSpeed config has no ZeRO stage (zero_optimization.stage 0), where DeepSpeed "
+                              "would step through non-finite gradients: use zero_optimization.stage 1, 2 or 3, or "
+                              "plain DDP (torchrun without --deepspeed_config)")
+        if t.precision == "bf16" and deepspeed.get("bf16", {}).get("check_grad_overflow", True) is False:
+            raise ConfigError("bf16.check_grad_overflow=false in the DeepSpeed config would apply steps with "
+                              "non-finite gradients: remove it (train.max_nan_skips handles such steps)")
+        param_off = deepspeed.get("zero_optimization", {}).get("offload_param", {}).get("device")
+        if t.ema_decay > 0 and param_off == "nvme":
+            raise ConfigError("the DeepSpeed config offloads parameters to NVMe, where the EMA cannot follow them "
+                              "(each rank averages its resident partition): set train.ema_decay=0, or offload "
+                              "parameters to the CPU (ds_configs/zero3_offload.json)")
+    replicas, micro = world_size, t.grad_accum
+    if pp.stages > 1:
+        if deepspeed is not None:
+            raise ConfigError("pipeline.stages > 1 runs its own data parallelism: drop --deepspeed_config "
+                              "(or set pipeline.stages=1)")
+        if world_size % pp.stages:
+            raise ConfigError(f"pipeline.stages={pp.stages} does not divide the world size {world_size}: "
+                              f"launch stages x replicas processes")
+        replicas, micro = world_size // pp.stages, pp.micro_batches
+        if t.batch_size % (replicas * micro):
+            raise ConfigError(f"train.batch_size={t.batch_size} must split into {replicas} replicas x "
+                              f"{micro} micro-batches (pipeline.micro_batches)")
+    if t.batch_size % replicas:
+        raise ConfigError(f"the global batch train.batch_size={t.batch_size} is not divisible by "
+                          f"the world size {world_size}")
+    if t.batch_size % (replicas * micro):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {replicas} ranks x "
+                          f"train.grad_accum={micro}: choose a multiple of {replicas * micro}")
+    per_rank = t.batch_size // replicas
+    if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and per_rank % 2:
+        raise ConfigError(f"mixup/cutmix pair samples within a rank's batch: the per-rank batch "
+                          f"{t.batch_size}/{replicas}={per_rank} must be even")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

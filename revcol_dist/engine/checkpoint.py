@@ -6,39 +6,13 @@ import json as _json
 import os
 import random as _random
 import shutil as _shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as _np
 import torch
 
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from ..files import atomic_save, fsync_dir
 
 
 # ----------------------------------------------------------------- resumable checkpoints
@@ -88,7 +62,7 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def save(self, backend, step: int, client_state: dict, meta: dict) -> Path:
-        from ..parallel.distributed import barrier
+        from ..parallel.comm import barrier
 
         tmp = self.root / f".tmp_step_{step:08d}"
         final = self.root / f"step_{step:08d}"

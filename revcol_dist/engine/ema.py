@@ -60,11 +60,9 @@ class ModelEMA:
         p, s = self.params[i], self.shadow[i]
         if not hasattr(p, "ds_tensor"):
             return s
-        import torch.distributed as dist
+        from ..parallel import comm
 
-        parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, s)
-        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+        return torch.cat(comm.all_gather(s))[: p.ds_numel].view(p.ds_shape)
 
     @torch.no_grad()
     def full_state_dict(self, is_main: bool) -> Dict[str, torch.Tensor]:

@@ -5,21 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import torch
+import torch.nn.functional as F
+
 from ..config import Config, ConfigError, load_config
 from ..data.sources import build_streams, prepare_data
 from ..models import create_model
 from ..models.official import CheckpointError, load_official_checkpoint, safe_load
+from ..parallel import comm
 from ..parallel.backends import Backend
-from ..parallel.distributed import barrier, device_for, dist_env, init_distributed
-from .pretrained import _folder_state_dict
-from .train import evaluate_distributed
+from ..parallel.distributed import device_for, dist_env, init_distributed
+from .pretrained import folder_state_dict
 
 
-class _Evaluator(Backend):
-    """Evaluation only: the model as it is, with the training backends' autocast."""
-
-    def forward(self, x):
-        return self.model(x)
+@torch.no_grad()
+def evaluate(backend: Backend, stream, device) -> Dict[str, float]:
+    """Top-1/top-5 and loss over every sample once (each rank reads its shard). Counts stay on
+    the device until one all-reduce at the end: no host sync per batch."""
+    backend.model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss sum
+    for images, labels, _ in stream:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with backend.autocast():
+            out = backend.forward(images)
+        if out is None:  # a pipeline stage without the final head
+            continue
+        logits = out.logits.float()
+        k = min(5, logits.shape[1])
+        hit = logits.topk(k, dim=1).indices == labels[:, None]
+        counts[0] += labels.numel()  # a scalar argument: no host-to-device copy
+        counts[1:] += torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                   F.cross_entropy(logits, labels, reduction="sum").double()])
+    counts = comm.all_reduce(counts).cpu()
+    backend.model.train()
+    n = max(counts[0].item(), 1.0)
+    return {"top1": 100 * counts[1].item() / n, "top5": 100 * counts[2].item() / n, "loss": counts[3].item() / n,
+            "n": int(counts[0].item())}
 
 
 def resolve_eval_config(checkpoint: Path, config: Optional[str], overrides: Sequence[str]) -> Config:
@@ -33,7 +54,7 @@ def resolve_eval_config(checkpoint: Path, config: Optional[str], overrides: Sequ
         saved = cfg if isinstance(cfg, dict) and "model" in cfg and "data" in cfg else None
     elif (checkpoint.parent.parent / "config.yaml").is_file():  # <output_dir>/checkpoints/step_*
         return load_config(checkpoint.parent.parent / "config.yaml", overrides)
-    if saved is None:
+    if saved is None:  # the main job's config would not fit the authors' models: ask
         raise ConfigError(f"{checkpoint} carries no revcol-dist training config: pass --config configs/NAME.yaml "
                           f"(model and val data)")
     return load_config(None, overrides, base=saved)
@@ -50,7 +71,7 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None, overrides
     device = device_for(info)
     if info.is_main:
         prepare_data(cfg.data)
-    barrier()
+    comm.barrier()
     _, val = build_streams(cfg.data, max(cfg.train.batch_size // info.world_size, 1) * info.world_size,
                            cfg.train.seed, info.rank, info.world_size)
     args = dict(cfg.model.args)
@@ -60,10 +81,10 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None, overrides
         if use_ema:
             raise CheckpointError(f"{src}: EMA weights are exported in <output_dir>/model_official.pth "
                                   f"(entry state_dict_ema); evaluate that file with --ema")
-        load_official_checkpoint(model, _folder_state_dict(src), strict=True)
+        load_official_checkpoint(model, folder_state_dict(src), strict=True)
     else:
         load_official_checkpoint(model, src, strict=True, use_ema=use_ema)
     model.to(device)
-    res = evaluate_distributed(_Evaluator(model, info, cfg.train.precision), val, device)
+    res = evaluate(Backend(model, info, cfg.train.precision), val, device)
     res.update({"checkpoint": str(src), "ema": use_ema})
     return res

@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..models.official import _to_official_key
+from ..models.official import to_official_key
 
 _SUBNET = re.compile(r"^subnet(\d+)\.(alpha\d+|level(\d+)\.(blocks\.(\d+)|fusion)\.)")
 
@@ -53,7 +53,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lid = layer_id(_to_official_key(name, cfg.inter_supv), cfg.layers, cfg.num_columns) if layer_decay != 1.0 else top
+        lid = layer_id(to_official_key(name, cfg.inter_supv), cfg.layers, cfg.num_columns) if layer_decay != 1.0 else top
         decay = _ndim(p) > 1
         key = (lid, decay)
         if key not in groups:
@@ -65,14 +65,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 
 def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer_decay: float = 1.0):
+    """AdamW (betas 0.9/0.999, eps 1e-8) or SGD (momentum 0.9) over ``param_groups``; the
+    backends set each group's LR every step (``lr * lr_scale``)."""
     groups = param_groups(model, weight_decay, layer_decay)
     for g in groups:
         g.pop("names")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)

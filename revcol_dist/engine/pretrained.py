@@ -12,7 +12,7 @@ import torch
 from ..models.official import CheckpointError, LoadReport, load_official_checkpoint, rename_to_official
 
 
-def _folder_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
+def folder_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
     if not (folder / "complete.json").is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint folder (no complete.json); "
                               f"pass a step_* folder under <output_dir>/checkpoints or a .pth file")
@@ -33,7 +33,7 @@ def load_pretrained(model: torch.nn.Module, path: str, use_ema: bool = False) ->
     src = Path(path)
     if not src.exists():
         raise CheckpointError(f"pretrained weights not found: {src}")
-    source = _folder_state_dict(src) if src.is_dir() else src
+    source = folder_state_dict(src) if src.is_dir() else src
     params = list(model.parameters())
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed

@@ -1,33 +1,38 @@
-"""The training loop: one code path for a single process, DDP and DeepSpeed ZeRO."""
+"""The training loop: one Trainer for a single process, DDP, DeepSpeed ZeRO and the column
+pipeline. The constructor builds the parts; ``train()`` runs epochs of ``train_step()``; a
+step is ``forward_backward()`` over the micro-batches, then the backend's ``step()``.
+Everything parallel sits behind the Backend contract (``parallel/backends.py``)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
-import torch.distributed as dist
 
-from ..config import Config, ConfigError, dump_config
+from ..config import Config, ConfigError, dump_config, validate_layout
 from ..data.mixup import Mixup
 from ..data.sources import build_streams, prepare_data
+from ..files import atomic_save
 from ..models import create_model
 from ..models.official import rename_to_official
 from ..monitor.console import Console
-from ..monitor.model_stats import alpha_stats
 from ..monitor.system import peak_memory_bytes
-from ..monitor.tensorboard import Scalars
-from ..parallel.backends import DeepSpeedBackend, LocalBackend
-from ..parallel.ds_config import zero_stage
-from ..parallel.distributed import barrier, device_for, dist_env, init_distributed
-from .checkpoint import CheckpointManager, atomic_save, rng_state, set_rng_state
+from ..monitor.tensorboard import Board, alpha_histograms, front_page, reconstruction_grid
+from ..parallel import comm
+from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
+from ..parallel.distributed import device_for, dist_env, init_distributed
+from ..parallel.ds_config import resolve_ds_config, zero_stage
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .ema import ModelEMA
-from .losses import revcol_loss
+from .evaluate import evaluate
+from .losses import RevColLoss
+from .optim import make_optimizer
 from .schedule import lr_at
 
 
@@ -35,51 +40,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stays non-finite); the message says what to change."""
 
 
-def _mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    values = values.detach().double().cpu()
-    if dist.is_available() and dist.is_initialized():
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
-
-
-def _max_across_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
-
-
 def _model_meta(cfg: Config, model) -> dict:
     c = model.config
     return {"model": cfg.model.name, "channels": list(c.channels), "layers": list(c.layers),
             "num_columns": c.num_columns, "num_classes": c.num_classes}
-
-
-@torch.no_grad()
-def evaluate_distributed(backend, stream, device) -> Dict[str, float]:
-    """Top-1/top-5 over every sample once (each rank reads its shard)."""
-    backend.model.eval()
-    counts = torch.zeros(4, dtype=torch.float64)  # n, top1, top5, loss sum
-    for images, labels, _ in stream:
-        images, labels = images.to(device), labels.to(device)
-        with backend.autocast():
-            out = backend.forward(images)
-        if out is None:  # a pipeline stage without the final head
-            continue
-        logits = out.logits.float()
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices == labels[:, None]
-        counts += torch.tensor([labels.numel(), hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                                torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()],
-                               dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    backend.model.train()
-    n = max(counts[0].item(), 1.0)
-    return {"top1": 100 * counts[1].item() / n, "top5": 100 * counts[2].item() / n, "loss": counts[3].item() / n,
-            "n": int(counts[0].item())}
 
 
 def _maybe_inject_fault(step: int, info) -> None:
@@ -97,268 +61,303 @@ def _nan_injected(step: int, info) -> bool:
     return bool(steps) and info.rank == 0 and step in {int(s) for s in steps.split(",")}
 
 
-def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = None,
-          log: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
-    info = dist_env()
-    ds = None  # checked before any process group exists: bad input fails fast
-    if ds_config is not None:
-        from ..parallel.ds_config import resolve_ds_config
+class Trainer:
+    def __init__(self, cfg: Config, ds_config: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
+        self.cfg, t = cfg, cfg.train
+        self.info = info = dist_env()
+        # checked before any process group exists: bad input fails fast
+        self.ds = resolve_ds_config(ds_config, cfg, info.world_size) if ds_config is not None else None
+        validate_layout(cfg, info.world_size, self.ds)
+        init_distributed(info, use_deepspeed=self.ds is not None)
+        self.device = device_for(info)
+        self.out_dir = Path(cfg.output_dir)
+        self.console = Console(cfg.monitor.console, enabled=info.is_main, log_every=t.log_every)
+        self.say = (log if log is not None else self.console.print) if info.is_main else (lambda *_: None)
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out_dir / "config.yaml")
+            prepare_data(cfg.data)  # the embedded data once, before the other ranks read it
+        comm.barrier()
 
-        ds = resolve_ds_config(ds_config, cfg, info.world_size)
-        param_off = ds.get("zero_optimization", {}).get("offload_param", {}).get("device")
-        if cfg.train.ema_decay > 0 and param_off == "nvme":
-            raise ConfigError(f"{ds_config} offloads parameters to NVMe, where the EMA cannot follow them "
-                              f"(each rank averages its resident partition): set train.ema_decay=0, or offload "
-                              f"parameters to the CPU (ds_configs/zero3_offload.json)")
-    pipe = cfg.pipeline
-    replicas, replica = info.world_size, info.rank  # data-parallel replicas (pipeline: of the whole pipeline)
-    if pipe.stages > 1:
-        if ds_config is not None:
-            raise ConfigError("pipeline.stages > 1 runs its own data parallelism: drop --deepspeed_config "
-                              "(or set pipeline.stages=1)")
-        if info.world_size % pipe.stages:
-            raise ConfigError(f"pipeline.stages={pipe.stages} does not divide the world size {info.world_size}: "
-                              f"launch stages x replicas processes")
-        replicas, replica = info.world_size // pipe.stages, info.rank // pipe.stages
-        if cfg.train.batch_size % (replicas * pipe.micro_batches):
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must split into {replicas} replicas x "
-                              f"{pipe.micro_batches} micro-batches (pipeline.micro_batches)")
-    if ds_config is None and cfg.train.batch_size % replicas:
-        raise ConfigError(f"the global batch train.batch_size={cfg.train.batch_size} is not divisible by "
-                          f"the world size {info.world_size}")
-    per_rank = cfg.train.batch_size // replicas
-    if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and per_rank % 2:
-        raise ConfigError(f"mixup/cutmix pair samples within a rank's batch: the per-rank batch "
-                          f"{cfg.train.batch_size}/{replicas}={per_rank} must be even")
-    init_distributed(info, use_deepspeed=ds_config is not None)
-    device = device_for(info)
-    out_dir = Path(cfg.output_dir)
-    console = Console(cfg.monitor.console, enabled=info.is_main, log_every=cfg.train.log_every)
-    say = (log if log is not None else console.print) if info.is_main else (lambda *_: None)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out_dir / "config.yaml")
+        # data: replicas of the whole model (pipeline: of the whole pipeline; its stages read the same batches)
+        stages = cfg.pipeline.stages
+        self.replicas, self.replica = info.world_size // stages, info.rank // stages
+        self.micro_batches = cfg.pipeline.micro_batches if stages > 1 else t.grad_accum
+        self.train_stream, self.val_stream = build_streams(cfg.data, t.batch_size, t.seed, self.replica, self.replicas)
+        self.steps_per_epoch = self.train_stream.order.batches_in_epoch(0)
+        self.total = self.steps_per_epoch * t.epochs if t.max_steps is None else \
+            min(self.steps_per_epoch * t.epochs, t.max_steps)
+        self.warmup = int(t.warmup_epochs * self.steps_per_epoch)
+        scale = t.batch_size / t.lr_base_batch if t.lr_base_batch else 1.0
+        self.lr_at = partial(lr_at, total_steps=self.total, warmup_steps=self.warmup, base_lr=t.lr * scale,
+                             min_lr=t.min_lr * scale, warmup_lr=t.warmup_lr * scale)
 
-    if info.is_main:  # prepare the embedded data once, before the other ranks read it
-        prepare_data(cfg.data)
-    barrier()
-    # every stage of a pipeline replica reads the same batches
-    train_stream, val_stream = build_streams(cfg.data, cfg.train.batch_size, cfg.train.seed, replica, replicas)
-    torch.manual_seed(cfg.train.seed)
-    args = dict(cfg.model.args)
-    args.setdefault("num_classes", train_stream.num_classes)
-    if ds is not None and zero_stage(ds) == 3:
-        import deepspeed
+        torch.manual_seed(t.seed)
+        self.model = self._build_model()
+        self.meta = _model_meta(cfg, self.model)
+        self.backend = self._build_backend()
+        self.model.train()
+        self.ema = ModelEMA(self.backend.model, t.ema_decay) if t.ema_decay > 0 else None
+        mixer = Mixup(self.train_stream.num_classes, cfg.data.mixup, cfg.data.cutmix, cfg.data.mixup_prob,
+                      cfg.data.mixup_switch_prob, t.label_smoothing, t.seed)
+        self.mixer = mixer if mixer.enabled else None
+        # with mixup/cutmix the soft targets carry the smoothing
+        self.loss_fn = RevColLoss(self.train_stream.mean, self.train_stream.std,
+                                  0.0 if self.mixer is not None else t.label_smoothing)
+        self.ckpts = CheckpointManager(self.out_dir / "checkpoints", info.rank, info.world_size, t.keep_checkpoints)
+        self.board = Board(self.out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
+        self.board.layout(front_page(len(self.model.config.head_columns) - 1 if self.model.config.inter_supv else 0))
+        self.step, self.nan_skipped, self.nan_run = 0, 0, 0
+        self.images_seen, self.last_loss = 0, float("nan")
+        self._window = (time.time(), 0, 0)  # start, images, steps of the current logging window
 
-        with deepspeed.zero.Init(config_dict_or_path=ds):  # never whole on one rank
-            model = create_model(cfg.model.name, **args)
-    else:
-        model = create_model(cfg.model.name, **args)
-    if cfg.train.pretrained:
-        from .pretrained import load_pretrained
+    # ---- building ----------------------------------------------------------------------
 
-        say(load_pretrained(model, cfg.train.pretrained).summary())
-    meta = _model_meta(cfg, model)
-    t = cfg.train
-    if pipe.stages > 1:
-        from ..parallel.pipeline.backend import PipelineBackend
+    def _build_model(self):
+        cfg = self.cfg
+        args = dict(cfg.model.args)
+        args.setdefault("num_classes", self.train_stream.num_classes)
+        if self.ds is not None and zero_stage(self.ds) == 3:
+            import deepspeed
 
-        backend = PipelineBackend(model, info, pipe, t.optimizer, t.weight_decay, t.clip_grad, t.layer_decay,
-                                  t.precision, res=cfg.data.img_size, mean=train_stream.mean, std=train_stream.std,
-                                  log=say)
-    elif ds is not None:
-        backend = DeepSpeedBackend(model, info, ds, t.optimizer, t.weight_decay, t.layer_decay, t.precision)
-    else:
-        backend = LocalBackend(model, info, t.optimizer, t.weight_decay, t.clip_grad, device, t.layer_decay,
-                               t.precision)
-    model.train()
-    ema = ModelEMA(backend.model, t.ema_decay) if t.ema_decay > 0 else None
-    mixer = Mixup(train_stream.num_classes, cfg.data.mixup, cfg.data.cutmix, cfg.data.mixup_prob,
-                  cfg.data.mixup_switch_prob, t.label_smoothing, t.seed)
-    mixer = mixer if mixer.enabled else None
-    lr_scale = t.batch_size / t.lr_base_batch if t.lr_base_batch else 1.0
-    base_lr, min_lr, warmup_lr = t.lr * lr_scale, t.min_lr * lr_scale, t.warmup_lr * lr_scale
-
-    ckpts = CheckpointManager(out_dir / "checkpoints", info.rank, info.world_size, t.keep_checkpoints)
-    steps_per_epoch = train_stream.order.batches_in_epoch(0)
-    total = steps_per_epoch * t.epochs
-    if t.max_steps is not None:
-        total = min(total, t.max_steps)
-    warmup = int(t.warmup_epochs * steps_per_epoch)
-    step, nan_skipped, nan_run = 0, 0, 0
-    if resume:
-        where = ckpts.latest() if resume == "auto" else Path(resume)
-        if where is None:
-            say(f"no complete checkpoint under {ckpts.root}: starting from scratch")
+            with deepspeed.zero.Init(config_dict_or_path=self.ds):  # never whole on one rank
+                model = create_model(cfg.model.name, **args)
         else:
-            saved = ckpts.read_meta(where)
-            mismatch = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
-            if mismatch:
-                raise ConfigError(f"{where} is a checkpoint of {saved.get('model')} "
-                                  f"({', '.join(f'{k}={a}' for k, (a, _) in mismatch.items())}), but this run builds "
-                                  f"{cfg.model.name} ({', '.join(f'{k}={b}' for k, (_, b) in mismatch.items())})")
-            if saved["world_size"] != info.world_size:
-                raise ConfigError(f"{where} was written by {saved['world_size']} ranks; this run has "
-                                  f"{info.world_size}: resume with the same world size")
-            backend.load(where)
-            client = ckpts.load_client(where)
-            step = client["step"]
-            nan_skipped = client.get("nan_skipped", 0)
-            train_stream.load_state_dict(client["data"])
-            set_rng_state(client["rng"])
-            if ema is not None:
-                if "ema" not in client:
-                    raise ConfigError(f"{where} holds no EMA but train.ema_decay={t.ema_decay}: "
-                                      f"resume with train.ema_decay=0 or start a new run")
-                ema.load_state_dict(client["ema"])
-            say(f"resumed from {where} at step {step}")
+            model = create_model(cfg.model.name, **args)
+        if cfg.train.pretrained:
+            from .pretrained import load_pretrained
 
-    fused = getattr(backend, "fused", False)
-    tb = Scalars(out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
-    log_path = out_dir / "train_log.jsonl"
-    t0, seen, loss_val = time.time(), 0, float("nan")
-    window_t, window_seen, window_steps = time.time(), 0, 0
-    last_ckpt: Optional[Path] = None
-    alpha_every = cfg.monitor.alpha_every or t.log_every
-    n_heads = len(model.heads)
+            self.say(load_pretrained(model, cfg.train.pretrained).summary())
+        return model
 
-    def checkpoint() -> Path:
-        client = {"step": step, "data": train_stream.state_dict(), "rng": rng_state(), "nan_skipped": nan_skipped}
-        if ema is not None:
-            client["ema"] = ema.state_dict()
-        return ckpts.save(backend, step, client, meta)
+    def _build_backend(self) -> Backend:
+        t, cfg = self.cfg.train, self.cfg
+        optimizer = partial(make_optimizer, name=t.optimizer, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
+        if cfg.pipeline.stages > 1:
+            from ..parallel.pipeline.backend import PipelineBackend
 
-    def validate(tag: str) -> Dict[str, float]:
-        res = {"": evaluate_distributed(backend, val_stream, device)}
-        if ema is not None and t.ema_eval:
-            with ema.applied():
-                res["_ema"] = evaluate_distributed(backend, val_stream, device)
+            return PipelineBackend(self.model.to(self.device), self.info, cfg.pipeline, optimizer, t.precision,
+                                   t.clip_grad, res=cfg.data.img_size, log=self.say)
+        if self.ds is not None:
+            return DeepSpeedBackend(self.model, self.info, self.ds, optimizer, t.precision)
+        return LocalBackend(self.model, self.info, optimizer, self.device, t.precision, t.clip_grad)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def train(self) -> Dict[str, float]:
+        t0 = time.time()
+        try:
+            while self.step < self.total:
+                self._train_epoch()
+        finally:
+            self.console.end_epoch()
+        return self._finish(time.time() - t0)
+
+    def _train_epoch(self) -> None:
+        t = self.cfg.train
+        epoch = self.step // self.steps_per_epoch
+        self.console.start_epoch(epoch, t.epochs, min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch))
+        for images, labels, _ in self.train_stream:
+            self.train_step(images, labels)
+            if self.step >= self.total or self.step - epoch * self.steps_per_epoch >= self.steps_per_epoch:
+                break
+        self.console.end_epoch()
+        done = self.step // self.steps_per_epoch
+        if t.eval_every_epochs and self.step % self.steps_per_epoch == 0 and done % t.eval_every_epochs == 0 \
+                and self.step < self.total:
+            self.validate(f"epoch {done}")
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        """One optimizer step on this rank's share of the global batch. Returns whether it applied."""
+        lr = self.lr_at(self.step)
+        images = images.to(self.device, non_blocking=True)
+        targets = labels.to(self.device, non_blocking=True)
+        if self.mixer is not None:  # pairs within the rank's batch, before it is split into micro-batches
+            images, targets = self.mixer(images, targets, self.step, self.replica)
+        result = self.forward_backward(images, targets)
+        applied = self.backend.step(lr)
+        self.step += 1
+        _maybe_inject_fault(self.step, self.info)
+        self.last_loss = float(result.loss)  # the same on every rank
+        self._count_skips(applied)
+        if applied and self.ema is not None:
+            self.ema.update()
+        self._log_step(result, lr, applied, images)
+        t = self.cfg.train
+        if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total:
+            self.save()
+        return applied
+
+    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor) -> StepLoss:
+        """Gradients of the rank's batch, accumulated over ``micro_batches`` equal parts (the
+        pipeline's micro-batches, or train.grad_accum): memory of one part, the update of all."""
+        if _nan_injected(self.step + 1, self.info):  # rank 0 reads images on every backend (pipeline: stage 0)
+            images = images * float("nan")
+        n = self.micro_batches  # validate_layout made the rank's batch divisible by it
+        micro = list(zip(images.tensor_split(n), targets.tensor_split(n)))
+        return self.backend.forward_backward(micro, self.loss_fn)
+
+    def _count_skips(self, applied: bool) -> None:
+        if applied:
+            self.nan_run = 0
+            return
+        self.nan_skipped += 1
+        self.nan_run += 1
+        self.say(f"step {self.step}: non-finite loss or gradients ({self.last_loss}); step skipped "
+                 f"({self.nan_run} in a row, {self.nan_skipped} in all)")
+        limit = self.cfg.train.max_nan_skips
+        if self.nan_run > limit:
+            raise TrainingError(
+                f"the loss or gradients were non-finite for {self.nan_run} steps in a row (last at step "
+                f"{self.step}); lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32 "
+                f"(train.max_nan_skips={limit})")
+
+    # ---- monitoring --------------------------------------------------------------------
+
+    def _log_step(self, result: StepLoss, lr: float, applied: bool, images: torch.Tensor) -> None:
+        t, m = self.cfg.train, self.cfg.monitor
+        n_img = images.shape[0] * self.replicas
+        self.images_seen += n_img
+        start, seen, steps = self._window
+        self._window = (start, seen + n_img, steps + 1)
+        if self.info.is_main:
+            with open(self.out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "loss": self.last_loss, "lr": lr, "skipped": not applied}) + "\n")
+        now = time.time()
+        ips = (seen + n_img) / max(now - start, 1e-9)  # over the current logging window
+        in_epoch = self.step - (self.step - 1) // self.steps_per_epoch * self.steps_per_epoch
+        if self.step % t.log_every == 0 or self.step == self.total or self.step == 1:
+            self._log_scalars(result, lr, ips, (now - start) / (steps + 1))
+            self._window = (now, 0, 0)
+        if self.step % (m.alpha_every or t.log_every) == 0 or self.step == self.total:
+            alphas = self.backend.alphas()  # collective under ZeRO-3 and the pipeline
+            self.board.histograms(alpha_histograms(alphas), self.step)
+            self.board.add({"rev/alpha_min": min(float(a.abs().min()) for a in alphas.values())}, self.step)
+        if m.images_every and self.model.config.inter_supv and self.step % m.images_every == 0:
+            self._log_reconstructions(images)
+        # the live bar moves every step; plain lines appear every log_every (Console decides)
+        self.console.update(in_epoch, self.step, self.total, {"loss": self.last_loss, "lr": lr, "images_per_sec": ips})
+
+    def _log_scalars(self, result: StepLoss, lr: float, ips: float, step_time: float) -> None:
+        n_heads = len(self.model.heads)
+        norm = self.backend.last_grad_norm
+        scalars = {"train/loss": self.last_loss, "train/lr": lr, "train/images_per_sec": ips,
+                   "train/grad_norm": None if norm is None else float(norm), "train/step_time": step_time,
+                   "sys/mem_peak_bytes": peak_memory_bytes(self.device), "rev/drift": self.backend.drift}
+        for k, v in result.parts.items():
+            scalars[f"train/{k.replace('loss_cls_final', f'loss_cls_{n_heads - 1}')}"] = float(v)
+        self.board.add(scalars, self.step)
+
+    def _log_reconstructions(self, images: torch.Tensor) -> None:
+        """The first samples of the batch beside what each decoder makes of them."""
+        sample = images[:4]
+        decoded = self.backend.reconstructions(sample)  # collective under ZeRO-3
+        if decoded:
+            grid = reconstruction_grid(self.loss_fn.unnormalize(sample), decoded)
+            self.board.image("reconstructions/input_then_decoders", grid, self.step)
+
+    # ---- evaluation, checkpoints, the end ------------------------------------------------
+
+    def validate(self, tag: str) -> Dict[str, float]:
+        res = {"": evaluate(self.backend, self.val_stream, self.device)}
+        if self.ema is not None and self.cfg.train.ema_eval:
+            with self.ema.applied():
+                res["_ema"] = evaluate(self.backend, self.val_stream, self.device)
         scalars = {}
         for suffix, r in res.items():
-            scalars[f"val{suffix}/top1"], scalars[f"val{suffix}/top5"] = r["top1"], r["top5"]
-            scalars[f"val{suffix}/loss"] = r["loss"]
-        tb.add(scalars, step)
-        say(f"{tag}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
+            for k in ("top1", "top5", "loss"):
+                scalars[f"val{suffix}/{k}"] = r[k]
+        self.board.add(scalars, self.step)
+        self.say(f"{tag}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
         return scalars
 
-    try:
-        while step < total:
-            epoch = step // steps_per_epoch
-            console.start_epoch(epoch, t.epochs, min(steps_per_epoch, total - epoch * steps_per_epoch))
-            for images, labels, _ in train_stream:
-                t_step = time.time()
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                targets = labels
-                if mixer is not None:
-                    images, targets = mixer(images, labels, step, replica)
-                lr = lr_at(step, total, warmup, base_lr, min_lr, warmup_lr)
-                smoothing = 0.0 if mixer is not None else t.label_smoothing
-                if fused:  # pipeline: forward and backward interleaved over micro-batches
-                    if _nan_injected(step + 1, info):
-                        images = images * float("nan")
-                    loss_val, applied = backend.train_step(images, targets, lr, smoothing)
-                    parts = {}
-                else:
-                    with backend.autocast():
-                        out = backend.forward(images)
-                        loss, parts = revcol_loss(out, targets, images, train_stream.mean, train_stream.std,
-                                                  label_smoothing=smoothing)
-                    if _nan_injected(step + 1, info):
-                        loss = loss * float("nan")
-                    loss_val = float(_mean_across_ranks(loss.detach().reshape(1)))  # NaN on one rank: NaN on all
-                    applied = math.isfinite(loss_val) and backend.backward_and_step(loss, lr)
-                step += 1
-                _maybe_inject_fault(step, info)
-                if applied:
-                    nan_run = 0
-                    if ema is not None:
-                        ema.update()
-                else:
-                    nan_skipped += 1
-                    nan_run += 1
-                    say(f"step {step}: non-finite loss or gradients ({loss_val}); step skipped "
-                        f"({nan_run} in a row, {nan_skipped} in all)")
-                    if nan_run > t.max_nan_skips:
-                        raise TrainingError(
-                            f"the loss or gradients were non-finite for {nan_run} steps in a row (last at step "
-                            f"{step}); lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32 "
-                            f"(train.max_nan_skips={t.max_nan_skips})")
-                n_img = labels.numel() * replicas
-                seen += n_img
-                window_seen += n_img
-                window_steps += 1
-                if info.is_main:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr, "skipped": not applied}) + "\n")
-                in_epoch = step - epoch * steps_per_epoch
-                now = time.time()
-                ips = window_seen / max(now - window_t, 1e-9)  # over the current logging window
-                if step % t.log_every == 0 or step == total or step == 1:
-                    names = sorted(parts)
-                    avg = _mean_across_ranks(torch.stack([parts[k].float().cpu() for k in names])) if names else []
-                    scalars = {"train/loss": loss_val, "train/lr": lr, "train/grad_norm": backend.last_grad_norm,
-                               "train/images_per_sec": ips, "train/step_time": (now - window_t) / max(window_steps, 1),
-                               "sys/mem_peak_bytes": peak_memory_bytes(device),
-                               "rev/drift": backend.engine.last_drift if fused else model.drift.last_drift}
-                    for k, v in zip(names, avg):
-                        tag = k.replace("loss_cls_final", f"loss_cls_{n_heads - 1}")
-                        scalars[f"train/{tag}"] = float(v)
-                    if step % alpha_every == 0 or step == total:
-                        stats = alpha_stats(model)  # collective under ZeRO-3
-                        if fused:  # each pipeline stage has its own columns' alphas
-                            every = [None] * info.world_size
-                            dist.all_gather_object(every, stats)
-                            stats = {k: v for d in every for k, v in d.items()}
-                        scalars.update(stats)
-                    tb.add(scalars, step)
-                    window_t, window_seen, window_steps = now, 0, 0
-                # the live bar moves every step; plain lines appear every log_every (Console decides)
-                console.update(in_epoch, step, total, {"loss": loss_val, "lr": lr, "images_per_sec": ips})
-                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
-                    last_ckpt = checkpoint()
-                if step >= total or in_epoch >= steps_per_epoch:
-                    break
-            console.end_epoch()
-            done_epoch = step // steps_per_epoch
-            if t.eval_every_epochs and step % steps_per_epoch == 0 and done_epoch % t.eval_every_epochs == 0 \
-                    and step < total:
-                validate(f"epoch {done_epoch}")
-    finally:
-        console.end_epoch()
-    elapsed = time.time() - t0
-    last_ckpt = checkpoint()
-    official = backend.official_state_dict(last_ckpt)
-    ema_sd = None
-    if ema is not None:  # pipeline: every stage averages its own weights; gather them like the weights
-        ema_sd = backend.gather_to_main(dict(zip(ema.names, ema.shadow))) if fused else ema.full_state_dict(info.is_main)
-    export = out_dir / "model_official.pth"
-    if info.is_main:
-        payload = {"model": official, "config": cfg.to_dict(), "step": step}
-        if ema_sd is not None:
-            payload["state_dict_ema"] = rename_to_official(ema_sd, model.config.inter_supv)
-        atomic_save(payload, export)
-    val = validate("final")
-    peak = _max_across_ranks(peak_memory_bytes(device))
-    metrics = {"val_top1": val["val/top1"], "val_top5": val["val/top5"], "train_loss": loss_val,
-               "images_per_sec": seen / max(elapsed, 1e-9), "peak_mem_bytes": int(peak), "steps": step,
-               "nan_skipped": nan_skipped, "backend": backend.name, "world_size": info.world_size,
-               "elapsed_s": elapsed}
-    if "val_ema/top1" in val:
-        metrics["val_ema_top1"], metrics["val_ema_top5"] = val["val_ema/top1"], val["val_ema/top5"]
-    tb.close()
-    if info.is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    def save(self) -> Path:
+        client = {"step": self.step, "data": self.train_stream.state_dict(), "rng": rng_state(),
+                  "nan_skipped": self.nan_skipped}
+        if self.ema is not None:
+            client["ema"] = self.ema.state_dict()
+        return self.ckpts.save(self.backend, self.step, client, self.meta)
+
+    def resume(self, resume: Optional[str]) -> None:
+        """``resume``: "auto" (the newest complete checkpoint, if any), a folder, or None."""
+        if not resume:
+            return
+        where = self.ckpts.latest() if resume == "auto" else Path(resume)
+        if where is None:
+            self.say(f"no complete checkpoint under {self.ckpts.root}: starting from scratch")
+            return
+        saved = self.ckpts.read_meta(where)
+        mismatch = {k: (saved.get(k), v) for k, v in self.meta.items() if saved.get(k) != v}
+        if mismatch:
+            raise ConfigError(f"{where} is a checkpoint of {saved.get('model')} "
+                              f"({', '.join(f'{k}={a}' for k, (a, _) in mismatch.items())}), but this run builds "
+                              f"{self.cfg.model.name} ({', '.join(f'{k}={b}' for k, (_, b) in mismatch.items())})")
+        if saved["world_size"] != self.info.world_size:
+            raise ConfigError(f"{where} was written by {saved['world_size']} ranks; this run has "
+                              f"{self.info.world_size}: resume with the same world size")
+        self.backend.load(where)
+        client = self.ckpts.load_client(where)
+        self.step, self.nan_skipped = client["step"], client.get("nan_skipped", 0)
+        self.train_stream.load_state_dict(client["data"])
+        set_rng_state(client["rng"])
+        if self.ema is not None:
+            if "ema" not in client:
+                raise ConfigError(f"{where} holds no EMA but train.ema_decay={self.cfg.train.ema_decay}: "
+                                  f"resume with train.ema_decay=0 or start a new run")
+            self.ema.load_state_dict(client["ema"])
+        self.say(f"resumed from {where} at step {self.step}")
+
+    def export(self, checkpoint: Path) -> Path:
+        """fp32 weights (and their EMA) in the authors' released format, written by rank 0."""
+        official = self.backend.official_state_dict(checkpoint)
+        ema = self.backend.export_ema(self.ema) if self.ema is not None else None
+        path = self.out_dir / "model_official.pth"
+        if self.info.is_main:
+            payload = {"model": official, "config": self.cfg.to_dict(), "step": self.step}
+            if ema is not None:
+                payload["state_dict_ema"] = rename_to_official(ema, self.model.config.inter_supv)
+            atomic_save(payload, path)
+        return path
+
+    def _finish(self, elapsed: float) -> Dict[str, float]:
+        last = self.save()
+        export = self.export(last)
+        val = self.validate("final")
+        peak = int(comm.all_reduce(torch.tensor([peak_memory_bytes(self.device)], dtype=torch.int64), "max"))
+        metrics = {"val_top1": val["val/top1"], "val_top5": val["val/top5"], "train_loss": self.last_loss,
+                   "images_per_sec": self.images_seen / max(elapsed, 1e-9), "peak_mem_bytes": int(peak),
+                   "steps": self.step, "nan_skipped": self.nan_skipped, "backend": self.backend.name,
+                   "world_size": self.info.world_size, "elapsed_s": elapsed}
+        if "val_ema/top1" in val:
+            metrics["val_ema_top1"], metrics["val_ema_top5"] = val["val_ema/top1"], val["val_ema/top5"]
+        self.board.close()
+        if self.info.is_main:
+            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            self._summary(metrics, last, export)
+        comm.barrier()
+        return metrics
+
+    def _summary(self, metrics: dict, checkpoint: Path, export: Path) -> None:
         rows = {"val top-1 / top-5": f"{metrics['val_top1']:.2f}% / {metrics['val_top5']:.2f}%"}
         if "val_ema_top1" in metrics:
             rows["EMA val top-1 / top-5"] = f"{metrics['val_ema_top1']:.2f}% / {metrics['val_ema_top5']:.2f}%"
-        rows.update({"final train loss": f"{loss_val:.4f}", "steps (skipped)": f"{step} ({nan_skipped})",
-                     "throughput": f"{metrics['images_per_sec']:.1f} img/s ({backend.name}, {info.world_size} ranks)",
-                     "time": f"{elapsed:.0f} s", "peak memory / rank": f"{peak / 2**20:.0f} MiB",
-                     "checkpoint (resume)": str(last_ckpt), "weights (released format)": str(export),
-                     "metrics": str(out_dir / "metrics.json")})
-        if tb.log_dir is not None and cfg.monitor.tensorboard:
+        rows.update({"final train loss": f"{self.last_loss:.4f}",
+                     "steps (skipped)": f"{self.step} ({self.nan_skipped})",
+                     "throughput": f"{metrics['images_per_sec']:.1f} img/s ({self.backend.name}, "
+                                   f"{self.info.world_size} ranks)",
+                     "time": f"{metrics['elapsed_s']:.0f} s",
+                     "peak memory / rank": f"{metrics['peak_mem_bytes'] / 2**20:.0f} MiB",
+                     "checkpoint (resume)": str(checkpoint), "weights (released format)": str(export),
+                     "metrics": str(self.out_dir / "metrics.json")})
+        if self.board.log_dir is not None and self.cfg.monitor.tensorboard:
             exe = Path(sys.executable).parent / "tensorboard"  # the venv's, where there is one
-            rows["TensorBoard"] = f"{exe if exe.is_file() else 'tensorboard'} --logdir {out_dir / 'tensorboard'}"
-        console.summary(f"{cfg.model.name} on {cfg.data.dataset}", rows)
-    barrier()
-    return metrics
+            rows["TensorBoard"] = f"{exe if exe.is_file() else 'tensorboard'} --logdir {self.out_dir / 'tensorboard'}"
+        self.console.summary(f"{self.cfg.model.name} on {self.cfg.data.dataset}", rows)
+
+
+def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = None,
+          log: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
+    """Build a Trainer, resume it if asked, train; returns the final metrics."""
+    trainer = Trainer(cfg, ds_config, log)
+    trainer.resume(resume)
+    return trainer.train()

@@ -63,7 +63,7 @@ _COLUMN = (re.compile(r"^columns\.(\d+)\."), r"subnet\1.")
 _COLUMN_BACK = (re.compile(r"^subnet(\d+)\."), r"columns.\1.")
 
 
-def _to_official_key(key: str, inter_supv: bool) -> str:
+def to_official_key(key: str, inter_supv: bool) -> str:
     key = _COLUMN[0].sub(_COLUMN[1], key)
     if key.startswith("heads."):
         idx, rest = key[len("heads.") :].split(".", 1)
@@ -75,7 +75,7 @@ def _to_official_key(key: str, inter_supv: bool) -> str:
 
 def rename_to_official(state_dict: Mapping[str, torch.Tensor], inter_supv: bool) -> Dict[str, torch.Tensor]:
     """A state_dict under our key names, renamed to the released ones."""
-    return {_to_official_key(k, inter_supv): v for k, v in state_dict.items()}
+    return {to_official_key(k, inter_supv): v for k, v in state_dict.items()}
 
 
 def to_official_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -104,10 +104,10 @@ class ArchInfo:
         )
 
     def describe(self) -> str:
-        from .registry import _VARIANTS
+        from .registry import get_variant, list_models
 
         name = next(
-            (n for n, v in _VARIANTS.items() if (v.channels, v.layers, v.num_columns, v.level0_up2)
+            (n for n, v in ((n, get_variant(n)) for n in list_models()) if (v.channels, v.layers, v.num_columns, v.level0_up2)
              == (self.channels, self.layers, self.num_columns, self.level0_up2)),
             "an unregistered variant",
         )

@@ -47,3 +47,7 @@ register_variant(RevColConfig((224, 448, 896, 1792), (1, 2, 6, 2), 8, drop_path=
 register_variant(
     RevColConfig((360, 720, 1440, 2880), (1, 2, 6, 2), 8, drop_path=0.5, level0_up2=True, name="revcol_huge")
 )
+
+# Not published: the main job's small RevCol (configs/default.yaml), sized for 32x32 images and
+# CPU runs; the same structure and key names as RevCol-T.
+register_variant(RevColConfig((32, 64, 96, 128), (1, 1, 2, 1), 4, drop_path=0.0, keep_levels=(3,), name="revcol_mini"))

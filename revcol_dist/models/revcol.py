@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..reversible import DriftStats, run_reversible
 from .column import Column
 from .config import RevColConfig
 from .heads import Classifier, Decoder, SimDecoder
@@ -17,9 +18,20 @@ from .layers import Conv2d, LayerNorm2d
 
 @dataclass
 class RevColOutput:
-    logits: torch.Tensor  # the last column's head, [B, num_classes]
+    """What the heads give. A pipeline stage's output holds only the heads it owns: ``logits``
+    is None where the final head is on another stage, and ``aux_index`` says which of the
+    ``num_aux`` earlier heads ``aux_logits``/``reconstructions`` come from."""
+
+    logits: Optional[torch.Tensor]  # the last column's head, [B, num_classes]
     aux_logits: List[torch.Tensor] = field(default_factory=list)  # earlier heads (training, inter_supv)
     reconstructions: List[torch.Tensor] = field(default_factory=list)  # [B, 3, H, W] each
+    aux_index: Optional[Sequence[int]] = None  # None: 0, 1, ... (every earlier head)
+    num_aux: Optional[int] = None  # None: len(aux_logits)
+
+    def aux_heads(self) -> Tuple[Sequence[int], int]:
+        """(index of each earlier head present, number of earlier heads in the model)."""
+        index = range(len(self.aux_logits)) if self.aux_index is None else self.aux_index
+        return index, len(self.aux_logits) if self.num_aux is None else self.num_aux
 
 
 class RevCol(nn.Module):
@@ -48,64 +60,91 @@ class RevCol(nn.Module):
             self.heads = nn.ModuleList([Classifier(ch[3], config.num_classes, config.head_init_scale)])
             self.decoders = nn.ModuleList()
         self.reversible = config.reversible
-        from ..reversible import DriftStats, ReversiblePolicy
-
-        self.policy = ReversiblePolicy(
-            boundary_interval=config.boundary_interval,
-            min_reconstruct_alpha=config.min_reconstruct_alpha,
-            offload_boundaries=config.offload_boundaries,
-            plain_columns=config.plain_columns,
-            recompute=config.recompute,
-            lean_blocks=config.lean_blocks,
-            keep_levels=config.keep_levels,
-            recompute_hidden=config.recompute_hidden,
-        )
+        self.policy = config.policy()
         self.drift = DriftStats()
 
     @property
     def num_columns(self) -> int:
         return len(self.columns)
 
-    def _run_columns(self, x: torch.Tensor, taps) -> tuple:
-        if self.reversible and torch.is_grad_enabled():
-            from ..reversible import run_reversible
+    # ---- the forward in slices: a pipeline stage runs some of them -----------------------
 
-            return run_reversible(self.columns, x, taps, self.policy, self.drift)
-        state, tapped = None, {}
-        for i, col in enumerate(self.columns):
-            state = col(x, state)
-            if i in taps:
-                tapped[i] = state[3]
-        return state, tapped
-
-    def _stem(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_stem(self, images: torch.Tensor) -> torch.Tensor:
         """Under the reversible engine the stem is recomputed in backward too: its conv output
         (as large as a level-0 map) is otherwise kept for the LayerNorm's backward."""
+        self._check_input(images)
         if self.reversible and self.config.checkpoint_heads and torch.is_grad_enabled():
             return _checkpoint(self.stem, images)
         return self.stem(images)
 
+    def forward_columns(self, x: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                        initial: Optional[Sequence[torch.Tensor]] = None, taps: Iterable[int] = (),
+                        **engine) -> Tuple[List[torch.Tensor], dict]:
+        """Columns ``start..stop-1`` from the stem output ``x`` and the previous column's four
+        maps ``initial`` (None before column 0): (the last column's maps, {column: its c3} for
+        the columns in ``taps``). ``engine`` goes to the reversible engine (``policy``,
+        ``keep_outputs``, ``segment``: a stage exchanging its boundary with its neighbours)."""
+        stop = self.num_columns if stop is None else stop
+        cols = self.columns[start:stop]
+        taps = [c - start for c in taps if start <= c < stop]
+        if self.reversible and torch.is_grad_enabled():
+            policy = engine.pop("policy", self.policy)
+            state, tapped = run_reversible(cols, x, taps, policy, self.drift, initial=initial, **engine)
+        else:
+            state, tapped = initial, {}
+            for j, col in enumerate(cols):
+                state = col(x, state)
+                if j in taps:
+                    tapped[j] = state[3]
+        return state, {j + start: t for j, t in tapped.items()}
+
+    def supervised_heads(self) -> Tuple[int, ...]:
+        """Heads the forward computes: every head while training with intermediate supervision,
+        else the final one. Head h reads column ``config.head_columns[h]``."""
+        if self.config.inter_supv and self.training:
+            return tuple(range(len(self.config.head_columns)))
+        return (len(self.heads) - 1,)
+
+    def forward_heads(self, state: Sequence[torch.Tensor], tapped: dict, image_size,
+                      heads: Optional[Iterable[int]] = None) -> RevColOutput:
+        """The heads in ``heads`` (default: ``supervised_heads()``) on the maps they read: the
+        final classifier on ``state`` (the last column's), earlier head h on ``tapped``."""
+        heads = sorted(self.supervised_heads() if heads is None else heads)
+        final = len(self.heads) - 1
+        logits = self.heads[-1](state[3]) if final in heads else None
+        aux = [h for h in heads if h != final]
+        if not self.config.inter_supv:
+            return RevColOutput(logits)
+        outs = [self.aux_outputs(h, tapped[self.config.head_columns[h]], state, image_size) for h in aux]
+        return RevColOutput(logits, [a for a, _ in outs], [r for _, r in outs], aux_index=aux,
+                            num_aux=len(self.config.head_columns) - 1)
+
     def forward_features(self, images: torch.Tensor) -> List[torch.Tensor]:
         """The last column's four maps (strides 4, 8, 16, 32), for detection/segmentation necks."""
-        self._check_input(images)
-        state, _ = self._run_columns(self._stem(images), ())
+        state, _ = self.forward_columns(self.forward_stem(images))
         return state
 
-    def forward(self, images: torch.Tensor) -> RevColOutput:
-        self._check_input(images)
-        cfg = self.config
-        supervise = cfg.inter_supv and self.training
-        head_cols = cfg.head_columns if supervise else ()
-        state, tapped = self._run_columns(self._stem(images), head_cols)
-        logits = self.heads[-1](state[3])
-        if not supervise:
-            return RevColOutput(logits)
-        aux, recs = [], []
-        for h, col in enumerate(head_cols[:-1]):
-            a, r = self.aux_outputs(h, tapped[col], state, images.shape[-2:])
-            aux.append(a)
-            recs.append(r)
-        return RevColOutput(logits, aux, recs)
+    def forward(self, images: torch.Tensor, heads: Optional[Iterable[int]] = None) -> RevColOutput:
+        """``heads``: which heads to compute (default ``supervised_heads()``; ``reconstruct``
+        asks for the earlier ones in evaluation mode)."""
+        heads = self.supervised_heads() if heads is None else tuple(heads)
+        taps = [self.config.head_columns[h] for h in heads if h != len(self.heads) - 1]
+        state, tapped = self.forward_columns(self.forward_stem(images), taps=taps)
+        return self.forward_heads(state, tapped, images.shape[-2:], heads)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """Each decoder's image in [0, 1] (sigmoid of its logits), in evaluation mode (no drop
+        path, no random draw): what the intermediate supervision reconstructs, for display."""
+        if not self.config.inter_supv:
+            return []
+        was = self.training
+        self.eval()
+        try:
+            out = self(images, heads=range(len(self.config.head_columns) - 1))
+        finally:
+            self.train(was)
+        return [r.float().sigmoid() for r in out.reconstructions]
 
     def aux_outputs(self, h: int, c3: torch.Tensor, state, image_size):
         """Intermediate head h on its column's c3: (logits, reconstruction). ``state`` is any

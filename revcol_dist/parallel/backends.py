@@ -1,29 +1,117 @@
-"""One interface over the ways a model is trained: a single process, DDP, or a DeepSpeed
-engine (ZeRO-1/2/3, offload). The training loop talks to this, never to the engines."""
+"""One contract over the ways a model is trained: a single process, DDP, a DeepSpeed engine
+(ZeRO-1/2/3, offload) and the column pipeline (``pipeline/backend.py``). The Trainer calls
+
+- ``forward_backward(micro_batches, loss_fn) -> StepLoss``: gradients of this rank's batch,
+  given as micro-batches, accumulated and averaged over the data-parallel replicas;
+- ``step(lr) -> applied``: clip, check the gradients are finite, update, clear;
+
+and never talks to the engines. Clipping and the finite check live in ``Backend.apply_update``
+(DeepSpeed does both inside its own step, configured from the same training config).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-import math
 from contextlib import nullcontext
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..engine.optim import make_optimizer, set_lr
-from ..models.official import to_official_state_dict
+from ..files import atomic_save
+from ..models.official import rename_to_official, to_official_key, to_official_state_dict
+from . import comm
 from .distributed import DistInfo
 from .ds_config import zero_stage
+
+MicroBatch = Tuple[torch.Tensor, torch.Tensor]  # (images, targets)
+LossFn = Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]  # (out, targets, images) -> (loss, parts)
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+@dataclass
+class StepLoss:
+    """The step's loss and its terms, averaged over the global batch (every rank holds the
+    same values). Tensors on the device: reading them is the caller's host sync."""
+
+    loss: torch.Tensor
+    parts: Dict[str, torch.Tensor]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's LR is ``lr`` times its layer-decay ``lr_scale``."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def replica_mean(loss: torch.Tensor, parts: Dict[str, torch.Tensor], group=None) -> StepLoss:
+    """The loss and its terms averaged over the replicas, in one all-reduce."""
+    names = sorted(parts)
+    stacked = torch.stack([loss.float()] + [parts[k].float() for k in names])
+    stacked = comm.mean(stacked, group)
+    return StepLoss(stacked[0], dict(zip(names, stacked[1:])))
 
 
 class Backend:
     name = "base"
 
-    def __init__(self, model: torch.nn.Module, info: DistInfo, precision: str = "fp32") -> None:
+    def __init__(self, model: torch.nn.Module, info: DistInfo, precision: str = "fp32",
+                 clip_grad: Optional[float] = None) -> None:
         self.model = model  # the plain module (unwrapped)
         self.info = info
         self.precision = precision
-        self.last_grad_norm: Optional[float] = None
+        self.clip_grad = clip_grad
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scaler: Optional[torch.amp.GradScaler] = None
+        self.last_grad_norm: Optional[torch.Tensor] = None
+        self.last_loss: Optional[torch.Tensor] = None  # of the last forward_backward (all ranks)
+
+    # ---- the contract --------------------------------------------------------------------
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepLoss:
+        """Each micro-batch's loss is scaled by 1/len(micro_batches), so the gradients are those
+        of the mean loss over the rank's batch (the replicas then average them)."""
+        n = len(micro_batches)
+        total: Optional[torch.Tensor] = None
+        parts: Dict[str, torch.Tensor] = {}
+        for i, (images, targets) in enumerate(micro_batches):
+            with self.accumulating(last=i == n - 1):
+                with self.autocast():
+                    loss, terms = loss_fn(self.forward(images), targets, images)
+                self.backward(loss / n)
+            total = loss.detach() / n if total is None else total + loss.detach() / n
+            for k, v in terms.items():
+                parts[k] = v / n if k not in parts else parts[k] + v / n
+        result = replica_mean(total, parts)
+        self.last_loss = result.loss
+        return result
+
+    def step(self, lr: float) -> bool:
+        """Returns False when the step was skipped (non-finite gradients, on every rank)."""
+        set_lr(self.optimizer, lr)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = self.trainable()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return self.apply_update(params, norm)
+
+    def forward(self, x, **kw):
+        """The forward of the wrapped model (training and evaluation)."""
+        return self.model(x, **kw)
+
+    # ---- what a backend may change -------------------------------------------------------
+
+    def accumulating(self, last: bool):
+        """Around each micro-batch's forward and backward; ``last`` is the accumulation boundary."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def trainable(self) -> List[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def autocast(self):
         """bf16/fp16 autocast around forward and loss; the reversible engine keeps its residual
@@ -33,12 +121,33 @@ class Backend:
         device = next(self.model.parameters()).device
         return torch.autocast(device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
-    def forward(self, x):
-        raise NotImplementedError
+    @property
+    def drift(self) -> Optional[float]:
+        """The reversible engine's last reconstruction drift (a host sync: log intervals only)."""
+        return self.model.drift.last_drift
 
-    def backward_and_step(self, loss: torch.Tensor, lr: float) -> bool:
-        """Returns False when the step was skipped (non-finite gradients)."""
-        raise NotImplementedError
+    def alphas(self) -> Dict[str, torch.Tensor]:
+        """Every column's coupling weights by parameter name, on the CPU, on every rank
+        (collective under ZeRO-3 and the pipeline)."""
+        return {n: p.detach().float().cpu() for n, p in self.model.named_parameters()
+                if n.startswith("columns.") and ".alpha" in n}
+
+    @torch.no_grad()
+    def reconstructions(self, images: torch.Tensor) -> List[torch.Tensor]:
+        """Each decoder's image of ``images`` in [0, 1]: the wrapped model's own forward in
+        evaluation mode (no drop path, no random draw) asked for every earlier head; a
+        collective wherever forward is (ZeRO-3 gathers the weights as in training)."""
+        cfg = self.model.config
+        if not cfg.inter_supv:
+            return []
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast():
+                out = self.forward(images, heads=range(len(cfg.head_columns) - 1))
+        finally:
+            self.model.train(was)
+        return [r.float().sigmoid() for r in out.reconstructions]
 
     def save(self, directory: Path) -> None:
         """Write this rank's share of model + optimizer state into ``directory``."""
@@ -50,6 +159,31 @@ class Backend:
     def official_state_dict(self, checkpoint_dir: Optional[Path] = None) -> Optional[Dict[str, torch.Tensor]]:
         """Full fp32 weights under the released key names, on rank 0 (None elsewhere)."""
         return to_official_state_dict(self.model) if self.info.is_main else None
+
+    def export_ema(self, ema) -> Optional[Dict[str, torch.Tensor]]:
+        """The whole fp32 EMA under the model's key names, on rank 0 (collective under ZeRO-3)."""
+        return ema.full_state_dict(self.info.is_main)
+
+    # ---- shared by the backends that run their own optimizer -----------------------------
+
+    def apply_update(self, params: Sequence[torch.nn.Parameter], norm: torch.Tensor) -> bool:
+        """Clip to ``clip_grad`` by the global norm ``norm``; step unless it or the step's loss
+        is not finite (the same values on every rank: all skip together); clear the gradients."""
+        self.last_grad_norm = norm
+        if self.clip_grad:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
+        if self.scaler is not None:  # skips the step itself on inf/nan and lowers the scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale
+        else:
+            checked = norm if self.last_loss is None else torch.stack([norm.float(), self.last_loss.float()])
+            applied = bool(torch.isfinite(checked).all())  # the step's one host sync: a skip must be decided
+            if applied:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
 
 
 def _match_grad_layout(model: torch.nn.Module) -> None:
@@ -66,49 +200,31 @@ def _match_grad_layout(model: torch.nn.Module) -> None:
 
 
 class LocalBackend(Backend):
-    """One process, or DDP across processes; AdamW from torch."""
+    """One process, or DDP across processes, with the optimizer the Trainer builds."""
 
-    def __init__(self, model, info, optimizer: str, weight_decay: float, clip_grad: Optional[float], device,
-                 layer_decay: float = 1.0, precision: str = "fp32") -> None:
-        super().__init__(model.to(device), info, precision)
+    def __init__(self, model, info, make_optimizer: OptimizerFactory, device, precision: str = "fp32",
+                 clip_grad: Optional[float] = None) -> None:
+        super().__init__(model.to(device), info, precision, clip_grad)
         self.name = "ddp" if info.world_size > 1 else "single"
         self.net = model
         if info.world_size > 1:
             _match_grad_layout(model)
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.optimizer = make_optimizer(model, optimizer, weight_decay, layer_decay)
-        self.clip = clip_grad
+        self.optimizer = make_optimizer(model)
         # fp16 needs loss scaling; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    def forward(self, x):
-        return self.net(x)
+    def forward(self, x, **kw):
+        return self.net(x, **kw)
 
-    def backward_and_step(self, loss, lr):
-        set_lr(self.optimizer, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip or float("inf"))
-        self.last_grad_norm = float(norm)
-        if self.scaler is not None:  # skips the step itself on inf/nan and lowers the scale
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            return self.scaler.get_scale() >= scale
-        if not math.isfinite(self.last_grad_norm):  # DDP: the same all-reduced norm on every rank
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
-        self.optimizer.step()
-        return True
+    def accumulating(self, last):
+        """DDP all-reduces the gradients once, in the last micro-batch's backward."""
+        if last or self.net is self.model:
+            return nullcontext()
+        return self.net.no_sync()
 
     def save(self, directory):
-        from ..engine.checkpoint import atomic_save
-
         if self.info.is_main:
             atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
                         directory / "model_optim.pt")
@@ -120,29 +236,50 @@ class LocalBackend(Backend):
 
 
 class DeepSpeedBackend(Backend):
-    def __init__(self, model, info, ds_config: Dict[str, Any], optimizer: str, weight_decay: float,
-                 layer_decay: float = 1.0, precision: str = "fp32") -> None:
+    """ZeRO-1/2/3 and offload: DeepSpeed clips (``gradient_clipping``, from train.clip_grad) and
+    skips a step whose global gradient norm is not finite, inside ``engine.step()``."""
+
+    def __init__(self, model, info, ds_config: Dict[str, Any], make_optimizer: OptimizerFactory,
+                 precision: str = "fp32") -> None:
         import deepspeed
 
         super().__init__(model, info, precision)
-        stage = zero_stage(ds_config)
-        self.name = f"zero{stage}"
-        opt = make_optimizer(model, optimizer, weight_decay, layer_decay)
+        self.stage = zero_stage(ds_config)
+        self.name = f"zero{self.stage}"
         self.ds_config = ds_config
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-        self.stage = stage
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model),
+                                                                config=ds_config)
 
-    def forward(self, x):
-        return self.engine(x)
+    def forward(self, x, **kw):
+        return self.engine(x, **kw)
 
-    def backward_and_step(self, loss, lr):
+    def accumulating(self, last):
+        """The loop's accumulation boundary is DeepSpeed's: it reduces in the last backward.
+        Required, not a courtesy: DeepSpeed hands the boundary to the ZeRO optimizer from a
+        hook on the forward's output tensors, and RevColOutput (a dataclass) hides them, so
+        without this call ZeRO-2/3 and offload would not know where the step ends."""
+        self.engine.set_gradient_accumulation_boundary(last)
+        return nullcontext()
+
+    def backward(self, loss):
+        self.engine.backward(loss, scale_wrt_gas=False)  # already divided by the micro-batch count
+
+    def step(self, lr):
         set_lr(self.optimizer, lr)
         skipped = self.engine.skipped_steps
-        self.engine.backward(loss)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        self.last_grad_norm = None if norm is None else float(norm)
-        return self.engine.skipped_steps == skipped  # fp16 overflow: DeepSpeed skipped it
+        self.last_grad_norm = None if norm is None else torch.as_tensor(norm)
+        return self.engine.skipped_steps == skipped  # non-finite gradients: DeepSpeed skipped it
+
+    def alphas(self):
+        if self.stage < 3:
+            return super().alphas()
+        import deepspeed
+
+        named = [(n, p) for n, p in self.model.named_parameters() if n.startswith("columns.") and ".alpha" in n]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().float().cpu() for n, p in named}
 
     def save(self, directory):
         # every rank writes its shard; the caller commits the folder once all are done
@@ -168,8 +305,6 @@ class DeepSpeedBackend(Backend):
         instead, one parameter at a time."""
         if self.stage < 3:
             return super().official_state_dict()
-        from ..models.official import _to_official_key, rename_to_official
-
         inter_supv = self.model.config.inter_supv
         zc = self.ds_config.get("zero_optimization", {})
         on_nvme = any(zc.get(k, {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer"))
@@ -180,7 +315,7 @@ class DeepSpeedBackend(Backend):
             for name, p in self.model.named_parameters():
                 with deepspeed.zero.GatheredParameters([p]):
                     if self.info.is_main:
-                        out[_to_official_key(name, inter_supv)] = p.detach().float().cpu().clone()
+                        out[to_official_key(name, inter_supv)] = p.detach().float().cpu().clone()
             return out if self.info.is_main else None
         if not self.info.is_main:
             return None

@@ -73,8 +73,3 @@ def init_distributed(info: DistInfo, use_deepspeed: bool = False, timeout_s: int
         init_deepspeed_distributed(timeout_s)
     else:
         init_torch_process_group(info, timeout_s)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

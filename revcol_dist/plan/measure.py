@@ -75,6 +75,7 @@ def predicted(model_name: str, zero: int, world: int) -> int:
 
 
 def main(out: str, configs=None) -> None:
+    from ..parallel import comm
     from ..parallel.deepspeed_env import init_deepspeed_distributed
 
     init_deepspeed_distributed()
@@ -83,14 +84,13 @@ def main(out: str, configs=None) -> None:
     rows = []
     for name, zero in configs or CONFIGS:
         peak = measure(name, zero, world)
-        allp = [None] * world
-        torch.distributed.all_gather_object(allp, peak)
+        allp = comm.all_gather_object(peak)
         rows.append({"model": name, "zero": zero, "world": world, "measured": max(allp),
                      "predicted": predicted(name, zero, world)})
-    if torch.distributed.get_rank() == 0:
+    if comm.rank() == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
-    torch.distributed.barrier()
+    comm.barrier()
     torch.distributed.destroy_process_group()
 
 

@@ -104,37 +104,6 @@ def parameter_table(inp: PlanInput) -> Dict:
             "config": m.config}
 
 
-def partition_columns(costs: List[float], stages: int) -> List[List[int]]:
-    """Contiguous split of the columns into ``stages`` groups minimising the largest group's cost."""
-    n = len(costs)
-    if stages >= n:
-        return [[i] for i in range(n)] + [[] for _ in range(stages - n)]
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    best = {}
-
-    def solve(i: int, s: int):  # columns i.. into s stages -> (max cost, cuts)
-        if (i, s) in best:
-            return best[(i, s)]
-        if s == 1:
-            res = (prefix[n] - prefix[i], [n])
-        else:
-            res = (math.inf, [])
-            for j in range(i + 1, n - s + 2):
-                rest, cuts = solve(j, s - 1)
-                cost = max(prefix[j] - prefix[i], rest)
-                if cost < res[0]:
-                    res = (cost, [j] + cuts)
-        best[(i, s)] = res
-        return res
-
-    _, cuts = solve(0, stages)
-    groups, start = [], 0
-    for end in cuts:
-        groups.append(list(range(start, end)))
-        start = end
-    return groups
 
 
 def boundary_bytes(channels, res: int, batch: int) -> int:
@@ -173,6 +142,8 @@ def make_plan(inp: PlanInput) -> Dict:
     act = ACT_BYTES[inp.precision]
 
     # parameters held by the most loaded stage (stem on the first, heads on the last)
+    from ..parallel.pipeline.partition import partition_columns
+
     groups = partition_columns([float(c) for c in table["columns"]], S)
     stage_params = []
     for s, g in enumerate(groups):

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..models.column import Column, clamp_alpha, invert_shortcut, shortcut
+from .coupling import clamp_alpha, invert_shortcut, shortcut
 from . import lean_block
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy
@@ -370,7 +370,7 @@ def _block_runners(policy: ReversiblePolicy) -> list:
             else partial(lean_block.lean_block, keep_hidden=False) for l in range(4)]
 
 
-def _alpha_mins(columns: Sequence[Column]) -> List[List[float]]:
+def _alpha_mins(columns: Sequence[torch.nn.Module]) -> List[List[float]]:
     """min |alpha_l| per column and level, in one host sync."""
     with torch.no_grad():
         mins = torch.stack([a.detach().abs().min().float() for col in columns for a in col.alphas()])
@@ -407,7 +407,7 @@ class Segment:
 
 
 def run_reversible(
-    columns: Sequence[Column],
+    columns: Sequence[torch.nn.Module],
     x: torch.Tensor,
     taps: Sequence[int],
     policy: ReversiblePolicy,

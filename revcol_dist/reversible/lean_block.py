@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..models.layers import ConvNeXtBlock
+from torch import nn
 
 # Token chunk of the hand-written MLP backward, in elements of (tokens x 4C): its
 # hidden-sized transients are about three chunks. Small where h is recomputed (the
@@ -50,12 +50,12 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _ln_dtype(d: torch.Tensor, block: ConvNeXtBlock) -> torch.dtype:
+def _ln_dtype(d: torch.Tensor, block: nn.Module) -> torch.dtype:
     # autocast runs layer_norm in fp32; without autocast this is d's own dtype
     return torch.promote_types(d.dtype, block.norm.weight.dtype)
 
 
-def _drop_mask(block: ConvNeXtBlock, batch: int, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+def _drop_mask(block: nn.Module, batch: int, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
     """The scaled mask DropPath draws for the block's (N, C, H, W) branch: same shape, dtype
     and RNG draw as the module's, so that replaying the RNG state replays it."""
     dp = block.drop_path
@@ -65,31 +65,31 @@ def _drop_mask(block: ConvNeXtBlock, batch: int, dtype: torch.dtype, device) -> 
     return torch.empty((batch, 1, 1, 1), dtype=dtype, device=device).bernoulli_(keep).div_(keep)
 
 
-def _conv(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+def _conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     c = block.dwconv
     return F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def compute_dtype(block: ConvNeXtBlock, d: torch.Tensor) -> torch.dtype:
+def compute_dtype(block: nn.Module, d: torch.Tensor) -> torch.dtype:
     """The MLP's dtype: autocast's where it is on (call inside the forward's autocast state)."""
     dev = d.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else _ln_dtype(d, block)
 
 
-def _layer_norm(block: ConvNeXtBlock, d: torch.Tensor):
+def _layer_norm(block: nn.Module, d: torch.Tensor):
     """LN over channels of the NCHW conv output; returns (n NHWC, mean, rstd)."""
     dp = d.permute(0, 2, 3, 1)
     dp = _as(dp, _ln_dtype(d, block))
     return torch.native_layer_norm(dp, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
 
 
-def _normalized(block: ConvNeXtBlock, s: Saved) -> torch.Tensor:
+def _normalized(block: nn.Module, s: Saved) -> torch.Tensor:
     """The LN output again (one fused kernel, bitwise the forward's)."""
     return _layer_norm(block, s.d)[0]
 
 
 @torch.no_grad()
-def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu: bool = False,
+def forward(block: nn.Module, x: torch.Tensor, keep: bool = False, keep_gelu: bool = False,
             keep_hidden: bool = True):
     """The block's output, computed as its module does; with keep, also what ``backward`` needs
     (with keep_gelu also the GELU output, saving its recomputation: for transient graphs;
@@ -111,7 +111,7 @@ def forward(block: ConvNeXtBlock, x: torch.Tensor, keep: bool = False, keep_gelu
 
 
 @torch.no_grad()
-def with_hidden(block: ConvNeXtBlock, s: Saved) -> Saved:
+def with_hidden(block: nn.Module, s: Saved) -> Saved:
     """s with pwconv1's output recomputed whole (one matmul), for a backward that runs at speed."""
     if s.h is not None:
         return s
@@ -120,7 +120,7 @@ def with_hidden(block: ConvNeXtBlock, s: Saved) -> Saved:
 
 
 @torch.no_grad()
-def forward_chunked(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+def forward_chunked(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's output with its MLP run a token chunk at a time: the hidden-sized maps
     never exist whole (the memory-first recompute)."""
     d = _conv(block, x)
@@ -149,7 +149,7 @@ def forward_chunked(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
     return _residual(block, x, o.view(N, H, W, C))[0]
 
 
-def _residual(block: ConvNeXtBlock, x: torch.Tensor, o: torch.Tensor):
+def _residual(block: nn.Module, x: torch.Tensor, o: torch.Tensor):
     """x + drop_path(gamma * o) as the module computes it (o NHWC); also the drop-path mask."""
     y = (block.gamma * o).permute(0, 3, 1, 2)
     mask = _drop_mask(block, y.shape[0], y.dtype, y.device)
@@ -157,7 +157,7 @@ def _residual(block: ConvNeXtBlock, x: torch.Tensor, o: torch.Tensor):
 
 
 @torch.no_grad()
-def saved_for_vjp(block: ConvNeXtBlock, x: torch.Tensor) -> Saved:
+def saved_for_vjp(block: nn.Module, x: torch.Tensor) -> Saved:
     """What ``backward`` needs, recomputed from the block input without the MLP (memory-lean VJP)."""
     d = _conv(block, x)
     _, mean, rstd = _layer_norm(block, d)
@@ -170,31 +170,31 @@ TAIL = ("gamma", "pwconv2.weight", "pwconv2.bias")  # gradients the tail node re
 BODY = ("dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight", "pwconv1.bias")
 
 
-def _tokens(block: ConvNeXtBlock, s: Saved, g: torch.Tensor):
+def _tokens(block: nn.Module, s: Saved, g: torch.Tensor):
     """g as the gradient of gamma*o (drop path applied), tokens x C."""
     gy = g if s.mask is None else g * s.mask
     N, C, H, W = g.shape
     return gy.permute(0, 2, 3, 1).reshape(N * H * W, C)
 
 
-def _hidden(block: ConvNeXtBlock, s: Saved, n: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+def _hidden(block: nn.Module, s: Saved, n: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
     """pwconv1's output for tokens [t0, t1): kept, or recomputed from the LN output."""
     if s.h is not None:
         return s.h[t0:t1]
     return F.linear(_as(n[t0:t1], s.cdt), _as(block.pwconv1.weight, s.cdt), _as(block.pwconv1.bias, s.cdt))
 
 
-def _rows_per_chunk(block: ConvNeXtBlock, elements: int) -> int:
+def _rows_per_chunk(block: nn.Module, elements: int) -> int:
     """Tokens per chunk so that a (tokens x 4C) chunk has about ``elements`` elements."""
     return max(1, elements // block.pwconv1.weight.shape[0])
 
 
-def _chunk(block: ConvNeXtBlock, s: Saved) -> int:
+def _chunk(block: nn.Module, s: Saved) -> int:
     return _rows_per_chunk(block, CHUNK_ELEMENTS if s.h is None else CHUNK_ELEMENTS_KEPT_H)
 
 
 @torch.no_grad()
-def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def backward_tail(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """Gradients of TAIL in order: layer scale and pwconv2 (their own autograd node, so that
     the block's two large weight gradients need not be alive together)."""
     w2, b2, gamma = block.pwconv2.weight, block.pwconv2.bias, block.gamma
@@ -229,7 +229,7 @@ def backward_tail(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torc
 
 
 @torch.no_grad()
-def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """(gradient of the block input, gradients of BODY in order)."""
     N, C, H, W = g.shape
     w1, b1, w2 = block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight
@@ -270,7 +270,7 @@ def backward_body(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torc
     return _as(g_x, g.dtype).add_(g), grads
 
 
-def backward_both(block: ConvNeXtBlock, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+def backward_both(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL). Each
     part lays out g itself: sharing that copy would keep it alive through the body's LN and
     conv backward."""
@@ -299,13 +299,13 @@ def like_param(g: Optional[torch.Tensor], p: torch.Tensor) -> Optional[torch.Ten
     return g.as_strided(p.shape, p.stride())
 
 
-def body_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
+def body_params(block: nn.Module) -> Tuple[torch.Tensor, ...]:
     """The parameters ``backward_body`` returns gradients for, in the order of BODY."""
     return (block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias,
             block.pwconv1.weight, block.pwconv1.bias)
 
 
-def tail_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
+def tail_params(block: nn.Module) -> Tuple[torch.Tensor, ...]:
     """The parameters ``backward_tail`` returns gradients for, in the order of TAIL."""
     return (block.gamma, block.pwconv2.weight, block.pwconv2.bias)
 
@@ -313,7 +313,7 @@ def tail_params(block: ConvNeXtBlock) -> Tuple[torch.Tensor, ...]:
 class _Holder:
     """What the body node saved, handed to the tail node that runs first in backward."""
 
-    def __init__(self, block: ConvNeXtBlock, keep_hidden: bool) -> None:
+    def __init__(self, block: nn.Module, keep_hidden: bool) -> None:
         self.block, self.keep_hidden, self.saved = block, keep_hidden, None
 
 
@@ -358,7 +358,7 @@ class _LeanTail(torch.autograd.Function):
         return (None, g, *[like_param(gp, p) for gp, p in zip(grads, tail_params(holder.block))])
 
 
-def lean_block(block: ConvNeXtBlock, x: torch.Tensor, keep_hidden: bool = True) -> torch.Tensor:
+def lean_block(block: nn.Module, x: torch.Tensor, keep_hidden: bool = True) -> torch.Tensor:
     """The block under ordinary autograd, keeping six channel-sized maps instead of twelve
     (the engine's plain columns use it), two without the hidden map h (``keep_hidden=False``:
     pwconv1 runs again in backward). Two nodes: pwconv2/layer-scale gradients first."""

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from revcol_dist.data.mixup import Mixup, smooth_one_hot
 from revcol_dist.engine.ema import ModelEMA
 from revcol_dist.engine.losses import revcol_loss
-from revcol_dist.engine.optim import layer_id, make_optimizer, param_groups, set_lr
+from revcol_dist.engine.optim import layer_id, make_optimizer, param_groups
+from revcol_dist.parallel.backends import set_lr
 from revcol_dist.engine.schedule import lr_at
 from revcol_dist.models import create_model
 from revcol_dist.models.revcol import RevColOutput

@@ -29,7 +29,7 @@ def test_short_training_learns_and_writes_checkpoint(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == metrics["steps"] > 0
     assert (tmp_path / "config.yaml").exists()
-    m = create_model(cfg.model.name, **cfg.model.args)
+    m = create_model(cfg.model.name, **{"num_classes": 10, **cfg.model.args})  # 10: the digits (from the data)
     report = load_official_checkpoint(m, tmp_path / "model_official.pth")
     assert not report.missing
     log = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]

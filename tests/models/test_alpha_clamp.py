@@ -1,7 +1,7 @@
 import torch
 
 from revcol_dist.models import create_model
-from revcol_dist.models.column import clamp_alpha
+from revcol_dist.reversible.coupling import clamp_alpha
 
 
 def test_clamp_is_sign_preserving_and_functional():

@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from revcol_dist.engine.losses import revcol_loss
+from revcol_dist.engine.losses import RevColLoss
 from revcol_dist.models import create_model
 from revcol_dist.parallel.pipeline import PipelineEngine
 
@@ -44,6 +44,7 @@ def main() -> None:
     ref, model = ref.to(dtype), model.to(dtype)
     engine = PipelineEngine(model, args.stages, args.micro, cost=args.cost, res=32, zero_stash=args.zero_stash,
                             check_every=args.check_every, drift_tolerance=args.drift_tolerance, log=print)
+    loss_fn = RevColLoss(MEAN, STD)  # the one the stages compute their heads' terms with
     per_replica = 2 * args.micro
     g = torch.Generator().manual_seed(1)
     out = {"rank": rank, "stage": engine.stage, "replica": engine.replica, "columns": engine.columns,
@@ -60,12 +61,13 @@ def main() -> None:
         loss_ref = 0.0
         for chunk in range(engine.D * args.micro):
             part = slice(chunk * 2, chunk * 2 + 2)
-            l, _ = revcol_loss(ref(images[part]), labels[part], images[part], MEAN, STD)
+            l, _ = loss_fn(ref(images[part]), labels[part], images[part])
             (l / (engine.D * args.micro)).backward()
             loss_ref += float(l) / (engine.D * args.micro)
         mine = slice(engine.replica * per_replica, (engine.replica + 1) * per_replica)
         engine.zero_grad()
-        loss = engine.train_step(images[mine], labels[mine])
+        micro = list(zip(images[mine].chunk(args.micro), labels[mine].chunk(args.micro)))
+        loss = float(engine.forward_backward(micro, loss_fn)[0])
         worst, compared, worst_name = 0.0, 0, None
         for p in engine.parameters():
             r = ref_params[names[id(p)]].grad

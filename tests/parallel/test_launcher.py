@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,15 +31,21 @@ def work(tmp_path_factory):
     return tmp, data_root, tmp / "single"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("mode", ["ddp", "zero1", "zero2", "zero3", "zero3_offload",
+                                  "single_accum4", "ddp_accum4", "zero2_accum4", "zero3_accum4"])
 def test_backends_match_single_process(work, mode):
+    """Every backend, and train.grad_accum=4 (the same global batch in 4 micro-batches per rank,
+    one optimizer step) on each, follows the single-process run."""
     tmp, data_root, ref = work
     cfg = write_config(tmp, mode, data_root)
-    extra = [] if mode == "ddp" else ["--deepspeed_config", str(REPO / "ds_configs" / f"{mode}.json")]
-    r = run_torchrun(cfg, 2, *extra)
+    backend, _, accum = mode.partition("_accum")
+    extra = [] if backend in ("single", "ddp") else ["--deepspeed_config", str(REPO / "ds_configs" / f"{backend}.json")]
+    extra += ["--set", f"train.grad_accum={accum}"] if accum else []
+    r = run_single(cfg, *extra) if backend == "single" else run_torchrun(cfg, 2, *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((tmp / mode / "metrics.json").read_text())
-    assert got["backend"] == ("ddp" if mode == "ddp" else f"zero{mode[4]}") and got["world_size"] == 2
+    assert got["backend"] == (backend if backend in ("single", "ddp") else f"zero{backend[4]}")
+    assert got["world_size"] == (1 if backend == "single" else 2)
     l_ref, l_got = losses(ref), losses(tmp / mode)
     assert l_ref.keys() == l_got.keys() == {1, 2, 3}
     for s in l_ref:
@@ -174,3 +181,17 @@ def test_torchrun_max_restarts_resumes_after_a_dead_rank(work, mode):
     assert "resumed from" in r.stdout and "step 4" in r.stdout
     assert losses(tmp / f"restarted_{mode}") == losses(tmp / f"restart_ref_{mode}")
     assert worst_relative(weights(tmp / f"restarted_{mode}"), weights(tmp / f"restart_ref_{mode}")) == 0.0
+
+
+def test_the_projects_own_command_reaches_97_percent(tmp_path):
+    """`deepspeed --num_gpus 2 launchers/pretrain.py --deepspeed_config ds_configs/zero3.json`, as
+    the project describes it: no --config (the main job's configs/default.yaml), ZeRO-3."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    out = tmp_path / "zero3_default"
+    r = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), LAUNCHER,
+                        "--deepspeed_config", "ds_configs/zero3.json", "--set", f"output_dir={out}"],
+                       capture_output=True, text=True, env=env(), timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["backend"] == "zero3" and metrics["world_size"] == 2
+    assert metrics["val_top1"] >= 97.0, metrics

@@ -171,9 +171,10 @@ def test_pretrain_launcher_on_the_pipeline(digits, nproc):
 
     ea = EventAccumulator(str(tmp / f"pipe{nproc}" / "tensorboard"))
     ea.Reload()
-    tags = set(ea.Tags()["scalars"])  # every stage's alphas reach rank 0's TensorBoard
-    assert {f"model/alpha_{c}_{l}/mean" for c in range(4) for l in range(4)} <= tags
-    assert {"train/loss", "val/top1", "val_ema/top1"} <= tags
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "val/top1", "val_ema/top1", "rev/alpha_min"} <= tags
+    for level, channels in enumerate([8, 16, 24, 32]):  # every stage's alphas reach rank 0's histograms
+        assert ea.Histograms(f"alpha/level_{level}")[-1].histogram_value.num == 4 * channels
 
 
 @pytest.mark.multiprocess

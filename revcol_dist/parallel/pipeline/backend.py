@@ -1,84 +1,77 @@
-"""The training loop's Backend over the column pipeline: one fused forward+backward per step
-(1F1B over micro-batches), an optimizer over this stage's parameters, checkpoints written
-per stage by the first replica, and the released-format export gathered on rank 0."""
+"""The Backend contract over the column pipeline: forward and backward of the micro-batches
+interleaved (1F1B), an optimizer over this stage's parameters, checkpoints written per stage
+by the first replica, and the released-format export gathered on rank 0."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
-from ...engine.optim import make_optimizer, set_lr
-from ..backends import Backend
+from ...files import atomic_save
+from ...models.official import rename_to_official
+from ...models.revcol import RevColOutput
+from .. import comm
+from ..backends import Backend, StepLoss, set_lr
 from .engine import PipelineEngine
 
 
 class PipelineBackend(Backend):
-    fused = True  # train_step runs forward and backward together
-
-    def __init__(self, model, info, pipe, optimizer: str, weight_decay: float, clip_grad: Optional[float],
-                 layer_decay: float = 1.0, precision: str = "fp32", res: int = 224,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), log=None) -> None:
-        super().__init__(model, info, precision)
+    def __init__(self, model, info, pipe, make_optimizer, precision: str = "fp32", clip_grad: Optional[float] = None,
+                 res: int = 224, log=None) -> None:
+        super().__init__(model, info, precision, clip_grad)
         self.engine = PipelineEngine(model, pipe.stages, pipe.micro_batches, cost=pipe.cost, res=res,
                                      zero_stash=pipe.zero_stash, check_every=pipe.check_every,
-                                     drift_tolerance=pipe.drift_tolerance, precision=precision, mean=mean, std=std,
-                                     log=log)
+                                     drift_tolerance=pipe.drift_tolerance, precision=precision, log=log)
         self.name = f"pipeline{pipe.stages}x{self.engine.D}"
-        self.clip_grad = clip_grad
         # the engine released other stages' weights (requires_grad False): only ours are here
-        self.optimizer = make_optimizer(model, optimizer, weight_decay, layer_decay)
+        self.optimizer = make_optimizer(model)
 
-    def train_step(self, images, targets, lr: float, label_smoothing: float = 0.0):
-        """Returns (mean loss over replicas, whether the optimizer stepped)."""
-        self.engine.label_smoothing = label_smoothing
-        self.engine.zero_grad()
-        loss = self.engine.train_step(images, targets)
-        if not math.isfinite(loss):  # the same on every rank: the loss was all-reduced
-            self.engine.zero_grad()
-            return loss, False
-        norm = self._global_grad_norm()
-        self.last_grad_norm = norm
-        if not math.isfinite(norm):
-            self.engine.zero_grad()
-            return loss, False
-        if self.clip_grad is not None and norm > self.clip_grad:
-            for p in self.engine.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(self.clip_grad / (norm + 1e-6))
+    def forward_backward(self, micro_batches, loss_fn) -> StepLoss:
+        """Every stage computes the terms of the heads it holds with ``loss_fn``; their sum is
+        the single-process loss."""
+        values = self.engine.forward_backward(micro_batches, loss_fn).float()
+        self.last_loss = values[0]
+        return StepLoss(values[0], dict(zip(self.engine.part_names, values[1:])))
+
+    def step(self, lr):
         set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        return loss, True
+        return self.apply_update(self.engine.params, self._global_grad_norm())
 
-    def _global_grad_norm(self) -> float:
+    def _global_grad_norm(self) -> torch.Tensor:
         """Over every stage: replicas hold equal (averaged) gradients, so the world sum counts
         each stage D times."""
         sq = torch.zeros((), dtype=torch.float64, device=self.engine.device)
         for p in self.engine.parameters():
             if p.grad is not None:
                 sq += p.grad.double().pow(2).sum()
-        dist.all_reduce(sq)
-        return float(sq / self.engine.D) ** 0.5
+        return (comm.all_reduce(sq) / self.engine.D).sqrt().float()
 
-    def forward(self, x):
-        from ...models.revcol import RevColOutput
-
+    def forward(self, x, **_):
         logits = self.engine.forward_eval(x)
         return None if logits is None else RevColOutput(logits)
 
-    def backward_and_step(self, loss, lr):
-        raise RuntimeError("the pipeline runs forward and backward together: call train_step")
+    def reconstructions(self, images):
+        return []  # the decoders sit on several stages: not drawn for the pipeline
+
+    @property
+    def drift(self):
+        return self.engine.last_drift
+
+    def alphas(self):
+        """Each stage holds its own columns' alphas: gathered from every stage."""
+        mine = {k: v for k, v in super().alphas().items() if v.numel()}
+        merged: Dict[str, torch.Tensor] = {}
+        for part in comm.all_gather_object(mine):
+            merged.update(part)
+        return merged
 
     def _stage_file(self, directory: Path) -> Path:
         return Path(directory) / f"pipeline_stage{self.engine.stage:03d}.pt"
 
     def save(self, directory):
         if self.engine.replica == 0:  # the replicas hold the same weights and optimizer state
-            from ...engine.checkpoint import atomic_save
-
             names = {id(p): n for n, p in self.model.named_parameters()}
             atomic_save({"params": {names[id(p)]: p.detach() for p in self.engine.parameters()},
                          "optimizer": self.optimizer.state_dict(), "partition": self.engine.partition,
@@ -107,8 +100,7 @@ class PipelineBackend(Backend):
         the name), merged on rank 0 from the first replica, in the model's parameter order."""
         owned = {n for n, p in self.model.named_parameters() if p.requires_grad}
         mine = {n: t.detach().cpu().clone() for n, t in named.items() if n in owned} if self.engine.replica == 0 else {}
-        parts = [None] * dist.get_world_size() if self.info.is_main else None
-        dist.gather_object(mine, parts, dst=0)
+        parts = comm.gather_object(mine, dst=0)
         if not self.info.is_main:
             return None
         merged = {}
@@ -116,10 +108,12 @@ class PipelineBackend(Backend):
             merged.update(part)
         return {n: merged[n] for n, _ in self.model.named_parameters() if n in merged}
 
+    def export_ema(self, ema):
+        """Every stage averages its own weights: gathered like the weights."""
+        return self.gather_to_main(dict(zip(ema.names, ema.shadow)))
+
     def official_state_dict(self, checkpoint_dir=None):
         """Every stage's weights, gathered on rank 0 from the first replica."""
-        from ...models.official import rename_to_official
-
         merged = self.gather_to_main(dict(self.model.named_parameters()))
         if merged is None:
             return None

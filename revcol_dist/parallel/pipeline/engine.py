@@ -22,21 +22,14 @@ from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from ...engine.losses import aux_loss, reconstruction_target
-from ...reversible import Segment, run_reversible
-from .partition import _attached, partition_table, split_columns
+from ...reversible import Segment
+from .. import comm
+from .partition import column_modules, partition_table, split_columns
 from .schedule import one_f_one_b
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _HEADER = 6  # dtype, ndim, up to 4 sizes per tensor
-
-
-def _wait(sends) -> None:
-    for work, _ in sends:
-        work.wait()
 
 
 class _Box:
@@ -85,12 +78,10 @@ class _InFlight:
 class PipelineEngine:
     def __init__(self, model, stages: int, micro_batches: int, *, cost: str = "params", res: int = 224,
                  zero_stash: bool = False, check_every: int = 50, drift_tolerance: float = 1e-3,
-                 precision: str = "fp32", label_smoothing: float = 0.0,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 log: Optional[Callable[[str], None]] = print) -> None:
-        if not dist.is_initialized():
+                 precision: str = "fp32", log: Optional[Callable[[str], None]] = print) -> None:
+        if not comm.initialized():
             raise RuntimeError("PipelineEngine needs torch.distributed initialised (launch with torchrun)")
-        world, rank = dist.get_world_size(), dist.get_rank()
+        world, rank = comm.world_size(), comm.rank()
         if world % stages:
             raise ValueError(f"world size {world} is not a multiple of {stages} pipeline stages")
         if micro_batches < 1:
@@ -104,21 +95,28 @@ class PipelineEngine:
         self.next_rank = rank + 1 if not self.last else None
         self.dp_group = None
         for s in range(stages):  # every rank creates every group, in the same order
-            g = dist.new_group([d * stages + s for d in range(self.D)])
+            g = comm.new_group([d * stages + s for d in range(self.D)])
             if s == self.stage:
                 self.dp_group = g
         self.partition, costs = split_columns(model, stages, cost, res)
         self.columns = self.partition[self.stage]
         if rank == 0 and log is not None:
             log(partition_table(self.partition, costs, cost))
-        owned = {id(p) for c in self.columns for m in _attached(model)[c] for p in m.parameters()}
+        owned = {id(p) for c in self.columns for m in column_modules(model)[c] for p in m.parameters()}
+        cfg = model.config
+        final = len(cfg.head_columns) - 1 if cfg.inter_supv else 0
+        # the heads this stage computes in training: earlier heads on the columns it runs, the final on the last
+        self.heads = [h for h, c in enumerate(cfg.head_columns[:-1]) if cfg.inter_supv and c in self.columns]
+        self.heads += [final] if self.last else []
+        self.final_head = final
+        self.part_names = ["loss_cls_final"] + [f"loss_{k}_{i}" for i in range(final) for k in ("cls", "rec")]
         self.params = [p for p in model.parameters() if id(p) in owned]
         for p in model.parameters():  # other stages' weights: not needed here
             if id(p) not in owned:
                 p.data = p.data.new_empty(0)
                 p.requires_grad_(False)
         self.zero_stash, self.check_every, self.drift_tolerance = zero_stash, check_every, drift_tolerance
-        self.precision, self.label_smoothing, self.mean, self.std = precision, label_smoothing, mean, std
+        self.precision = precision
         self.steps = 0
         self.last_drift: Optional[float] = None
         # messages, stats and the anchor live where the weights do (NCCL needs device tensors)
@@ -126,6 +124,7 @@ class PipelineEngine:
         self.anchor = torch.zeros((), requires_grad=True, device=self.device)
         self.timing: Dict[str, float] = {}
         self._log = log if rank == 0 else None
+        comm.barrier()  # every rank in the group before the first batched point-to-point transfer
 
     # ---- one training step -------------------------------------------------------------
 
@@ -136,44 +135,43 @@ class PipelineEngine:
         for p in self.params:
             p.grad = None
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """Forward and backward of this replica's batch as M micro-batches; gradients are
-        averaged over the replicas and left in .grad. Returns the mean loss over all replicas."""
-        if images.shape[0] % self.M:
-            raise ValueError(f"batch of {images.shape[0]} does not split into {self.M} equal micro-batches")
+    def forward_backward(self, micro_batches, loss_fn) -> torch.Tensor:
+        """Forward and backward of this replica's batch, given as M micro-batches of (images,
+        targets); gradients are averaged over the replicas and left in .grad. Returns
+        [loss, *terms in ``part_names``], each the mean over the global batch (on every rank)."""
+        if len(micro_batches) != self.M:
+            raise ValueError(f"{len(micro_batches)} micro-batches given; pipeline.micro_batches={self.M}")
         self.model.train()
         check = self.zero_stash and self.steps % self.check_every == 0
         self._check = check
-        mb_images, mb_labels = images.chunk(self.M), labels.chunk(self.M)
         self._inflight: Dict[int, _InFlight] = {}
-        self._sent_fwd: Dict[int, List] = {}  # micro-batch -> (work, tensor) of its activations
-        self._sent_bwd: Dict[int, List] = {}  # micro-batch -> (work, tensor) of its gradients
-        self._loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._sent_fwd: Dict[int, comm.Exchange] = {}  # micro-batch -> its activations in flight
+        self._sent_bwd: Dict[int, comm.Exchange] = {}  # micro-batch -> its gradients in flight
+        self._parts = torch.zeros(len(self.part_names) + 1, dtype=torch.float64, device=self.device)
         self._drift = torch.zeros((), dtype=torch.float64, device=self.device)
         self.timing = {"wait_s": 0.0}
         t0 = time.perf_counter()
         for kind, m in one_f_one_b(self.stage, self.S, self.M):
             if kind == "F":
-                self._forward(mb_images[m], mb_labels[m], m)
+                self._forward(*micro_batches[m], m, loss_fn)
             else:
                 self._backward(m)
         for sends in list(self._sent_fwd.values()) + list(self._sent_bwd.values()):
-            _wait(sends)
+            sends.wait()
         self._sent_fwd, self._sent_bwd = {}, {}
         self.timing["step_s"] = time.perf_counter() - t0
         self.timing["compute_s"] = self.timing["step_s"] - self.timing["wait_s"]
         self._average_gradients()
-        dist.all_reduce(self._loss)  # every stage's share, every replica
+        parts = comm.all_reduce(self._parts) / self.D  # every stage's share, every replica
         if check:
-            dist.all_reduce(self._drift, op=dist.ReduceOp.MAX)
-            self.last_drift = float(self._drift)
+            self.last_drift = float(comm.all_reduce(self._drift, "max"))
             if self.last_drift > self.drift_tolerance:
                 self.zero_stash = False
                 if self._log:
                     self._log(f"pipeline: reconstructed stage outputs drift {self.last_drift:.2e} > "
                               f"{self.drift_tolerance:.0e}: zero-stash off, stages keep their outputs")
         self.steps += 1
-        return float(self._loss) / self.D
+        return parts
 
     @torch.no_grad()
     def forward_eval(self, images: torch.Tensor) -> Optional[torch.Tensor]:
@@ -189,15 +187,14 @@ class PipelineEngine:
             for chunk in images.chunk(min(self.M, images.shape[0])):
                 with self._autocast():
                     if self.first:
-                        x, state = model.stem(chunk), None
+                        x, state = model.forward_stem(chunk), None
                     else:
                         x, *state = self._recv_activations()
-                    for col in model.columns[a:b]:
-                        state = col(x, state)
+                    state, _ = model.forward_columns(x, a, b, initial=state)
                     if self.last:
-                        logits.append(model.heads[-1](state[3]).float())
+                        logits.append(model.forward_heads(state, {}, chunk.shape[-2:]).logits.float())
                 if not self.last:
-                    _wait(self._send([x] + list(state), self.next_rank, header=True))
+                    self._send([x] + list(state), self.next_rank, header=True).wait()
         finally:
             model.train(was)
         return torch.cat(logits) if logits else None
@@ -210,8 +207,8 @@ class PipelineEngine:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         return torch.autocast(self.anchor.device.type, dtype=dtype)
 
-    def _forward(self, images, labels, m: int) -> None:
-        model, cfg = self.model, self.model.config
+    def _forward(self, images, targets, m: int, loss_fn) -> None:
+        model = self.model
         a, b = self.columns[0], self.columns[-1] + 1
         box_in = box_out = sink = seg = None
         stash_free = self.zero_stash and not self._check and not self.last  # the next stage returns them
@@ -220,49 +217,33 @@ class PipelineEngine:
             # The stage before ran B(j) before it sent F(j + S - s + 1): our gradients of j arrived.
             # (gloo's is_completed() stays False until wait(), so sends are released on such proof.)
             for j in [j for j in self._sent_bwd if j <= m - (self.S - self.stage + 1)]:
-                _wait(self._sent_bwd.pop(j))
+                self._sent_bwd.pop(j).wait()
         with self._autocast():
             if self.first:
-                x, initial = model.stem(images), None
+                x, initial = model.forward_stem(images), None
             else:
                 box_in = _Box()
                 tapped_in = _GradTap.apply(box_in, self.anchor, *received)
                 del received
                 x, initial = tapped_in[0], list(tapped_in[1:])
                 del tapped_in
-            supervise = cfg.inter_supv
-            aux_cols = [c for c in cfg.head_columns[:-1] if a <= c < b] if supervise else []
-            cols = model.columns[a:b]
+            engine = {}
             if model.reversible:
                 policy = model.policy
                 if not self.last or self.zero_stash:  # a segment's outputs/inputs are exchanged
                     policy = dataclasses.replace(policy, plain_columns=0)
                 seg = Segment()
-                state, tapped = run_reversible(cols, x, [c - a for c in aux_cols], policy, model.drift,
-                                               initial=initial, keep_outputs=not stash_free, segment=seg)
-            else:
-                state, tapped = initial, {}
-                for j, col in enumerate(cols):
-                    state = col(x, state)
-                    if j + a in aux_cols:
-                        tapped[j] = state[3]
+                engine = dict(policy=policy, keep_outputs=not stash_free, segment=seg)
+            taps = [model.config.head_columns[h] for h in self.heads if h != self.final_head]
+            state, tapped = model.forward_columns(x, a, b, initial=initial, taps=taps, **engine)
             del initial
             loss = None
-            if aux_cols:
-                target = reconstruction_target(images, self.mean, self.std)
-                n = len(cfg.head_columns) - 1
-                for h, col in enumerate(cfg.head_columns[:-1]):
-                    if col not in aux_cols:
-                        continue
-                    logits, rec = model.aux_outputs(h, tapped[col - a], state, images.shape[-2:])
-                    term = aux_loss(h, n, logits, rec, labels, target, self.label_smoothing)[0]
-                    loss = term if loss is None else loss + term
-            if self.last:
-                ce = F.cross_entropy(model.heads[-1](state[3]).float(), labels, label_smoothing=self.label_smoothing)
-                loss = ce if loss is None else loss + ce
+            if self.heads:  # the loss terms of the heads this stage holds, by everyone's loss function
+                loss, parts = loss_fn(model.forward_heads(state, tapped, images.shape[-2:], self.heads), targets, images)
         if loss is not None:
             loss = loss / self.M
-            self._loss += loss.detach().double()  # no host sync per micro-batch
+            values = [loss.detach()] + [parts.get(k, loss.new_zeros(())) / self.M for k in self.part_names]
+            self._parts += torch.stack([v.double() for v in values])  # no host sync per micro-batch
         sent: List[tuple] = []
         if not self.last:
             outs = [x] + list(state)
@@ -282,7 +263,7 @@ class PipelineEngine:
         if not self.last:
             returned = self.zero_stash or self._check  # our outputs come back reconstructed
             g = self._recv(fl.sent + (fl.sent[1:] if returned else []), self.next_rank)
-            _wait(self._sent_fwd.pop(m))  # the next stage has had them: let go of the buffers
+            self._sent_fwd.pop(m).wait()  # the next stage has had them: let go of the buffers
             if returned:
                 fl.segment.provide_outputs(g[5:])
                 g = g[:5]
@@ -302,25 +283,18 @@ class PipelineEngine:
 
     # ---- communication -----------------------------------------------------------------
 
-    def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> List:
+    def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> comm.Exchange:
         if header:
             h = [0] * (len(tensors) * _HEADER)
             for i, t in enumerate(tensors):
                 h[i * _HEADER: i * _HEADER + 2 + t.ndim] = [_DTYPES.index(t.dtype), t.ndim, *t.shape]
             tensors = [torch.tensor(h, dtype=torch.int64, device=self.device)] + tensors
-        sends = []
-        for i, t in enumerate(tensors):
-            t = t.contiguous()
-            sends.append((dist.isend(t, dst, tag=i), t))
-        return sends
+        return comm.exchange(sends=[(t, dst) for t in tensors])
 
-    def _recv(self, specs, src: int, first_tag: int = 0) -> List[torch.Tensor]:
+    def _recv(self, specs, src: int) -> List[torch.Tensor]:
         t = time.perf_counter()
-        out = []
-        for i, (shape, dtype) in enumerate(specs):
-            buf = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(buf, src, tag=first_tag + i)
-            out.append(buf)
+        out = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
+        comm.exchange(recvs=[(buf, src) for buf in out]).wait()
         self.timing["wait_s"] += time.perf_counter() - t
         return out
 
@@ -330,14 +304,13 @@ class PipelineEngine:
         for i in range(5):
             dtype, ndim = _DTYPES[h[i * _HEADER]], h[i * _HEADER + 1]
             specs.append((tuple(h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
-        return self._recv(specs, self.prev_rank, first_tag=1)  # tags continue after the header's
+        return self._recv(specs, self.prev_rank)
 
     def _average_gradients(self) -> None:
         if self.D == 1:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dp_group)
+        flat = comm.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), group=self.dp_group)
         flat /= self.D
-        for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(avg)
+        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))

@@ -4,14 +4,13 @@ the column it reads."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
 
-from ...plan.model import partition_columns
 
-
-def _attached(model) -> List[List[torch.nn.Module]]:
+def column_modules(model) -> List[List[torch.nn.Module]]:
     """Modules whose cost a column carries: itself, its heads/decoders, the stem (column 0)."""
     cfg = model.config
     parts: List[List[torch.nn.Module]] = [[c] for c in model.columns]
@@ -24,7 +23,7 @@ def _attached(model) -> List[List[torch.nn.Module]]:
 
 
 def column_costs(model, by: str = "params", res: int = 224) -> List[float]:
-    parts = _attached(model)
+    parts = column_modules(model)
     if by == "params":
         return [float(sum(p.numel() for m in mods for p in m.parameters())) for mods in parts]
     if by != "flops":
@@ -49,6 +48,39 @@ def column_costs(model, by: str = "params", res: int = 224) -> List[float]:
         return float(sum(counts.get(f"{top}.{names[m]}", {}).values()))
 
     return [sum(flops(m) for m in mods) for mods in parts]
+
+
+def partition_columns(costs: List[float], stages: int) -> List[List[int]]:
+    """Contiguous split of the columns into ``stages`` groups minimising the largest group's cost."""
+    n = len(costs)
+    if stages >= n:
+        return [[i] for i in range(n)] + [[] for _ in range(stages - n)]
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    best = {}
+
+    def solve(i: int, s: int):  # columns i.. into s stages -> (max cost, cuts)
+        if (i, s) in best:
+            return best[(i, s)]
+        if s == 1:
+            res = (prefix[n] - prefix[i], [n])
+        else:
+            res = (math.inf, [])
+            for j in range(i + 1, n - s + 2):
+                rest, cuts = solve(j, s - 1)
+                cost = max(prefix[j] - prefix[i], rest)
+                if cost < res[0]:
+                    res = (cost, [j] + cuts)
+        best[(i, s)] = res
+        return res
+
+    _, cuts = solve(0, stages)
+    groups, start = [], 0
+    for end in cuts:
+        groups.append(list(range(start, end)))
+        start = end
+    return groups
 
 
 def split_columns(model, stages: int, by: str = "params", res: int = 224) -> Tuple[List[List[int]], List[float]]:
