@@ -4,8 +4,9 @@ at the same per-rank batch: what accumulation buys (activations of one micro-bat
 python benchmarks/grad_accum_memory.py          (one JSON line on stdout)
 
 The step is the Trainer's: LocalBackend.forward_backward over the micro-batches with the
-training loss, then backend.step. Memory: peak live tensor bytes of forward_backward (gradient
-buffers already allocated, so the figure is activations plus gradients). Baseline: the same
+training loss, then backend.step. Memory: peak live tensor bytes of forward_backward, from
+cleared gradients: the peak holds the gradients (parameter-sized, the same at any grad_accum)
+plus the activations; ``activation_bytes`` is the peak less the gradients. Baseline: the same
 batch without accumulation (grad_accum = 1). BENCH_MODEL, BENCH_BATCH, BENCH_RES to change.
 """
 
@@ -43,9 +44,11 @@ def run(model_name: str, accum: int, images, labels, loss_fn, repeats: int = 3) 
         backend.forward_backward(micro, loss_fn)
         backend.step(1e-3)
         times.append(time.perf_counter() - t0)
+    backend.optimizer.zero_grad(set_to_none=True)
     with LiveBytes() as meter:
         backend.forward_backward(micro, loss_fn)
-    return {"peak_bytes": meter.peak, "step_s": statistics.median(times)}
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())  # made inside the meter
+    return {"peak_bytes": meter.peak, "activation_bytes": meter.peak - grads, "step_s": statistics.median(times)}
 
 
 def main() -> None:
@@ -59,6 +62,7 @@ def main() -> None:
     base = rows[1]
     for r in rows.values():
         r["memory_vs_no_accum"] = round(r["peak_bytes"] / base["peak_bytes"], 3)
+        r["activations_vs_no_accum"] = round(r["activation_bytes"] / base["activation_bytes"], 3)
         r["time_vs_no_accum"] = round(r["step_s"] / base["step_s"], 3)
     print(json.dumps({"benchmark": "grad_accum_memory", "model": name, "per_rank_batch": batch, "res": res,
                       "inter_supv": True, "grad_accum": rows}))

@@ -36,11 +36,12 @@ def run_cli(body: Callable[[], None]) -> int:
     """Run ``body``; bad input becomes ``error: ...`` on stderr and exit status 2."""
     from .config import ConfigError
     from .data.folder import DataError
+    from .engine.checkpoint import SaveError
     from .models.official import CheckpointError
 
     try:
         body()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:

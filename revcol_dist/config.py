@@ -84,6 +84,15 @@ class TrainSection:
     max_steps: Optional[int] = None  # stop early (smoke runs)
     checkpoint_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2
+    # A checkpoint that cannot be written (full disk, quota): "stop" the run with a one-line error,
+    # or "continue" with a warning and try again at the next interval.
+    on_save_error: str = "stop"
+    # Copy the state to host memory and write it in the background while training goes on
+    # (still atomic and verified; one write at a time).
+    async_checkpoint: bool = False
+    # The longest a step (or an evaluation batch, or a save) may take before every rank dumps its
+    # stacks, names the stuck rank and exits non-zero for a restart (0: no watchdog).
+    hang_timeout_s: float = 1800.0
     eval_every_epochs: int = 0  # evaluate on the val set every N epochs (0: only at the end)
 
 
@@ -110,12 +119,19 @@ class PipelineSection:
 
 
 @dataclass
+class DistributedSection:
+    # How long a collective may wait for the other ranks before the process group gives up.
+    timeout_s: int = 600
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     output_dir: str = "runs/default"
 
     def to_dict(self) -> Dict[str, Any]:
@@ -233,6 +249,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if t.lr_base_batch is not None and t.lr_base_batch < 1:
         problems.append(f"train.lr_base_batch must be >= 1 or null, got {t.lr_base_batch}")
+    if t.on_save_error not in ("stop", "continue"):
+        problems.append(f"train.on_save_error must be stop or continue, got {t.on_save_error!r}")
+    if t.hang_timeout_s < 0 or cfg.distributed.timeout_s < 1:
+        problems.append("train.hang_timeout_s must be >= 0 (0: off) and distributed.timeout_s >= 1")
     if t.max_nan_skips < 0:
         problems.append(f"train.max_nan_skips must be >= 0, got {t.max_nan_skips}")
     d = cfg.data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,10 @@ from .pretrained import folder_state_dict
 
 
 @torch.no_grad()
-def evaluate(backend: Backend, stream, device) -> Dict[str, float]:
+def evaluate(backend: Backend, stream, device, on_batch: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Top-1/top-5 and loss over every sample once (each rank reads its shard). Counts stay on
-    the device until one all-reduce at the end: no host sync per batch."""
+    the device until one all-reduce at the end: no host sync per batch. ``on_batch``: called
+    after each batch (the hang watchdog's heartbeat)."""
     backend.model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss sum
     for images, labels, _ in stream:
@@ -36,6 +37,8 @@ def evaluate(backend: Backend, stream, device) -> Dict[str, float]:
         counts[0] += labels.numel()  # a scalar argument: no host-to-device copy
         counts[1:] += torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(),
                                    F.cross_entropy(logits, labels, reduction="sum").double()])
+        if on_batch is not None:
+            on_batch()
     counts = comm.all_reduce(counts).cpu()
     backend.model.train()
     n = max(counts[0].item(), 1.0)

@@ -5,14 +5,17 @@ Everything parallel sits behind the Backend contract (``parallel/backends.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import sys
 import time
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
 
 from ..config import Config, ConfigError, dump_config, validate_layout
@@ -26,14 +29,15 @@ from ..monitor.system import peak_memory_bytes
 from ..monitor.tensorboard import Board, alpha_histograms, front_page, reconstruction_grid
 from ..parallel import comm
 from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
-from ..parallel.distributed import device_for, dist_env, init_distributed
+from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
 from ..parallel.ds_config import resolve_ds_config, zero_stage
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, read_marker, rng_state, set_rng_state
 from .ema import ModelEMA
 from .evaluate import evaluate
 from .losses import RevColLoss
 from .optim import make_optimizer
 from .schedule import lr_at
+from .watchdog import HangWatchdog
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +59,34 @@ def _maybe_inject_fault(step: int, info) -> None:
         os._exit(13)
 
 
+def _maybe_hang(step: int, info) -> None:
+    """Fault injection: REVCOL_HANG_STEP=N makes the last rank hang before step N's first
+    collective, on the first attempt only."""
+    at = os.environ.get("REVCOL_HANG_STEP")
+    if at and step == int(at) and info.rank == info.world_size - 1 \
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        time.sleep(10**6)
+
+
+@contextlib.contextmanager
+def _file_size_limit(step: int):
+    """Fault injection: REVCOL_FSIZE_LIMIT=N:BYTES limits the size of each file written while the
+    checkpoint of step N is saved (a full disk, as `ulimit -f` would), lifted afterwards."""
+    spec = os.environ.get("REVCOL_FSIZE_LIMIT", "")
+    at, _, limit = spec.partition(":")
+    if not spec or int(at) != step:
+        yield
+        return
+    import resource
+
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+
+
 def _nan_injected(step: int, info) -> bool:
     """Fault injection: REVCOL_NAN_STEPS=3,4 makes rank 0's loss NaN at those (1-based) steps."""
     steps = os.environ.get("REVCOL_NAN_STEPS")
@@ -68,7 +100,7 @@ class Trainer:
         # checked before any process group exists: bad input fails fast
         self.ds = resolve_ds_config(ds_config, cfg, info.world_size) if ds_config is not None else None
         validate_layout(cfg, info.world_size, self.ds)
-        init_distributed(info, use_deepspeed=self.ds is not None)
+        init_distributed(info, use_deepspeed=self.ds is not None, timeout_s=cfg.distributed.timeout_s)
         self.device = device_for(info)
         self.out_dir = Path(cfg.output_dir)
         self.console = Console(cfg.monitor.console, enabled=info.is_main, log_every=t.log_every)
@@ -92,7 +124,9 @@ class Trainer:
         self.lr_at = partial(lr_at, total_steps=self.total, warmup_steps=self.warmup, base_lr=t.lr * scale,
                              min_lr=t.min_lr * scale, warmup_lr=t.warmup_lr * scale)
 
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # python's and numpy's too: a checkpoint's RNG states are the run's, not the process's
+        random.seed(t.seed)
+        np.random.seed(t.seed)
         self.model = self._build_model()
         self.meta = _model_meta(cfg, self.model)
         self.backend = self._build_backend()
@@ -104,7 +138,9 @@ class Trainer:
         # with mixup/cutmix the soft targets carry the smoothing
         self.loss_fn = RevColLoss(self.train_stream.mean, self.train_stream.std,
                                   0.0 if self.mixer is not None else t.label_smoothing)
-        self.ckpts = CheckpointManager(self.out_dir / "checkpoints", info.rank, info.world_size, t.keep_checkpoints)
+        self.ckpts = CheckpointManager(self.out_dir / "checkpoints", info.rank, info.world_size, t.keep_checkpoints,
+                                       on_error=t.on_save_error, asynchronous=t.async_checkpoint, log=self.say)
+        self.watchdog = HangWatchdog(t.hang_timeout_s, info.rank, info.world_size, process_store(), self.out_dir)
         self.board = Board(self.out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
         self.board.layout(front_page(len(self.model.config.head_columns) - 1 if self.model.config.inter_supv else 0))
         self.step, self.nan_skipped, self.nan_run = 0, 0, 0
@@ -146,12 +182,14 @@ class Trainer:
 
     def train(self) -> Dict[str, float]:
         t0 = time.time()
+        self.watchdog.start()
         try:
             while self.step < self.total:
                 self._train_epoch()
+            return self._finish(time.time() - t0)
         finally:
             self.console.end_epoch()
-        return self._finish(time.time() - t0)
+            self.watchdog.close()
 
     def _train_epoch(self) -> None:
         t = self.cfg.train
@@ -174,6 +212,8 @@ class Trainer:
         targets = labels.to(self.device, non_blocking=True)
         if self.mixer is not None:  # pairs within the rank's batch, before it is split into micro-batches
             images, targets = self.mixer(images, targets, self.step, self.replica)
+        _maybe_hang(self.step + 1, self.info)
+        self.watchdog.reached(self.step + 1)  # the step's first collective follows
         result = self.forward_backward(images, targets)
         applied = self.backend.step(lr)
         self.step += 1
@@ -183,6 +223,7 @@ class Trainer:
         if applied and self.ema is not None:
             self.ema.update()
         self._log_step(result, lr, applied, images)
+        self.watchdog.beat(self.step, "train")
         t = self.cfg.train
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total:
             self.save()
@@ -259,10 +300,11 @@ class Trainer:
     # ---- evaluation, checkpoints, the end ------------------------------------------------
 
     def validate(self, tag: str) -> Dict[str, float]:
-        res = {"": evaluate(self.backend, self.val_stream, self.device)}
+        beat = lambda: self.watchdog.beat(self.step, f"evaluate ({tag})")  # noqa: E731
+        res = {"": evaluate(self.backend, self.val_stream, self.device, beat)}
         if self.ema is not None and self.cfg.train.ema_eval:
             with self.ema.applied():
-                res["_ema"] = evaluate(self.backend, self.val_stream, self.device)
+                res["_ema"] = evaluate(self.backend, self.val_stream, self.device, beat)
         scalars = {}
         for suffix, r in res.items():
             for k in ("top1", "top5", "loss"):
@@ -271,22 +313,33 @@ class Trainer:
         self.say(f"{tag}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
         return scalars
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        """A resumable checkpoint of every rank; None where it failed and train.on_save_error
+        is "continue"."""
+        self.watchdog.beat(self.step, "save")
         client = {"step": self.step, "data": self.train_stream.state_dict(), "rng": rng_state(),
                   "nan_skipped": self.nan_skipped}
         if self.ema is not None:
             client["ema"] = self.ema.state_dict()
-        return self.ckpts.save(self.backend, self.step, client, self.meta)
+        with _file_size_limit(self.step):
+            saved = self.ckpts.save(self.backend, self.step, client, self.meta)
+        self.watchdog.beat(self.step, "train")
+        return saved
 
     def resume(self, resume: Optional[str]) -> None:
         """``resume``: "auto" (the newest complete checkpoint, if any), a folder, or None."""
         if not resume:
             return
-        where = self.ckpts.latest() if resume == "auto" else Path(resume)
-        if where is None:
-            self.say(f"no complete checkpoint under {self.ckpts.root}: starting from scratch")
-            return
-        saved = self.ckpts.read_meta(where)
+        self.watchdog.beat(self.step, "resume")
+        if resume == "auto":  # the newest checkpoint whose files verify (the damaged are named)
+            where = self.ckpts.latest_intact()
+            if where is None:
+                self.say(f"no intact checkpoint under {self.ckpts.root}: starting from scratch")
+                return
+        else:
+            where = Path(resume)
+            self.ckpts.check_intact(where)  # one-line errors: not a complete checkpoint, or damaged
+        saved = read_marker(where)
         mismatch = {k: (saved.get(k), v) for k, v in self.meta.items() if saved.get(k) != v}
         if mismatch:
             raise ConfigError(f"{where} is a checkpoint of {saved.get('model')} "
@@ -321,6 +374,7 @@ class Trainer:
 
     def _finish(self, elapsed: float) -> Dict[str, float]:
         last = self.save()
+        self.ckpts.wait()  # an asynchronous final checkpoint is on disk before the export reads it
         export = self.export(last)
         val = self.validate("final")
         peak = int(comm.all_reduce(torch.tensor([peak_memory_bytes(self.device)], dtype=torch.int64), "max"))

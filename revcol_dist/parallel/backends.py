@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..files import atomic_save
+from ..files import atomic_save, save_checksummed
 from ..models.official import rename_to_official, to_official_key, to_official_state_dict
 from . import comm
 from .distributed import DistInfo
@@ -282,8 +282,17 @@ class DeepSpeedBackend(Backend):
             return {n: p.detach().float().cpu() for n, p in named}
 
     def save(self, directory):
-        # every rank writes its shard; the caller commits the folder once all are done
-        self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        """Every rank writes its shard; the caller commits the folder once all are done. DeepSpeed's
+        files go through ``files.save_checksummed`` (size and CRC-32 recorded while writing, or a
+        host copy for an asynchronous checkpoint) instead of its engine's plain torch.save."""
+        writer = self.engine.checkpoint_engine
+        zipfile = getattr(writer, "zipfile_serialization", True)
+        writer.save = lambda state_dict, path: save_checksummed(state_dict, path,
+                                                               _use_new_zipfile_serialization=zipfile)
+        try:
+            self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        finally:
+            del writer.save  # the engine's own method again
 
     def load(self, directory):
         from .nvme_resume import offloads_optimizer_to_nvme, prime_optimizer_state, restore_resident_state

@@ -38,27 +38,37 @@ def device_for(info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+_STORE = None  # the process group's key-value store (the hang watchdog writes its heartbeats there)
+
+
+def process_store():
+    """The key-value store the process group was made with (None without one)."""
+    return _STORE
+
+
 def init_torch_process_group(info: DistInfo, timeout_s: int = 600) -> None:
-    """``init_process_group`` from the launcher's environment.
+    """``init_process_group`` from the launcher's environment, on a store this module keeps.
 
     After a torchrun restart (``--max-restarts``) the workers of the new attempt can meet in a
     store that still holds the previous attempt's addresses, and gloo then dials a dead
     process ("connectFullMesh ... Connection refused"). Each attempt therefore gets its own key
-    prefix in the store."""
+    prefix in the store. Under torchrun the agent hosts the store (it outlives the workers);
+    under other launchers rank 0 does."""
+    global _STORE
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt == 0 or "MASTER_ADDR" not in os.environ:
+    if "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend, timeout=timeout)
         return
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
                           is_master=(not agent_hosts and info.rank == 0), timeout=timeout,
                           multi_tenant=not agent_hosts)
-    store = dist.PrefixStore(f"revcol/attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
+    _STORE = dist.PrefixStore(f"revcol/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=_STORE, rank=info.rank, world_size=info.world_size, timeout=timeout)
 
 
 def init_distributed(info: DistInfo, use_deepspeed: bool = False, timeout_s: int = 600) -> None:

@@ -80,6 +80,24 @@ def run_torchrun(cfg: Path, nproc: int, *extra: str, timeout: int = 600) -> subp
                           capture_output=True, text=True, env=env(), timeout=timeout, cwd=REPO)
 
 
+def kill_once_logged(cmd, out_dir: Path, steps: int, extra_env=None, timeout: int = 300) -> subprocess.Popen:
+    """Start ``cmd``, SIGKILL it once ``steps`` steps are in its train_log.jsonl; the dead process."""
+    import signal
+    import time
+
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                         env=dict(env(), **(extra_env or {})))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = out_dir / "train_log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    return p
+
+
 def losses(out_dir: Path) -> dict:
     """step -> loss, the last record of each step (a resumed run repeats some)."""
     d = {}
