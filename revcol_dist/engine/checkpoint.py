@@ -119,6 +119,7 @@ class CheckpointManager:
         self.on_error, self.asynchronous, self.log = on_error, asynchronous, log
         self._writer: Optional[threading.Thread] = None
         self._failure: Optional[str] = None  # a background write's error, reported at the next save
+        self._pending: Optional[list] = None  # what the next background write writes
 
     # ---- finding --------------------------------------------------------------------------
 
@@ -213,15 +214,13 @@ class CheckpointManager:
         """This rank's part: written with its records (or, asynchronous, copied to host memory).
         None where it went well, else what went wrong."""
         try:
+            with (deferring() if self.asynchronous else recording()) as collected:
+                backend.save(tmp)
+                atomic_save(client_state, tmp / f"client_rank{self.rank:05d}.pt")
             if self.asynchronous:
-                with deferring() as self._pending:
-                    backend.save(tmp)
-                    atomic_save(client_state, tmp / f"client_rank{self.rank:05d}.pt")
+                self._pending = collected  # (path, host copy) pairs for the background writer
             else:
-                with recording() as records:
-                    backend.save(tmp)
-                    atomic_save(client_state, tmp / f"client_rank{self.rank:05d}.pt")
-                self._write_records(tmp, records)
+                self._write_records(tmp, collected)
         except (OSError, RuntimeError) as e:
             return self._describe(e, tmp, previous)
         return None
