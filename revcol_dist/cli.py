@@ -38,10 +38,11 @@ def run_cli(body: Callable[[], None]) -> int:
     from .data.folder import DataError
     from .engine.checkpoint import SaveError
     from .models.official import CheckpointError
+    from .parallel.distributed import LaunchError
 
     try:
         body()
-    except (ConfigError, DataError, CheckpointError, SaveError) as e:
+    except (ConfigError, DataError, CheckpointError, SaveError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:

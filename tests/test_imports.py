@@ -22,7 +22,7 @@ ALLOWED = {
     "parallel": {"models", "reversible", "files", "config", "monitor"},
     "engine": {"models", "reversible", "files", "config", "monitor", "data", "parallel"},
     "plan": {"models", "reversible", "files", "config", "monitor", "parallel", "engine"},
-    "cli": {"config", "data", "models", "engine"},
+    "cli": {"config", "data", "models", "engine", "parallel"},
 }
 
 

@@ -25,5 +25,7 @@ def init_deepspeed_distributed(timeout_s: int = 300) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    from .distributed import dist_env
+
+    dist_env()  # LOCAL_RANK from the launcher's variables (never the global rank: no cuda:RANK on node 2)
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -21,14 +21,57 @@ class DistInfo:
         return self.rank == 0
 
 
-def dist_env() -> DistInfo:
+class LaunchError(RuntimeError):
+    """The launcher's environment does not say which GPU this process drives."""
+
+
+# Where launchers put the node-local rank, in the order they are trusted.
+_LOCAL_RANK_VARS = ("LOCAL_RANK",  # torchrun, the deepspeed launcher
+                    "SLURM_LOCALID",  # srun
+                    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI's mpirun (deepspeed --launcher openmpi)
+                    "MPI_LOCALRANKID", "PMI_LOCAL_RANK",  # MPICH / Intel MPI
+                    "MV2_COMM_WORLD_LOCAL_RANK")  # MVAPICH
+
+
+def local_rank_from_env(env, gpus_per_node: int) -> int:
+    """The node-local rank: the launcher's variable if it set one; with one process per node
+    (or no GPU) 0; else ``RANK % LOCAL_WORLD_SIZE`` where the launcher said how many ranks a
+    node runs. Anything else would guess (``cuda:RANK`` does not exist on the second node; 0
+    puts every rank on the first GPU), so it is an error that names the fix."""
+    for var in _LOCAL_RANK_VARS:
+        if env.get(var, "") != "":
+            return int(env[var])
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    if world == 1 or gpus_per_node == 0:
+        return 0
+    per_node = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if per_node:
+        return rank % int(per_node)
+    raise LaunchError(f"rank {rank} of {world}: the launcher set no LOCAL_RANK (nor SLURM_LOCALID, "
+                      f"OMPI_COMM_WORLD_LOCAL_RANK, LOCAL_WORLD_SIZE), so this process cannot tell which of the "
+                      f"node's {gpus_per_node} GPUs is its own: start it with torchrun or the deepspeed launcher, "
+                      f"or export LOCAL_RANK")
+
+
+def dist_env(env=None) -> DistInfo:
     """Read what the launcher set (torchrun and deepspeed set RANK/WORLD_SIZE/LOCAL_RANK; under
-    SLURM without them, SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID)."""
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    SLURM without them, SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; Open MPI and MPICH their own).
+    The resolved values are written back so that DeepSpeed and torch read the same."""
+    env = os.environ if env is None else env
+    if "RANK" not in env:
+        for rank_var, world_var in (("SLURM_PROCID", "SLURM_NTASKS"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                                    ("PMI_RANK", "PMI_SIZE")):
+            if rank_var in env and world_var in env:
+                env["RANK"], env["WORLD_SIZE"] = env[rank_var], env[world_var]
+                break
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = local_rank_from_env(env, gpus)
+    if "RANK" in env:
+        env["LOCAL_RANK"] = str(local)
+    if gpus and local >= gpus:
+        raise LaunchError(f"LOCAL_RANK={local} but this node has {gpus} GPUs: start at most {gpus} processes per "
+                          f"node (--nproc_per_node / --num_gpus)")
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local)
 
 
 def device_for(info: DistInfo) -> torch.device:
