@@ -172,8 +172,8 @@ class Trainer:
         if cfg.pipeline.stages > 1:
             from ..parallel.pipeline.backend import PipelineBackend
 
-            return PipelineBackend(self.model.to(self.device), self.info, cfg.pipeline, optimizer, t.precision,
-                                   t.clip_grad, res=cfg.data.img_size, log=self.say)
+            return PipelineBackend(self.model, self.info, cfg.pipeline, optimizer, t.precision,  # moves its stage
+                                   t.clip_grad, res=cfg.data.img_size, device=self.device, log=self.say)
         if self.ds is not None:
             return DeepSpeedBackend(self.model, self.info, self.ds, optimizer, t.precision)
         return LocalBackend(self.model, self.info, optimizer, self.device, t.precision, t.clip_grad)

@@ -72,6 +72,8 @@ def _run(tmp_path, nproc, *args):
 def _check(ranks, tol):
     for rk in ranks:
         assert rk["params_all_stages"] == rk["params_model"]  # every parameter lives on exactly one stage
+        assert rk["header_keys"] == 1  # two steps of equal micro-batches: one header per stage boundary
+        assert rk["timing"]["step_s"] >= rk["timing"]["wait_s"] >= 0.0
         for st in rk["steps"]:  # step 1 is the first step; step 2 starts from updated weights
             assert abs(st["loss"] - st["loss_ref"]) <= tol * abs(st["loss_ref"]), st
             assert st["worst_grad_rel"] <= tol, st

@@ -19,11 +19,12 @@ from .engine import PipelineEngine
 
 class PipelineBackend(Backend):
     def __init__(self, model, info, pipe, make_optimizer, precision: str = "fp32", clip_grad: Optional[float] = None,
-                 res: int = 224, log=None) -> None:
+                 res: int = 224, device=None, log=None) -> None:
         super().__init__(model, info, precision, clip_grad)
         self.engine = PipelineEngine(model, pipe.stages, pipe.micro_batches, cost=pipe.cost, res=res,
                                      zero_stash=pipe.zero_stash, check_every=pipe.check_every,
-                                     drift_tolerance=pipe.drift_tolerance, precision=precision, log=log)
+                                     drift_tolerance=pipe.drift_tolerance, precision=precision, device=device,
+                                     log=log)
         self.name = f"pipeline{pipe.stages}x{self.engine.D}"
         # the engine released other stages' weights (requires_grad False): only ours are here
         self.optimizer = make_optimizer(model)

@@ -23,10 +23,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ...monitor.timing import DeviceTimer
 from ...reversible import Segment
 from .. import comm
 from .partition import column_modules, partition_table, split_columns
-from .schedule import one_f_one_b
+from .schedule import Transfer, p2p_slots
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _HEADER = 6  # dtype, ndim, up to 4 sizes per tensor
@@ -78,7 +79,8 @@ class _InFlight:
 class PipelineEngine:
     def __init__(self, model, stages: int, micro_batches: int, *, cost: str = "params", res: int = 224,
                  zero_stash: bool = False, check_every: int = 50, drift_tolerance: float = 1e-3,
-                 precision: str = "fp32", log: Optional[Callable[[str], None]] = print) -> None:
+                 precision: str = "fp32", device: Optional[torch.device] = None,
+                 log: Optional[Callable[[str], None]] = print) -> None:
         if not comm.initialized():
             raise RuntimeError("PipelineEngine needs torch.distributed initialised (launch with torchrun)")
         world, rank = comm.world_size(), comm.rank()
@@ -119,10 +121,16 @@ class PipelineEngine:
         self.precision = precision
         self.steps = 0
         self.last_drift: Optional[float] = None
-        # messages, stats and the anchor live where the weights do (NCCL needs device tensors)
-        self.device = self.params[0].device if self.params else torch.device("cpu")
+        # this stage's modules only go to the device (the others' weights are empty by now); messages,
+        # statistics and the anchor live there too (NCCL moves device tensors only)
+        self.device = torch.device(device) if device is not None else \
+            (self.params[0].device if self.params else torch.device("cpu"))
+        model.to(self.device)
         self.anchor = torch.zeros((), requires_grad=True, device=self.device)
-        self.timing: Dict[str, float] = {}
+        self._wait = DeviceTimer(self.device)
+        # the (shape, dtype) of the activations for each micro-batch shape: a header crosses once
+        self._specs_sent: Dict[tuple, list] = {}
+        self._specs_received: Dict[tuple, list] = {}
         self._log = log if rank == 0 else None
         comm.barrier()  # every rank in the group before the first batched point-to-point transfer
 
@@ -145,22 +153,21 @@ class PipelineEngine:
         check = self.zero_stash and self.steps % self.check_every == 0
         self._check = check
         self._inflight: Dict[int, _InFlight] = {}
-        self._sent_fwd: Dict[int, comm.Exchange] = {}  # micro-batch -> its activations in flight
-        self._sent_bwd: Dict[int, comm.Exchange] = {}  # micro-batch -> its gradients in flight
+        self._outbox: Dict[Transfer, List[torch.Tensor]] = {}  # the last action's outputs, for the next slot
         self._parts = torch.zeros(len(self.part_names) + 1, dtype=torch.float64, device=self.device)
         self._drift = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.timing = {"wait_s": 0.0}
+        self._wait.reset()
         t0 = time.perf_counter()
-        for kind, m in one_f_one_b(self.stage, self.S, self.M):
+        for slot in p2p_slots(self.stage, self.S, self.M):
+            received = self._transfer(slot, micro_batches)
+            if slot.action is None:
+                break
+            kind, m = slot.action
             if kind == "F":
-                self._forward(*micro_batches[m], m, loss_fn)
+                self._forward(*micro_batches[m], m, loss_fn, received)
             else:
-                self._backward(m)
-        for sends in list(self._sent_fwd.values()) + list(self._sent_bwd.values()):
-            sends.wait()
-        self._sent_fwd, self._sent_bwd = {}, {}
-        self.timing["step_s"] = time.perf_counter() - t0
-        self.timing["compute_s"] = self.timing["step_s"] - self.timing["wait_s"]
+                self._backward(m, received)
+        self._step_s = time.perf_counter() - t0
         self._average_gradients()
         parts = comm.all_reduce(self._parts) / self.D  # every stage's share, every replica
         if check:
@@ -180,24 +187,36 @@ class PipelineEngine:
         model = self.model
         was = model.training
         model.eval()
-        self.timing = {"wait_s": 0.0}
+        self._wait.reset()
         a, b = self.columns[0], self.columns[-1] + 1
         logits = []
         try:
             for chunk in images.chunk(min(self.M, images.shape[0])):
+                key = self._key(chunk, "eval")
                 with self._autocast():
                     if self.first:
                         x, state = model.forward_stem(chunk), None
-                    else:
-                        x, *state = self._recv_activations()
+                    else:  # forward only: no opposite traffic to pair with
+                        x, *state = self._recv_activations(key)
                     state, _ = model.forward_columns(x, a, b, initial=state)
                     if self.last:
                         logits.append(model.forward_heads(state, {}, chunk.shape[-2:]).logits.float())
                 if not self.last:
-                    self._send([x] + list(state), self.next_rank, header=True).wait()
+                    out = [x] + list(state)
+                    comm.exchange(sends=[(t, self.next_rank) for t in self._with_header(key, out)]).wait()
         finally:
             model.train(was)
         return torch.cat(logits) if logits else None
+
+    @property
+    def timing(self) -> Dict[str, float]:
+        """The last step's seconds: in all, and waiting for the neighbours (read at log
+        intervals: on CUDA it waits for the step's events)."""
+        wait = self._wait.total_s()
+        step = getattr(self, "_step_s", 0.0)
+        if self._wait.cuda:  # the host clock saw launches only: the stream's end is the step's end
+            torch.cuda.synchronize(self.device)
+        return {"wait_s": wait, "step_s": step, "compute_s": max(step - wait, 0.0)}
 
     # ---- forward and backward of one micro-batch ---------------------------------------
 
@@ -207,24 +226,17 @@ class PipelineEngine:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         return torch.autocast(self.anchor.device.type, dtype=dtype)
 
-    def _forward(self, images, targets, m: int, loss_fn) -> None:
+    def _forward(self, images, targets, m: int, loss_fn, received) -> None:
         model = self.model
         a, b = self.columns[0], self.columns[-1] + 1
         box_in = box_out = sink = seg = None
         stash_free = self.zero_stash and not self._check and not self.last  # the next stage returns them
-        if not self.first:
-            received = self._recv_activations()
-            # The stage before ran B(j) before it sent F(j + S - s + 1): our gradients of j arrived.
-            # (gloo's is_completed() stays False until wait(), so sends are released on such proof.)
-            for j in [j for j in self._sent_bwd if j <= m - (self.S - self.stage + 1)]:
-                self._sent_bwd.pop(j).wait()
         with self._autocast():
             if self.first:
                 x, initial = model.forward_stem(images), None
             else:
                 box_in = _Box()
-                tapped_in = _GradTap.apply(box_in, self.anchor, *received)
-                del received
+                tapped_in = _GradTap.apply(box_in, self.anchor, *received.pop(Transfer("act", m)))
                 x, initial = tapped_in[0], list(tapped_in[1:])
                 del tapped_in
             engine = {}
@@ -250,11 +262,11 @@ class PipelineEngine:
             box_out = _Box()
             sink = _GradSink.apply(box_out, *outs)
             sent = [(o.shape, o.dtype) for o in outs]
-            self._sent_fwd[m] = self._send([o.detach() for o in outs], self.next_rank, header=True)
+            self._outbox[Transfer("act", m)] = [o.detach() for o in outs]
         del state, x
         self._inflight[m] = _InFlight(loss, sink, box_in, box_out, seg, sent)
 
-    def _backward(self, m: int) -> None:
+    def _backward(self, m: int, received) -> None:
         fl = self._inflight.pop(m)
         roots, grads = [], []
         if fl.loss is not None:
@@ -262,8 +274,7 @@ class PipelineEngine:
             grads.append(torch.ones_like(fl.loss))
         if not self.last:
             returned = self.zero_stash or self._check  # our outputs come back reconstructed
-            g = self._recv(fl.sent + (fl.sent[1:] if returned else []), self.next_rank)
-            self._sent_fwd.pop(m).wait()  # the next stage has had them: let go of the buffers
+            g = received.pop(Transfer("grad", m))
             if returned:
                 fl.segment.provide_outputs(g[5:])
                 g = g[:5]
@@ -279,32 +290,67 @@ class PipelineEngine:
             out = list(fl.box_in.grads)
             if self.zero_stash or self._check:
                 out += [r.detach() for r in fl.segment.reconstructed_inputs()]
-            self._sent_bwd[m] = self._send(out, self.prev_rank)
+            self._outbox[Transfer("grad", m)] = out
 
     # ---- communication -----------------------------------------------------------------
 
-    def _send(self, tensors: List[torch.Tensor], dst: int, header: bool = False) -> comm.Exchange:
-        if header:
-            h = [0] * (len(tensors) * _HEADER)
-            for i, t in enumerate(tensors):
-                h[i * _HEADER: i * _HEADER + 2 + t.ndim] = [_DTYPES.index(t.dtype), t.ndim, *t.shape]
-            tensors = [torch.tensor(h, dtype=torch.int64, device=self.device)] + tensors
-        return comm.exchange(sends=[(t, dst) for t in tensors])
+    def _key(self, images: torch.Tensor, mode: str) -> tuple:
+        """What decides the activations' shapes and dtypes; every stage holds the same images."""
+        return (mode, tuple(images.shape), self.precision)
 
-    def _recv(self, specs, src: int) -> List[torch.Tensor]:
-        t = time.perf_counter()
-        out = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
-        comm.exchange(recvs=[(buf, src) for buf in out]).wait()
-        self.timing["wait_s"] += time.perf_counter() - t
-        return out
+    def _transfer(self, slot, micro_batches) -> Dict[Transfer, List[torch.Tensor]]:
+        """One slot's traffic as one batch: the previous action's outputs out, this action's
+        inputs in (see ``p2p_slots``). Returns the received tensors by transfer."""
+        sends, recvs, received = [], [], {}
+        for t in slot.sends:
+            out = self._outbox.pop(t)
+            if t.kind == "act":
+                sends += [(x, self.next_rank) for x in self._with_header(self._key(micro_batches[t.micro][0], "train"), out)]
+            else:
+                sends += [(x, self.prev_rank) for x in out]
+        for t in slot.recvs:
+            if t.kind == "act":
+                specs, src = self._activation_specs(self._key(micro_batches[t.micro][0], "train")), self.prev_rank
+            else:
+                sent = self._inflight[t.micro].sent
+                returned = self.zero_stash or self._check  # the gradients, then our outputs reconstructed
+                specs, src = sent + (sent[1:] if returned else []), self.next_rank
+            received[t] = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in specs]
+            recvs += [(buf, src) for buf in received[t]]
+        if sends or recvs:
+            with self._wait.measure():
+                comm.exchange(sends, recvs).wait()
+        return received
 
-    def _recv_activations(self) -> List[torch.Tensor]:
-        h = self._recv([((5 * _HEADER,), torch.int64)], self.prev_rank)[0].tolist()
-        specs = []
-        for i in range(5):
-            dtype, ndim = _DTYPES[h[i * _HEADER]], h[i * _HEADER + 1]
-            specs.append((tuple(h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
-        return self._recv(specs, self.prev_rank)
+    def _with_header(self, key: tuple, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The activations, after a header of their shapes the first time this key is sent."""
+        if key in self._specs_sent:
+            return tensors
+        h = [0] * (len(tensors) * _HEADER)
+        for i, t in enumerate(tensors):
+            h[i * _HEADER: i * _HEADER + 2 + t.ndim] = [_DTYPES.index(t.dtype), t.ndim, *t.shape]
+        self._specs_sent[key] = [(t.shape, t.dtype) for t in tensors]
+        return [torch.tensor(h, dtype=torch.int64, device=self.device)] + tensors
+
+    def _activation_specs(self, key: tuple) -> list:
+        """Cached; the first time, the header is received on its own first (one host sync per
+        shape of the run, not per micro-batch)."""
+        if key not in self._specs_received:
+            header = torch.empty(5 * _HEADER, dtype=torch.int64, device=self.device)
+            with self._wait.measure():
+                comm.exchange(recvs=[(header, self.prev_rank)]).wait()
+            h, specs = header.tolist(), []
+            for i in range(5):
+                dtype, ndim = _DTYPES[h[i * _HEADER]], h[i * _HEADER + 1]
+                specs.append((tuple(h[i * _HEADER + 2: i * _HEADER + 2 + ndim]), dtype))
+            self._specs_received[key] = specs
+        return self._specs_received[key]
+
+    def _recv_activations(self, key: tuple) -> List[torch.Tensor]:
+        bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in self._activation_specs(key)]
+        with self._wait.measure():
+            comm.exchange(recvs=[(b, self.prev_rank) for b in bufs]).wait()
+        return bufs
 
     def _average_gradients(self) -> None:
         if self.D == 1:
