@@ -84,9 +84,14 @@ def peak_step_bytes(model, x, labels) -> Dict[str, int]:
 
 
 def median_time(fn: Callable[[], None], repeats: int) -> float:
+    """Median seconds of ``fn``. On a GPU the work is queued: the clock is read after the
+    device has finished (synchronised before and after), not when the launches return."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)

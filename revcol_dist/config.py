@@ -79,6 +79,12 @@ class TrainSection:
     grad_accum: int = 1
     optimizer: str = "adamw"  # adamw (betas 0.9/0.999, eps 1e-8) | sgd (momentum 0.9)
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # GPU kernels (docs/training.md, "GPU settings"): cuDNN picks the fastest convolution for the
+    # (fixed) input shapes; fp32 matmuls and convolutions run on TF32 tensor cores (the reversible
+    # inverse stays exact fp32: it recomputes with the same kernels); channels_last memory format.
+    cudnn_benchmark: bool = True
+    tf32: bool = True
+    channels_last: bool = False
     seed: int = 0
     log_every: int = 20
     max_steps: Optional[int] = None  # stop early (smoke runs)
@@ -104,6 +110,9 @@ class MonitorSection:
     # With intermediate supervision: the decoders' reconstructions beside their inputs every N
     # steps (0: off)
     images_every: int = 200
+    # The device's peak TFLOPS for MFU (None: from the table in monitor/throughput.py by GPU
+    # name; MFU is not shown where neither knows it, e.g. on CPUs)
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -294,6 +303,9 @@ def validate_layout(cfg: Config, world_size: int, deepspeed: Optional[Dict[str, 
         if t.precision == "bf16" and deepspeed.get("bf16", {}).get("check_grad_overflow", True) is False:
             raise ConfigError("bf16.check_grad_overflow=false in the DeepSpeed config would apply steps with "
                               "non-finite gradients: remove it (train.max_nan_skips handles such steps)")
+        if t.channels_last and int(deepspeed.get("zero_optimization", {}).get("stage", 0)) == 3:
+            raise ConfigError("train.channels_last=true with ZeRO-3: ZeRO-3 keeps parameters as flat partitions, "
+                              "which have no memory format; set train.channels_last=false or use ZeRO-1/2")
         param_off = deepspeed.get("zero_optimization", {}).get("offload_param", {}).get("device")
         if t.ema_decay > 0 and param_off == "nvme":
             raise ConfigError("the DeepSpeed config offloads parameters to NVMe, where the EMA cannot follow them "

@@ -72,3 +72,7 @@ def test_layout_checks_name_the_fix():
         validate_layout(pipe, 3)
     with pytest.raises(ConfigError, match="zero_optimization.stage 1, 2 or 3"):
         validate_layout(load_config(None), 2, {"zero_optimization": {"stage": 0}})
+    nhwc = load_config(None, ["train.channels_last=true"])
+    with pytest.raises(ConfigError, match="set train.channels_last=false or use ZeRO-1/2"):
+        validate_layout(nhwc, 2, {"zero_optimization": {"stage": 3}})
+    validate_layout(nhwc, 2, {"zero_optimization": {"stage": 2}})

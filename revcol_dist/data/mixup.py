@@ -1,7 +1,10 @@
 """Mixup / CutMix on a batch, with label-smoothed soft targets (the published "batch" mode).
 
-One mixing coefficient per batch; the partner of sample i is sample n-1-i (the batch flipped).
-Draws come from a generator seeded by (seed, step, rank), so a resumed run mixes identically.
+One mixing coefficient per global batch, drawn from a generator seeded by (seed, step) only;
+the partner of sample 2k is 2k+1 and back (adjacent pairs of the global batch's order, which is
+random). A rank's share and each micro-batch of it start at an even position, so every pair is
+whole wherever it lands: one process, 2 ranks or grad_accum mix the same pixels. (The published
+code pairs i with n-1-i of the rank's batch, which changes with the number of ranks.)
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ class Mixup:
     def enabled(self) -> bool:
         return (self.mixup > 0 or self.cutmix > 0) and self.prob > 0
 
-    def params(self, step: int, rank: int, h: int, w: int):
-        """(lam, box or None) for this step; lam=1 means the batch passes unmixed."""
-        rng = np.random.default_rng([self.seed, step, rank, 0x6D6978])
+    def params(self, step: int, h: int, w: int):
+        """(lam, box or None) for this step, the same on every rank; lam=1: the batch passes unmixed."""
+        rng = np.random.default_rng([self.seed, step, 0x6D6978])
         if rng.random() >= self.prob:
             return 1.0, None
         use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < self.switch_prob)
@@ -51,11 +54,11 @@ class Mixup:
         lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the area actually pasted
         return lam, box
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int, rank: int = 0):
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, step: int):
         if images.shape[0] % 2:
             raise ValueError(f"mixup/cutmix need an even per-rank batch, got {images.shape[0]}")
-        lam, box = self.params(step, rank, images.shape[-2], images.shape[-1])
-        flipped = images.flip(0)
+        lam, box = self.params(step, images.shape[-2], images.shape[-1])
+        flipped = _swap_pairs(images)
         if box is not None:
             y0, y1, x0, x1 = box
             images = images.clone()
@@ -63,4 +66,9 @@ class Mixup:
         elif lam < 1.0:
             images = images * lam + flipped * (1.0 - lam)
         t = smooth_one_hot(labels, self.num_classes, self.smoothing)
-        return images, t * lam + t.flip(0) * (1.0 - lam)
+        return images, t * lam + _swap_pairs(t) * (1.0 - lam)
+
+
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Samples (0, 1, 2, 3, ...) as (1, 0, 3, 2, ...)."""
+    return x.reshape(x.shape[0] // 2, 2, *x.shape[1:]).flip(1).reshape(x.shape)

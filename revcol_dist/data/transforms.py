@@ -4,6 +4,8 @@ this project pins): random-resized crop, flip, centre crop, normalisation, RandA
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Optional, Tuple
 
@@ -63,10 +65,16 @@ def center_crop(img: Image.Image, size: int, crop_ratio: float = 224 / 256) -> n
     return np.array(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device):
+    """Made once per device (a tensor built from a list is a blocking copy on a GPU)."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(batch: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [B, 3, H, W] (0..255) -> float, normalised per channel."""
-    m = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=batch.device).view(1, 3, 1, 1) * 255
+    m, s = _channel_stats(tuple(mean), tuple(std), batch.device)
     return (batch.float() - m) / s
 
 

@@ -64,12 +64,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return [groups[k] for k in sorted(groups)]
 
 
-def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer_decay: float = 1.0):
+def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer_decay: float = 1.0,
+                   cpu_adam: bool = False):
     """AdamW (betas 0.9/0.999, eps 1e-8) or SGD (momentum 0.9) over ``param_groups``; the
-    backends set each group's LR every step (``lr * lr_scale``)."""
+    backends set each group's LR every step (``lr * lr_scale``). ``cpu_adam``: DeepSpeed's
+    vectorised CPU Adam (the same AdamW update), for ZeRO-Offload on GPU nodes, where torch's
+    AdamW would step the host-resident states several times slower. It compiles on first use,
+    so CPU-only runs (and CI) keep torch's."""
     groups = param_groups(model, weight_decay, layer_decay)
     for g in groups:
         g.pop("names")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    if cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+
+
+def wants_cpu_adam(optimizer: str, ds_config, device: torch.device) -> bool:
+    """AdamW whose states DeepSpeed keeps on the host (ZeRO-Offload to CPU or NVMe), on a GPU."""
+    offload = (ds_config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    return optimizer == "adamw" and torch.device(device).type == "cuda" and offload in ("cpu", "nvme")

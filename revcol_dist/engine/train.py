@@ -23,21 +23,33 @@ from ..data.mixup import Mixup
 from ..data.sources import build_streams, prepare_data
 from ..files import atomic_save
 from ..models import create_model
+from ..models.flops import train_flops_per_image
 from ..models.official import rename_to_official
 from ..monitor.console import Console
 from ..monitor.system import peak_memory_bytes
+from ..monitor.throughput import Throughput, peak_tflops
 from ..monitor.tensorboard import Board, alpha_histograms, front_page, reconstruction_grid
 from ..parallel import comm
 from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
 from ..parallel.ds_config import resolve_ds_config, zero_stage
+from ..randomness import SampleKeys
 from .checkpoint import CheckpointManager, read_marker, rng_state, set_rng_state
 from .ema import ModelEMA
 from .evaluate import evaluate
 from .losses import RevColLoss
-from .optim import make_optimizer
+from .optim import make_optimizer, wants_cpu_adam
 from .schedule import lr_at
 from .watchdog import HangWatchdog
+
+
+def _configure_kernels(t, device: torch.device) -> None:
+    """cuDNN autotuning and TF32, from the training config (docs/training.md, GPU settings)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = t.tf32
+    torch.backends.cudnn.allow_tf32 = t.tf32
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +114,7 @@ class Trainer:
         validate_layout(cfg, info.world_size, self.ds)
         init_distributed(info, use_deepspeed=self.ds is not None, timeout_s=cfg.distributed.timeout_s)
         self.device = device_for(info)
+        _configure_kernels(t, self.device)
         self.out_dir = Path(cfg.output_dir)
         self.console = Console(cfg.monitor.console, enabled=info.is_main, log_every=t.log_every)
         self.say = (log if log is not None else self.console.print) if info.is_main else (lambda *_: None)
@@ -145,7 +158,8 @@ class Trainer:
         self.board.layout(front_page(len(self.model.config.head_columns) - 1 if self.model.config.inter_supv else 0))
         self.step, self.nan_skipped, self.nan_run = 0, 0, 0
         self.images_seen, self.last_loss = 0, float("nan")
-        self._window = (time.time(), 0, 0)  # start, images, steps of the current logging window
+        peak = peak_tflops(self.device, t.precision, t.tf32, cfg.monitor.peak_tflops)
+        self.throughput = Throughput(train_flops_per_image(self.model.config, cfg.data.img_size), info.world_size, peak)
 
     # ---- building ----------------------------------------------------------------------
 
@@ -164,11 +178,14 @@ class Trainer:
             from .pretrained import load_pretrained
 
             self.say(load_pretrained(model, cfg.train.pretrained).summary())
+        if cfg.train.channels_last:  # convolution weights NHWC, like the images (validate_layout: not ZeRO-3)
+            model = model.to(memory_format=torch.channels_last)
         return model
 
     def _build_backend(self) -> Backend:
         t, cfg = self.cfg.train, self.cfg
-        optimizer = partial(make_optimizer, name=t.optimizer, weight_decay=t.weight_decay, layer_decay=t.layer_decay)
+        optimizer = partial(make_optimizer, name=t.optimizer, weight_decay=t.weight_decay, layer_decay=t.layer_decay,
+                            cpu_adam=wants_cpu_adam(t.optimizer, self.ds, self.device))
         if cfg.pipeline.stages > 1:
             from ..parallel.pipeline.backend import PipelineBackend
 
@@ -195,8 +212,15 @@ class Trainer:
         t = self.cfg.train
         epoch = self.step // self.steps_per_epoch
         self.console.start_epoch(epoch, t.epochs, min(self.steps_per_epoch, self.total - epoch * self.steps_per_epoch))
-        for images, labels, _ in self.train_stream:
-            self.train_step(images, labels)
+        batches = iter(self.train_stream)
+        while True:
+            waited = time.perf_counter()
+            try:
+                images, labels, indices = next(batches)
+            except StopIteration:
+                break
+            self.throughput.waited(time.perf_counter() - waited)  # the step could not start before
+            self.train_step(images, labels, indices)
             if self.step >= self.total or self.step - epoch * self.steps_per_epoch >= self.steps_per_epoch:
                 break
         self.console.end_epoch()
@@ -205,16 +229,20 @@ class Trainer:
                 and self.step < self.total:
             self.validate(f"epoch {done}")
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
-        """One optimizer step on this rank's share of the global batch. Returns whether it applied."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> bool:
+        """One optimizer step on this rank's share of the global batch (``indices``: each
+        sample's index in the data set, which keys its random draws). Returns whether it applied."""
         lr = self.lr_at(self.step)
         images = images.to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         targets = labels.to(self.device, non_blocking=True)
-        if self.mixer is not None:  # pairs within the rank's batch, before it is split into micro-batches
-            images, targets = self.mixer(images, targets, self.step, self.replica)
+        if self.mixer is not None:  # adjacent pairs of the global batch: whole on every rank and micro-batch
+            images, targets = self.mixer(images, targets, self.step)
         _maybe_hang(self.step + 1, self.info)
         self.watchdog.reached(self.step + 1)  # the step's first collective follows
-        result = self.forward_backward(images, targets)
+        keys = SampleKeys(self.cfg.train.seed, self.step, indices.to(self.device, non_blocking=True))
+        result = self.forward_backward(images, targets, keys)
         applied = self.backend.step(lr)
         self.step += 1
         _maybe_inject_fault(self.step, self.info)
@@ -229,13 +257,14 @@ class Trainer:
             self.save()
         return applied
 
-    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor) -> StepLoss:
+    def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, keys: SampleKeys) -> StepLoss:
         """Gradients of the rank's batch, accumulated over ``micro_batches`` equal parts (the
-        pipeline's micro-batches, or train.grad_accum): memory of one part, the update of all."""
+        pipeline's micro-batches, or train.grad_accum): memory of one part, the update of all.
+        Drop path draws by ``keys``: the same masks whatever the split and the rank."""
         if _nan_injected(self.step + 1, self.info):  # rank 0 reads images on every backend (pipeline: stage 0)
             images = images * float("nan")
         n = self.micro_batches  # validate_layout made the rank's batch divisible by it
-        micro = list(zip(images.tensor_split(n), targets.tensor_split(n)))
+        micro = list(zip(images.tensor_split(n), targets.tensor_split(n), keys.split(n)))
         return self.backend.forward_backward(micro, self.loss_fn)
 
     def _count_skips(self, applied: bool) -> None:
@@ -259,17 +288,15 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.monitor
         n_img = images.shape[0] * self.replicas
         self.images_seen += n_img
-        start, seen, steps = self._window
-        self._window = (start, seen + n_img, steps + 1)
+        self.throughput.stepped(n_img)
         if self.info.is_main:
             with open(self.out_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "loss": self.last_loss, "lr": lr, "skipped": not applied}) + "\n")
-        now = time.time()
-        ips = (seen + n_img) / max(now - start, 1e-9)  # over the current logging window
+        rates = self.throughput.window()  # over the current logging window
         in_epoch = self.step - (self.step - 1) // self.steps_per_epoch * self.steps_per_epoch
         if self.step % t.log_every == 0 or self.step == self.total or self.step == 1:
-            self._log_scalars(result, lr, ips, (now - start) / (steps + 1))
-            self._window = (now, 0, 0)
+            self._log_scalars(result, lr, rates)
+            self.throughput.reset()
         if self.step % (m.alpha_every or t.log_every) == 0 or self.step == self.total:
             alphas = self.backend.alphas()  # collective under ZeRO-3 and the pipeline
             self.board.histograms(alpha_histograms(alphas), self.step)
@@ -277,14 +304,15 @@ class Trainer:
         if m.images_every and self.model.config.inter_supv and self.step % m.images_every == 0:
             self._log_reconstructions(images)
         # the live bar moves every step; plain lines appear every log_every (Console decides)
-        self.console.update(in_epoch, self.step, self.total, {"loss": self.last_loss, "lr": lr, "images_per_sec": ips})
+        self.console.update(in_epoch, self.step, self.total, {"loss": self.last_loss, "lr": lr, **rates})
 
-    def _log_scalars(self, result: StepLoss, lr: float, ips: float, step_time: float) -> None:
+    def _log_scalars(self, result: StepLoss, lr: float, rates: Dict[str, Optional[float]]) -> None:
         n_heads = len(self.model.heads)
         norm = self.backend.last_grad_norm
-        scalars = {"train/loss": self.last_loss, "train/lr": lr, "train/images_per_sec": ips,
-                   "train/grad_norm": None if norm is None else float(norm), "train/step_time": step_time,
+        scalars = {"train/loss": self.last_loss, "train/lr": lr,
+                   "train/grad_norm": None if norm is None else float(norm),
                    "sys/mem_peak_bytes": peak_memory_bytes(self.device), "rev/drift": self.backend.drift}
+        scalars.update({f"train/{k}": v for k, v in rates.items()})
         for k, v in result.parts.items():
             scalars[f"train/{k.replace('loss_cls_final', f'loss_cls_{n_heads - 1}')}"] = float(v)
         self.board.add(scalars, self.step)

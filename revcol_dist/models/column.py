@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..reversible.coupling import ALPHA_INIT, clamp_alpha, shortcut
-from .layers import ConvNeXtBlock, Conv2d, LayerNorm2d, Linear
+from .layers import ConvNeXtBlock, Conv2d, LayerNorm, LayerNorm2d, Linear
 
 class UpSample(nn.Module):
     """Linear channel change + channels-last LayerNorm, then nearest upsampling to a target size."""
@@ -21,7 +21,7 @@ class UpSample(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.channel_reschedule = nn.Sequential(
-            Linear(in_channels, out_channels), nn.LayerNorm(out_channels, eps=1e-6)
+            Linear(in_channels, out_channels), LayerNorm(out_channels, eps=1e-6)
         )
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

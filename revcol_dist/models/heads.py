@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ConvNeXtBlock, Conv2d, LayerNorm2d, Linear
+from .layers import ConvNeXtBlock, Conv2d, LayerNorm, LayerNorm2d, Linear
 
 
 class Classifier(nn.Module):
@@ -16,7 +16,7 @@ class Classifier(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, init_scale: Optional[float] = None) -> None:
         super().__init__()
-        self.classifier = nn.Sequential(nn.LayerNorm(channels, eps=1e-6), Linear(channels, num_classes))
+        self.classifier = nn.Sequential(LayerNorm(channels, eps=1e-6), Linear(channels, num_classes))
         if init_scale:
             with torch.no_grad():
                 self.classifier[1].weight.mul_(init_scale)

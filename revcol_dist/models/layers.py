@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import randomness
+
 INIT_STD = 0.02
 
 
@@ -30,6 +32,23 @@ class Conv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
 
+def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``ln`` on x (channels last). Weights of lower precision than x (DeepSpeed's bf16 mode
+    casts them; the residual stream stays fp32) are raised to x's dtype, as CUDA autocast would
+    do: on a CPU torch refuses fp32 inputs with bf16 parameters."""
+    w, b = ln.weight, ln.bias
+    if w is not None and w.dtype != x.dtype and torch.promote_types(w.dtype, x.dtype) == x.dtype:
+        w, b = w.to(x.dtype), (b.to(x.dtype) if b is not None else None)
+    return F.layer_norm(x, ln.normalized_shape, w, b, ln.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last dim (``layer_norm``'s dtype rule)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(self, x)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel dim of an NCHW tensor (the published "channels_first")."""
 
@@ -37,30 +56,48 @@ class LayerNorm2d(nn.LayerNorm):
         super().__init__(channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return layer_norm(self, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class DropPath(nn.Module):
-    """Per-sample stochastic depth; draws from the global RNG so reversible replay can
-    restore the exact mask by restoring the RNG state."""
+    """Per-sample stochastic depth. Inside ``randomness.keyed`` a sample's mask is a function of
+    (seed, step, the sample's global index, this module's name), so every layout draws the same
+    masks; outside it draws from torch's generator (reversible replay restores its state)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"drop path rate must be in [0, 1), got {p}")
         self.p = p
+        self.stream = randomness.stream_id("")  # the model names it (``name_random_streams``)
+
+    def scaled_mask(self, batch: int, ndim: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """(batch, 1, ...) of 0 or 1/keep."""
+        keep = 1.0 - self.p
+        shape = (batch,) + (1,) * (ndim - 1)
+        keys = randomness.current()
+        if keys is None:
+            return torch.empty(shape, dtype=dtype, device=device).bernoulli_(keep).div_(keep)
+        if keys.ids.shape[0] != batch:
+            raise ValueError(f"drop path got {batch} samples but the keyed batch has {keys.ids.shape[0]}: "
+                             f"split the SampleKeys with the batch")
+        return (keys.uniform(self.stream) < keep).to(dtype).div_(keep).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return x * self.scaled_mask(x.shape[0], x.ndim, x.dtype, x.device)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def name_random_streams(model: nn.Module) -> None:
+    """Key each DropPath's draws by its name in the model (the same whole, per pipeline stage,
+    or under ``zero.Init``)."""
+    for name, m in model.named_modules():
+        if isinstance(m, DropPath):
+            m.stream = randomness.stream_id(name)
 
 
 class ConvNeXtBlock(nn.Module):
@@ -79,7 +116,7 @@ class ConvNeXtBlock(nn.Module):
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd to keep the spatial size, got {kernel_size}")
         self.dwconv = Conv2d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2, groups=channels)
-        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.norm = LayerNorm(channels, eps=1e-6)
         self.pwconv1 = Linear(channels, hidden)
         self.act = nn.GELU()
         self.pwconv2 = Linear(hidden, channels)

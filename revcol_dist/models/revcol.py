@@ -13,7 +13,7 @@ from ..reversible import DriftStats, run_reversible
 from .column import Column
 from .config import RevColConfig
 from .heads import Classifier, Decoder, SimDecoder
-from .layers import Conv2d, LayerNorm2d
+from .layers import Conv2d, LayerNorm2d, name_random_streams
 
 
 @dataclass
@@ -61,6 +61,7 @@ class RevCol(nn.Module):
             self.decoders = nn.ModuleList()
         self.reversible = config.reversible
         self.policy = config.policy()
+        name_random_streams(self)
         self.drift = DriftStats()
 
     @property

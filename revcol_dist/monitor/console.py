@@ -44,6 +44,10 @@ class Console:
 
     def update(self, step_in_epoch: int, global_step: int, total: int, stats: Dict[str, float]) -> None:
         text = (f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  {stats['images_per_sec']:.0f} img/s")
+        if stats.get("mfu") is not None:
+            text += f"  MFU {100 * stats['mfu']:.0f}%"
+        if stats.get("data_wait_share") is not None:
+            text += f"  data wait {100 * stats['data_wait_share']:.0f}%"
         if self.mode == "rich" and self.progress is not None:
             self.progress.update(self.task, completed=step_in_epoch, stats=text)
         elif self.mode == "plain" and (global_step % self.log_every == 0 or global_step == total):

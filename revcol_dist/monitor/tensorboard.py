@@ -18,6 +18,9 @@ def front_page(num_aux: int) -> Dict[str, Dict[str, list]]:
         training["reconstruction loss per decoder"] = ["Multiline", [f"train/loss_rec_{i}" for i in range(num_aux)]]
     training["learning rate"] = ["Multiline", ["train/lr"]]
     training["throughput (images/s)"] = ["Multiline", ["train/images_per_sec"]]
+    training["images/s per device"] = ["Multiline", ["train/images_per_sec_per_device"]]
+    training["model FLOPs utilisation"] = ["Multiline", ["train/mfu"]]
+    training["share of time waiting for data"] = ["Multiline", ["train/data_wait_share"]]
     validation = {"top-1 (%)": ["Multiline", ["val/top1", "val_ema/top1"]],
                   "top-5 (%)": ["Multiline", ["val/top5", "val_ema/top5"]],
                   "loss": ["Multiline", ["val/loss", "val_ema/loss"]]}

@@ -18,13 +18,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import randomness
 from ..files import atomic_save, save_checksummed
 from ..models.official import rename_to_official, to_official_key, to_official_state_dict
 from . import comm
 from .distributed import DistInfo
 from .ds_config import zero_stage
 
-MicroBatch = Tuple[torch.Tensor, torch.Tensor]  # (images, targets)
+# (images, targets) or (images, targets, SampleKeys): the keys make drop path layout-free
+MicroBatch = Tuple[torch.Tensor, ...]
 LossFn = Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]  # (out, targets, images) -> (loss, parts)
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
@@ -74,8 +76,8 @@ class Backend:
         n = len(micro_batches)
         total: Optional[torch.Tensor] = None
         parts: Dict[str, torch.Tensor] = {}
-        for i, (images, targets) in enumerate(micro_batches):
-            with self.accumulating(last=i == n - 1):
+        for i, (images, targets, *keys) in enumerate(micro_batches):
+            with self.accumulating(last=i == n - 1), randomness.keyed(keys[0] if keys else None):
                 with self.autocast():
                     loss, terms = loss_fn(self.forward(images), targets, images)
                 self.backward(loss / n)
@@ -307,13 +309,27 @@ class DeepSpeedBackend(Backend):
         if nvme:
             restore_resident_state(self.engine, directory)
 
+    def _fp32_masters(self) -> Optional[Dict[str, torch.Tensor]]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        inter_supv = self.model.config.inter_supv
+        params = dict(self.model.named_parameters())
+        out = {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            master = safe_get_full_fp32_param(t) if name in params else None  # collective
+            value = (master if master is not None else t.detach()).float() if t.is_floating_point() else t.detach()
+            if self.info.is_main:
+                out[to_official_key(name, inter_supv)] = value.cpu().clone()
+        return out if self.info.is_main else None
+
     def official_state_dict(self, checkpoint_dir=None):
         """Collective under ZeRO-3. From the saved checkpoint (fp32 master weights) where
         DeepSpeed's zero_to_fp32 can read it; with NVMe offload its checkpoint holds only part of
         the flat fp32 groups ("consumed N numels out of M"), so the live weights are gathered
-        instead, one parameter at a time."""
+        instead, one parameter at a time. ZeRO-1/2: from the optimizer's fp32 master copies
+        (under bf16 the module holds bf16 working copies), a collective over the ranks."""
         if self.stage < 3:
-            return super().official_state_dict()
+            return self._fp32_masters()
         inter_supv = self.model.config.inter_supv
         zc = self.ds_config.get("zero_optimization", {})
         on_nvme = any(zc.get(k, {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer"))

@@ -45,7 +45,7 @@ def build_and_step(model_name: str, zero: int, cfg: dict, batch: int = BATCH, re
         model = create_model(model_name, num_classes=1000)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, "adamw", 0.05), config=cfg)
-    x = torch.randn(batch, 3, res, res)
+    x = torch.randn(batch, 3, res, res, device=engine.device)  # where the engine computes (a GPU under NCCL)
     loss = engine(x).logits.float().logsumexp(1).mean()
     engine.backward(loss)
     engine.step()
@@ -53,13 +53,19 @@ def build_and_step(model_name: str, zero: int, cfg: dict, batch: int = BATCH, re
 
 
 def measure(model_name: str, zero: int, world: int) -> int:
-    """Peak live tensor bytes from building the model through one optimizer step."""
+    """Peak live tensor bytes from building the model through one optimizer step (on a GPU,
+    the allocator's peak: what the planner predicts is device memory)."""
     from ..monitor.live_bytes import LiveBytes
 
     gc.collect()
-    with LiveBytes() as meter:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
         engine, _ = build_and_step(model_name, zero, zero_config(zero, world))
-    peak = meter.peak
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with LiveBytes() as meter:
+            engine, _ = build_and_step(model_name, zero, zero_config(zero, world))
+        peak = meter.peak
     del engine
     gc.collect()
     return peak

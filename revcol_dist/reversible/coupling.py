@@ -25,19 +25,26 @@ def clamp_alpha(alpha: torch.Tensor, min_abs: float = ALPHA_MIN) -> torch.Tensor
     return clamped.detach() + (alpha - alpha.detach())
 
 
+def _stream(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: the residual stream's precision, whatever the weights' (DeepSpeed's bf16
+    mode casts every parameter, the alphas included, to bf16)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def shortcut(alpha: torch.Tensor, prev: Optional[torch.Tensor], f: torch.Tensor) -> torch.Tensor:
-    """alpha * prev + f; under autocast f may be bf16/fp16 while alpha and prev stay fp32,
-    so type promotion keeps the residual stream in fp32.
+    """alpha * prev + f, in fp32 (fp64 stays fp64) even where f comes out of bf16/fp16 autocast
+    or the weights themselves are bf16: reconstruction divides by alpha, and a bf16 stream would
+    lose to rounding what the inverse needs.
 
     Column 0 has no previous map: alpha still enters the graph (times zero) so that every
     parameter receives a gradient, as in the published model, and DDP without
     find_unused_parameters works.
     """
     if prev is None:
-        return f + alpha * 0.0
-    return alpha * prev + f
+        return _stream(f) + _stream(alpha) * 0.0
+    return _stream(alpha) * _stream(prev) + f
 
 
 def invert_shortcut(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """prev = (cur - f) / alpha, the inverse of ``shortcut``."""
-    return (cur - f) / alpha
+    """prev = (cur - f) / alpha, the inverse of ``shortcut`` (in the stream's precision)."""
+    return (_stream(cur) - f) / _stream(alpha)

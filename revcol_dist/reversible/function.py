@@ -84,7 +84,15 @@ class _StepState:
                 "set model.reversible = False for that use."
             )
         v = self.values[key]
-        return self.offloader.fetch(v) if key in self.kept else v
+        if key not in self.kept:
+            return v
+        self._prefetch_column(key[0] - 1)  # the backward walks the columns down: the next it needs
+        return self.offloader.fetch(v)
+
+    def _prefetch_column(self, j: int) -> None:
+        for l in range(4):
+            if (j, l) in self.kept and (j, l) in self.values:
+                self.offloader.prefetch(self.values[(j, l)])
 
     def pop(self, key: Key) -> torch.Tensor:
         v = self.get(key)
@@ -370,11 +378,34 @@ def _block_runners(policy: ReversiblePolicy) -> list:
             else partial(lean_block.lean_block, keep_hidden=False) for l in range(4)]
 
 
-def _alpha_mins(columns: Sequence[torch.nn.Module]) -> List[List[float]]:
-    """min |alpha_l| per column and level, in one host sync."""
+# Where the host learns which alphas are small without waiting for the GPU: the minima of each
+# forward are copied to pinned memory in the background and read by the next forward.
+_LAG_MARGIN = 1.5
+
+
+def _alpha_mins(columns: Sequence[torch.nn.Module], threshold: float) -> List[List[bool]]:
+    """Per column and level: is min |alpha_l| below ``threshold`` (keep that level's input
+    instead of reconstructing it)? On a CPU, exact. On a GPU, from the previous forward's minima
+    (copied to the host in the background: no sync in the step), against ``threshold`` x 1.5,
+    since one optimizer step moves an alpha by far less than half; the first forward syncs once."""
     with torch.no_grad():
         mins = torch.stack([a.detach().abs().min().float() for col in columns for a in col.alphas()])
-    flat = mins.tolist()
+    holder = columns[0]
+    if mins.device.type != "cuda":
+        flat = [v < threshold for v in mins.tolist()]
+    else:
+        previous = getattr(holder, "_revcol_alpha_mins", None)
+        if previous is None or previous[0].numel() != mins.numel():
+            flat = [v < threshold for v in mins.tolist()]
+        else:
+            host, done = previous
+            done.synchronize()  # long finished: recorded a whole step ago
+            flat = [v < threshold * _LAG_MARGIN for v in host.tolist()]
+        host = torch.empty(mins.shape, dtype=mins.dtype, pin_memory=True)
+        host.copy_(mins, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        object.__setattr__(holder, "_revcol_alpha_mins", (host, done))  # not a module attribute
     return [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
 
 
@@ -441,7 +472,7 @@ def run_reversible(
     st = _StepState(seg, policy, stats, x, partitioned)
     k = policy.boundary_interval
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
-        mins = _alpha_mins(seg)
+        small_alpha = _alpha_mins(seg, policy.min_reconstruct_alpha)
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
     if segment is not None:
@@ -462,7 +493,7 @@ def run_reversible(
                 st.keep((j, l), out, offload=False)  # read by the neighbouring levels, never reconstructed
                 cur.append(out)
                 continue
-            if p is not None and mins[j][l] < policy.min_reconstruct_alpha:
+            if p is not None and small_alpha[j][l]:
                 st.keep((j - 1, l), p)
             ins = col.level_inputs(l, x, cur, prev or [None] * 4)
             down = ins[0]

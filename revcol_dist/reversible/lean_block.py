@@ -27,9 +27,21 @@ from torch import nn
 
 # Token chunk of the hand-written MLP backward, in elements of (tokens x 4C): its
 # hidden-sized transients are about three chunks. Small where h is recomputed (the
-# memory-first "block" mode), large where h was kept (speed first).
+# memory-first "block" mode), large where h was kept (speed first). Tuned on a CPU, where
+# small chunks stay in cache; a GPU wants few large GEMMs (hundreds of 2^16-element ones per
+# block at level 0 would leave it idle), so there a chunk is 2^26 elements (256 MiB of fp32:
+# RevCol-B's level 0 at batch 128 runs in two) and whole where h was kept.
 CHUNK_ELEMENTS = 1 << 16
 CHUNK_ELEMENTS_KEPT_H = 1 << 20
+GPU_CHUNK_ELEMENTS = 1 << 26
+GPU_CHUNK_ELEMENTS_KEPT_H = 1 << 62  # no chunking
+
+
+def chunk_elements(device, kept_h: bool) -> int:
+    """The chunk size, in (tokens x 4C) elements, for a tensor on ``device``."""
+    if torch.device(device).type == "cuda":
+        return GPU_CHUNK_ELEMENTS_KEPT_H if kept_h else GPU_CHUNK_ELEMENTS
+    return CHUNK_ELEMENTS_KEPT_H if kept_h else CHUNK_ELEMENTS
 
 
 class Saved(NamedTuple):
@@ -57,12 +69,11 @@ def _ln_dtype(d: torch.Tensor, block: nn.Module) -> torch.dtype:
 
 def _drop_mask(block: nn.Module, batch: int, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
     """The scaled mask DropPath draws for the block's (N, C, H, W) branch: same shape, dtype
-    and RNG draw as the module's, so that replaying the RNG state replays it."""
+    and draw as the module's (keyed, or from the generator whose state replay restores)."""
     dp = block.drop_path
     if dp.p == 0.0 or not dp.training:
         return None
-    keep = 1.0 - dp.p
-    return torch.empty((batch, 1, 1, 1), dtype=dtype, device=device).bernoulli_(keep).div_(keep)
+    return dp.scaled_mask(batch, 4, dtype, device)
 
 
 def _conv(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +89,11 @@ def compute_dtype(block: nn.Module, d: torch.Tensor) -> torch.dtype:
 
 def _layer_norm(block: nn.Module, d: torch.Tensor):
     """LN over channels of the NCHW conv output; returns (n NHWC, mean, rstd)."""
-    dp = d.permute(0, 2, 3, 1)
-    dp = _as(dp, _ln_dtype(d, block))
-    return torch.native_layer_norm(dp, block.norm.normalized_shape, block.norm.weight, block.norm.bias, block.norm.eps)
+    dt = _ln_dtype(d, block)
+    dp = _as(d.permute(0, 2, 3, 1), dt)
+    norm = block.norm  # bf16 weights (DeepSpeed's bf16 mode) are raised to the input's dtype, as the module does
+    w, b = _as(norm.weight, dt), _as(norm.bias, dt)
+    return torch.native_layer_norm(dp, norm.normalized_shape, w, b, norm.eps)
 
 
 def _normalized(block: nn.Module, s: Saved) -> torch.Tensor:
@@ -134,7 +147,7 @@ def forward_chunked(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(rows, block.pwconv1.weight, block.pwconv1.bias)
         return F.linear(F.gelu(h), block.pwconv2.weight, block.pwconv2.bias)
 
-    step = _rows_per_chunk(block, CHUNK_ELEMENTS)
+    step = _rows_per_chunk(block, chunk_elements(x.device, kept_h=False))
     if step >= T:
         o = mlp(n)
     else:
@@ -190,7 +203,7 @@ def _rows_per_chunk(block: nn.Module, elements: int) -> int:
 
 
 def _chunk(block: nn.Module, s: Saved) -> int:
-    return _rows_per_chunk(block, CHUNK_ELEMENTS if s.h is None else CHUNK_ELEMENTS_KEPT_H)
+    return _rows_per_chunk(block, chunk_elements(s.x.device, kept_h=s.h is not None))
 
 
 @torch.no_grad()
@@ -218,7 +231,7 @@ def backward_tail(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
         gW2 = M
     else:
         # sum_t gy*o = sum_k W2[c,k] M[c,k] + b2[c] sum_t gy, row-chunked to bound the temporary
-        rows = _rows_per_chunk(block, CHUNK_ELEMENTS)
+        rows = _rows_per_chunk(block, chunk_elements(M.device, kept_h=False))
         w2a = _as(w2, acc)
         g_gamma = torch.cat([torch.linalg.vecdot(M[r:r + rows], w2a[r:r + rows]) for r in range(0, C, rows)])
         if b2 is not None:
@@ -257,8 +270,9 @@ def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
     dp = _as(s.d.permute(0, 2, 3, 1), ln_dt)
     g_dp, g_lw, g_lb = torch.ops.aten.native_layer_norm_backward(
         _as(g_n.view(N, H, W, C), ln_dt), dp, block.norm.normalized_shape, s.mean, s.rstd,
-        block.norm.weight, block.norm.bias, [True, True, True],
+        _as(block.norm.weight, ln_dt), _as(block.norm.bias, ln_dt), [True, True, True],
     )
+    g_lw, g_lb = _as(g_lw, block.norm.weight.dtype), _as(g_lb, block.norm.bias.dtype)
     del g_n, dp
     conv = block.dwconv
     g_x, g_cw, g_cb = torch.ops.aten.convolution_backward(

@@ -12,17 +12,20 @@ import torch
 class _Stash:
     host: torch.Tensor
     device: torch.device
-    event: Optional[object]
+    event: Optional[object]  # the copy to the host is done (CUDA)
+    back: Optional[torch.Tensor] = None  # the one copy back on the device, once fetched or prefetched
+    ready: Optional[object] = None  # the copy back is done (CUDA)
 
 
 class Offloader:
-    """stash() moves a tensor to host memory, fetch() brings it back.
+    """stash() moves a tensor to host memory, fetch() brings it back, once: later fetches
+    return the same device copy. prefetch() starts the copy back early (the backward calls it
+    for the column it will need next), so it overlaps the current column's backward.
 
-    On CUDA the copy goes to pinned memory on a side stream, ordered after the producing
-    stream by an event, so it overlaps the following columns' compute. On CPU the tensor is
-    copied into a separate host buffer (the kept value must not alias anything that may be
-    freed or modified later), which keeps the path exercised by CPU tests.
-    Disabled, it returns the tensor itself.
+    On CUDA the copies run on a side stream into and out of pinned memory, ordered by events
+    against the compute stream (no host sync). On CPU the tensor is copied into a separate host
+    buffer (the kept value must not alias anything that may be freed or modified later), which
+    keeps the path exercised by CPU tests. Disabled, it returns the tensor itself.
     """
 
     def __init__(self, enabled: bool, device: torch.device) -> None:
@@ -32,6 +35,7 @@ class Offloader:
         if enabled and device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
         self.bytes_offloaded = 0
+        self.bytes_fetched = 0
 
     def stash(self, t: torch.Tensor):
         if not self.enabled:
@@ -48,9 +52,26 @@ class Offloader:
             event.record(self.stream)
         return _Stash(host, t.device, event)
 
+    def prefetch(self, s) -> None:
+        """Start the copy back (CUDA: on the side stream, after the copy out)."""
+        if not isinstance(s, _Stash) or s.back is not None:
+            return
+        self.bytes_fetched += s.host.numel() * s.host.element_size()
+        if self.stream is None:
+            s.back = s.host.to(s.device)
+            return
+        with torch.cuda.stream(self.stream):  # the copy out ran on this stream: ordered after it
+            s.back = s.host.to(s.device, non_blocking=True)
+            s.ready = torch.cuda.Event()
+            s.ready.record(self.stream)
+
     def fetch(self, s) -> torch.Tensor:
         if not isinstance(s, _Stash):
             return s
-        if s.event is not None:
-            s.event.synchronize()
-        return s.host.to(s.device, non_blocking=s.event is not None)
+        self.prefetch(s)
+        if s.ready is not None:  # the compute stream waits for the copy, the host does not
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(s.ready)
+            s.back.record_stream(current)  # allocated on the side stream, used on this one
+            s.ready = None
+        return s.back

@@ -8,15 +8,22 @@ from typing import Optional
 
 import torch
 
+from .. import randomness
+
 
 @dataclass
 class RNGState:
-    cpu: torch.Tensor
+    """torch's generators, or (inside ``randomness.keyed``) the sample keys the forward drew with."""
+    cpu: Optional[torch.Tensor]
     device_type: str
     device_state: Optional[torch.Tensor]
+    keys: Optional[randomness.SampleKeys] = None
 
     @classmethod
     def capture(cls, device: torch.device) -> "RNGState":
+        keys = randomness.current()
+        if keys is not None:  # keyed draws: the keys replay them (no generator state to copy)
+            return cls(None, device.type, None, keys)
         dev_state = None
         if device.type == "cuda":
             dev_state = torch.cuda.get_rng_state(device)
@@ -33,7 +40,9 @@ class RNGState:
             saved._set(device)
 
     def _set(self, device: torch.device) -> None:
-        torch.set_rng_state(self.cpu)
+        randomness.set_current(self.keys)
+        if self.cpu is not None:
+            torch.set_rng_state(self.cpu)
         if self.device_state is not None:
             torch.cuda.set_rng_state(self.device_state, device)
 

@@ -112,16 +112,16 @@ def test_ema_update_by_hand():
 
 def test_mixup_by_hand():
     mix = Mixup(num_classes=3, mixup=0.8, cutmix=0.0, prob=1.0, smoothing=0.1, seed=7)
-    lam, box = mix.params(step=5, rank=1, h=4, w=4)
-    rng = np.random.default_rng([7, 5, 1, 0x6D6978])
+    lam, box = mix.params(step=5, h=4, w=4)
+    rng = np.random.default_rng([7, 5, 0x6D6978])
     rng.random()  # the apply-or-not draw
     want_lam = float(rng.beta(0.8, 0.8))
     assert box is None and lam == pytest.approx(want_lam)
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     y = torch.tensor([0, 2])
-    xm, t = mix(x, y, step=5, rank=1)
+    xm, t = mix(x, y, step=5)
     assert torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[1])
-    # targets: smoothed one-hots (0.1/3 off, 1-0.1+0.1/3 on), mixed with the flipped batch
+    # targets: smoothed one-hots (0.1/3 off, 1-0.1+0.1/3 on), mixed with the partner's
     off, on = 0.1 / 3, 0.9 + 0.1 / 3
     assert torch.allclose(t[0], torch.tensor([lam * on + (1 - lam) * off, off, lam * off + (1 - lam) * on]))
     assert torch.allclose(t.sum(1), torch.ones(2))
@@ -130,13 +130,30 @@ def test_mixup_by_hand():
 def test_cutmix_pastes_a_box_and_weights_by_its_area():
     mix = Mixup(num_classes=2, mixup=0.0, cutmix=1.0, prob=1.0, smoothing=0.0, seed=1)
     for step in range(20):
-        lam, box = mix.params(step, 0, 8, 8)
+        lam, box = mix.params(step, 8, 8)
         y0, y1, x0, x1 = box
         assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 64)
     x = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
     xm, t = mix(x, torch.tensor([0, 1]), step=3)
-    lam, _ = mix.params(3, 0, 8, 8)
+    lam, _ = mix.params(3, 8, 8)
     assert xm[0].mean().item() == pytest.approx(1 - lam)  # the pasted fraction comes from sample 1
     assert torch.allclose(t[0], torch.tensor([lam, 1 - lam]))
     with pytest.raises(ValueError, match="even"):
         mix(torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long), 0)
+
+
+def test_mixup_is_the_same_on_any_split_of_the_global_batch():
+    """Adjacent pairs and one draw per step: two ranks' halves (or four micro-batches) mix
+    exactly the pixels and targets one process does."""
+    mix = Mixup(num_classes=5, mixup=0.8, cutmix=1.0, prob=1.0, switch_prob=0.5, smoothing=0.1, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+    kinds = set()
+    for step in range(12):
+        whole = mix(x, y, step)
+        for parts in (2, 4):
+            split = [mix(xp, yp, step) for xp, yp in zip(x.chunk(parts), y.chunk(parts))]
+            assert torch.equal(whole[0], torch.cat([s[0] for s in split]))
+            assert torch.equal(whole[1], torch.cat([s[1] for s in split]))
+        kinds.add(mix.params(step, 16, 16)[1] is None)
+    assert kinds == {True, False}  # both mixup and cutmix steps were checked

@@ -98,6 +98,6 @@ def test_pipeline_partition_balances_columns():
     ("revcol_base", 384, 48.9), ("revcol_large", 384, 116.0), ("revcol_huge", 640, 2537.0)])
 def test_forward_macs_match_the_published_flops(name, res, published):
     from revcol_dist.models import get_variant
-    from revcol_dist.plan.model import forward_macs
+    from revcol_dist.models.flops import forward_macs
 
     assert forward_macs(get_variant(name), res) / 1e9 == pytest.approx(published, rel=0.01)

@@ -156,7 +156,18 @@ def test_drift_is_measured_at_kept_boundaries():
 
 
 @pytest.mark.parametrize("keep_levels", [(), (3,)])
-def test_offloaded_boundaries_give_same_gradients(keep_levels):
+def test_offloaded_boundaries_give_same_gradients(keep_levels, monkeypatch):
+    """And each offloaded boundary comes back once, however often the backward reads it."""
+    from revcol_dist.reversible import function, offload
+
+    made = []
+
+    class Counting(offload.Offloader):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(function, "Offloader", Counting)
     m = build(boundary_interval=1, keep_levels=keep_levels)
     x = torch.randn(2, 3, 64, 64)
     labels = torch.tensor([1, 2])
@@ -165,6 +176,9 @@ def test_offloaded_boundaries_give_same_gradients(keep_levels):
     _, g_off = grads(m, x, labels, True)
     for n in g_ref:
         assert torch.equal(g_ref[n], g_off[n]), n
+    off = made[-1]
+    assert off.enabled and off.bytes_offloaded > 0
+    assert off.bytes_fetched == off.bytes_offloaded  # one copy back per boundary
 
 
 def test_bf16_autocast_replay():

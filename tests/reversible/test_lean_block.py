@@ -149,3 +149,16 @@ def test_hidden_map_recomputed_in_backward(channels, spatial):
         lean_block.lean_block(block, x)
     hidden_bytes = x.numel() * 4 * x.element_size()
     assert meter.current - without_h == hidden_bytes
+
+
+def test_chunk_sizes_follow_the_device():
+    """CPU-sized chunks on a CPU; on a GPU few large GEMMs (none where the hidden map is kept)."""
+    assert lean_block.chunk_elements("cpu", kept_h=False) == lean_block.CHUNK_ELEMENTS
+    assert lean_block.chunk_elements("cpu", kept_h=True) == lean_block.CHUNK_ELEMENTS_KEPT_H
+    gpu = torch.device("cuda", 0)  # a device object needs no GPU
+    assert lean_block.chunk_elements(gpu, kept_h=False) >= 1 << 26
+    # RevCol-B's level 0 at batch 128 (401,408 tokens x 288): at most two chunks on a GPU, hundreds on a CPU
+    tokens, hidden = 128 * 56 * 56, 288
+    assert -(-tokens * hidden // lean_block.chunk_elements(gpu, kept_h=False)) <= 2
+    assert -(-tokens * hidden // lean_block.chunk_elements("cpu", kept_h=False)) > 500
+    assert lean_block.chunk_elements(gpu, kept_h=True) > tokens * hidden

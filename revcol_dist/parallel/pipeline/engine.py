@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ... import randomness
 from ...monitor.timing import DeviceTimer
 from ...reversible import Segment
 from .. import comm
@@ -164,7 +165,9 @@ class PipelineEngine:
                 break
             kind, m = slot.action
             if kind == "F":
-                self._forward(*micro_batches[m], m, loss_fn, received)
+                images, targets, *keys = micro_batches[m]
+                with randomness.keyed(keys[0] if keys else None):  # the backward's replay keeps them
+                    self._forward(images, targets, m, loss_fn, received)
             else:
                 self._backward(m, received)
         self._step_s = time.perf_counter() - t0

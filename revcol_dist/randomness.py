@@ -1,0 +1,102 @@
+"""Random draws that are a function of what they are for, not of who draws them or when.
+
+A data-parallel rank, a pipeline stage, a micro-batch of ``grad_accum`` and a reversible
+recomputation must all draw a sample's drop-path mask alike, or a run's trajectory depends on
+its layout. A draw here is a counter-based hash of (seed, step, the sample's global index,
+stream), where the stream names the consumer (a module's name, "mixup", ...). It runs as a
+few integer kernels on the device: no generator state, no host sync, nothing to replay.
+
+The trainer declares the keys of a micro-batch with ``keyed(SampleKeys(...))``; consumers ask
+``current()``. Without keys (a model called directly) they fall back to torch's generator."""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+_M32 = 0xFFFFFFFF
+# multipliers below 2**31: a uint32 times one stays inside int64 (no overflow, on any device)
+_K1, _K2 = 0x7FEB352D, 0x2C1B3C6D
+
+
+def _mix_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _K1) & _M32
+    x ^= x >> 15
+    x = (x * _K2) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """The same 32-bit mix, elementwise on an int64 tensor holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * _K1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _K2) & _M32
+    return x ^ (x >> 16)
+
+
+def stream_id(name: str) -> int:
+    """A stable 32-bit id for a consumer's name (the same in every process and layout)."""
+    return zlib.crc32(name.encode())
+
+
+def _base(seed: int, step: int, stream: int) -> int:
+    return _mix_int(_mix_int(_mix_int(seed) ^ step) ^ stream)
+
+
+def uniform(seed: int, step: int, ids: torch.Tensor, stream: int) -> torch.Tensor:
+    """float32 in [0, 1), one per entry of ``ids`` (int64 global sample indices), on their device."""
+    base = _base(seed, step, stream)
+    h = _mix((ids & _M32) ^ base)
+    h = _mix(h ^ ((ids >> 32) & _M32) ^ _mix_int(base + 1))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SampleKeys:
+    """Whose samples a forward computes: the run's seed, the optimizer step, and each
+    sample's global index (int64, on the compute device)."""
+    seed: int
+    step: int
+    ids: torch.Tensor
+    _cache: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def uniform(self, stream: int) -> torch.Tensor:
+        """Cached per stream: a recomputation reuses the forward's draw."""
+        if stream not in self._cache:
+            self._cache[stream] = uniform(self.seed, self.step, self.ids, stream)
+        return self._cache[stream]
+
+    def split(self, parts: int):
+        """The keys of ``tensor_split(parts)`` micro-batches."""
+        return [SampleKeys(self.seed, self.step, ids) for ids in self.ids.tensor_split(parts)]
+
+
+_CURRENT: Optional[SampleKeys] = None  # a plain global: autograd runs CUDA backward on its own thread
+
+
+def current() -> Optional[SampleKeys]:
+    return _CURRENT
+
+
+def set_current(keys: Optional[SampleKeys]) -> None:
+    """For replay (a reversible recomputation puts back the keys its forward saw)."""
+    global _CURRENT
+    _CURRENT = keys
+
+
+@contextlib.contextmanager
+def keyed(keys: Optional[SampleKeys]):
+    """Draws inside the block are keyed by ``keys`` (None: torch's generator)."""
+    global _CURRENT
+    saved, _CURRENT = _CURRENT, keys
+    try:
+        yield
+    finally:
+        _CURRENT = saved
