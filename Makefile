@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # System libraries the optional ffcv extra builds against, and libaio for ZeRO-Infinity (NVMe offload).
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config libaio-dev
 
-.PHONY: setup apt pretrain test test-fast clean
+.PHONY: setup apt pretrain test test-fast gpu-check clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,13 @@ pretrain: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# The GPU check (benchmarks/gpu_check.py, at most 10 minutes on one GPU, one JSON line; a reduced
+# mode on CPUs). The .venv holds the CPU build of torch pinned for CI: on a GPU node point
+# GPU_PY at a Python with a CUDA build (GPU_PY=python3 make gpu-check).
+GPU_PY ?= $(PY)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not multiprocess" $(ARGS)

@@ -45,16 +45,10 @@ from revcol_dist.models import create_model, get_variant  # noqa: E402
 from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys, keyed  # noqa: E402
-
-try:  # moving from the planner to models/flops.py
-    from revcol_dist.models.flops import forward_macs  # noqa: E402
-except ImportError:  # pragma: no cover
-    from revcol_dist.plan.model import forward_macs  # noqa: E402
+from revcol_dist.models.flops import forward_macs  # noqa: E402
+from revcol_dist.monitor.throughput import peak_tflops  # noqa: E402
 
 LOSS = RevColLoss((0.5,) * 3, (0.25,) * 3)
-# Dense bf16 tensor-core peaks (TFLOPS) by a substring of torch.cuda.get_device_name(); the
-# first match wins, so PCIe parts come before the SXM figure of the same chip.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
 # The seconds each check may take in gpu mode (subprocess timeouts, loop deadlines).
 SOFT_BUDGET_S = {"local_step": 40, "process_groups": 200, "reversible_gradients": 60, "offload": 40,
                  "memory_vs_planner": 60, "throughput": 150}
@@ -77,8 +71,10 @@ class Setting:
         return self.deadline - time.monotonic()
 
     def budget(self, check: str) -> float:
-        """A check's own seconds: its soft budget, cut to what the run has left."""
-        return max(1.0, min(SOFT_BUDGET_S[check], self.remaining()))
+        """A check's own seconds: on the GPU its soft budget, cut to what the run has left (a
+        loaded 2-core CPU is slow, not stuck: there only the run's budget counts)."""
+        own = SOFT_BUDGET_S[check] if self.gpu else math.inf
+        return max(1.0, min(own, self.remaining()))
 
 
 def log(msg: str) -> None:
@@ -244,7 +240,9 @@ def free_port() -> int:
 
 def pg_command(mode: str, cfg: Path) -> List[str]:
     """The project's own launcher; every mode but "single" under torchrun at world size 1 (one
-    GPU cannot host two NCCL ranks), so the process group is real: NCCL on GPU, gloo on CPU."""
+    GPU cannot host two NCCL ranks), so the process group is real: NCCL on GPU, gloo on CPU.
+    At one rank the trainer does not wrap the model in DDP (LocalBackend does above one), so
+    "ddp" checks the process group and the loss all-reduce, not DDP's gradient buckets."""
     launcher = [str(REPO / "launchers" / "pretrain.py"), "--config", str(cfg)]
     if PG_MODES[mode]:
         launcher += ["--deepspeed_config", str(REPO / "ds_configs" / PG_MODES[mode])]
@@ -304,7 +302,8 @@ def pg_entry(mode: str, run: dict, out: Path, log_file: Path, ref: Optional[Dict
         return {**entry, "ok": False, "error": f"{why}: " + " | ".join(log_tail(log_file))}
     metrics = json.loads((out / "metrics.json").read_text())
     losses = logged_losses(out)
-    entry.update(backend=metrics["backend"], world_size=metrics["world_size"], losses=[losses[k] for k in sorted(losses)])
+    entry.update(backend=metrics["backend"], world_size=metrics["world_size"],
+                 losses=[losses[k] for k in sorted(losses)])
     if ref is None or sorted(losses) != sorted(ref):
         return {**entry, "ok": False, "error": "no reference losses to compare with" if ref is None else "other steps"}
     worst = max(abs(losses[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref)
@@ -369,12 +368,13 @@ def gradients(model, x, y, reversible: bool, precision: str = "fp32"):
 
 
 def low_precision_entry(ref, plain, rev) -> dict:
-    """bf16 (or TF32) rounds every op to ~3 significant digits, and the reversible and plain
+    """bf16 (or TF32) rounds every op to 2-3 significant digits, and the reversible and plain
     paths round differently (different kernels, fp32 residual stream in the engine), so they
     cannot agree to fp32's 1e-4. What matters is that reversibility adds little error of its
     own: ok if the reversible gradients are no further from the exact (fp32) ones than 2x the
     plain path's own bf16 error, or if reversible and plain agree to 5e-2 anyway."""
-    rev_vs_plain, plain_vs_ref, rev_vs_ref = worst_relative(plain, rev), worst_relative(ref, plain), worst_relative(ref, rev)
+    rev_vs_plain, plain_vs_ref = worst_relative(plain, rev), worst_relative(ref, plain)
+    rev_vs_ref = worst_relative(ref, rev)
     ok = rev_vs_ref <= 2 * plain_vs_ref or rev_vs_plain < 5e-2
     return {"ok": ok, "rev_vs_plain": rev_vs_plain, "plain_vs_fp32": plain_vs_ref, "rev_vs_fp32": rev_vs_ref}
 
@@ -497,10 +497,9 @@ def check_memory_vs_planner(s: Setting) -> dict:
 # ---- 6. throughput ----------------------------------------------------------------------------
 
 def peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
+    """bf16 dense peak FLOPS of the device (the trainer's table), None where unknown."""
+    tf = peak_tflops(device, "bf16", tf32=True)
+    return tf * 1e12 if tf else None
 
 
 def timed_steps(b: LocalBackend, x, y, warmup: int, steps: int) -> float:
@@ -543,6 +542,7 @@ def throughput_of(s: Setting, name: str, reversible: bool) -> dict:
         step_s, peak = peak_bytes_of(lambda: timed_steps(b, x, y, t["warmup"], t["steps"]), s.device)
     ips = t["batch"] / step_s
     peak_f = peak_flops(s.device)
+    # model FLOPs (forward + 2x backward), as the trainer reports MFU: the recomputation is not counted
     mfu = ips * 6 * forward_macs(model.config, t["res"]) / peak_f if peak_f else None
     return {"images_per_sec": ips, "step_s": step_s, "mfu": mfu, "peak_bytes": peak, "loss": float(b.last_loss)}
 
@@ -636,8 +636,10 @@ def start_watchdog(report: Report, seconds: float) -> threading.Timer:
     """A hung collective or kernel would hold the lent machine: past ``seconds``, write what
     there is and leave."""
     def fire():
-        report.emit(error=f"hard time limit of {seconds:.0f} s reached")
-        os._exit(1)
+        try:
+            report.emit(error=f"hard time limit of {seconds:.0f} s reached")
+        finally:
+            os._exit(1)
 
     t = threading.Timer(seconds, fire)
     t.daemon = True
@@ -689,6 +691,7 @@ def main(argv=None) -> int:
     with scratch(args.work) as work:
         s = Setting(args.mode, device, work, time.monotonic() + args.budget_s)
         for name in args.checks:
+            report.data["checks"][name] = {"ok": False, "error": "did not finish"}  # what the watchdog would tell
             report.data["checks"][name] = run_check(name, s)
         watchdog.cancel()
         ok = report.emit()
