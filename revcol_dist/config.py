@@ -96,6 +96,13 @@ class TrainSection:
     # Copy the state to host memory and write it in the background while training goes on
     # (still atomic and verified; one write at a time).
     async_checkpoint: bool = False
+    # Also write each checkpoint's layout-free form (fp32 weights, optimizer moments and EMA by
+    # parameter name, safetensors): it resumes on another world size, ZeRO stage, DDP or the
+    # pipeline (docs/resilience.md).
+    portable_checkpoint: bool = True
+    # Resume a checkpoint trained with another global batch (the data position is mapped to the
+    # same number of samples into the epoch).
+    allow_batch_change: bool = False
     # The longest a step (or an evaluation batch, or a save) may take before every rank dumps its
     # stacks, names the stuck rank and exits non-zero for a restart (0: no watchdog).
     hang_timeout_s: float = 1800.0

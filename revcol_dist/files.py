@@ -18,7 +18,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -173,9 +173,49 @@ def deferring() -> Iterator[List[Tuple[Path, Any]]]:
         _state.deferred = outer
 
 
+class DeferredWrite:
+    """A file made by a function of its (temporary) path rather than by torch.save, e.g. a
+    safetensors shard; what it writes must already be on the host."""
+
+    def __init__(self, write: Callable[[Path], None]) -> None:
+        self.write = write
+
+
+def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Optional[FileRecord]:
+    """``write(tmp)`` into a temporary file beside ``path``, fsync, rename over ``path``;
+    recorded (size, CRC-32) like torch.save's files, or deferred inside ``deferring``."""
+    path = Path(path)
+    if _state.deferred is not None:
+        _state.deferred.append((path, DeferredWrite(write)))
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            write(Path(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            raise WriteError(path, e) from e
+        record = file_record(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if _state.records is not None:
+        _state.records[path] = record
+    return record
+
+
 def write_deferred(items: List[Tuple[Path, Any]]) -> Dict[Path, FileRecord]:
     """Write what ``deferring`` collected (each file atomically); their records."""
     with recording() as records:
         for path, obj in items:
-            atomic_save(obj, path)
+            if isinstance(obj, DeferredWrite):
+                write_file(path, obj.write)
+            else:
+                atomic_save(obj, path)
     return dict(records)

@@ -3,8 +3,9 @@
 FFCV's own RandomResizedCrop and RandomHorizontalFlip draw from numba's unseeded per-thread
 generators, so two runs with the same seed see different crops and a resumed run does not
 continue the interrupted one. Here every sample seeds the generator of the thread decoding it
-from (run seed, sample index, the batch's first and last index); ShardedOrder makes batches a
-function of (seed, epoch, rank), hence so are the crops, in any number of threads.
+from (run seed, epoch, sample index) only: the same crop whatever batch, rank or thread decodes
+it. The epoch is a constant of the compiled code (numba freezes what a kernel captures), so the
+stream sets ``decoder.epoch`` and has FFCV recompile its pipeline when the epoch changes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def seeded_rrc_decoder(size: int, scale, ratio=(3 / 4, 4 / 3), flip: bool = True
     from ffcv.pipeline.compiler import Compiler
 
     class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+        epoch = 0
+
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
             read = self.memory_read
@@ -26,17 +29,15 @@ def seeded_rrc_decoder(size: int, scale, ratio=(3 / 4, 4 / 3), flip: bool = True
             crop_resize = Compiler.compile(resize_crop)
             draw_crop = Compiler.compile(get_random_crop)
             sc, rt = np.array(self.scale, dtype=np.float64), np.array(self.ratio, dtype=np.float64)
-            base = np.uint64(seed % (2**31))
+            base = np.uint64((seed % (2**31)) * 1000003 + self.epoch * 7919 + 17) % np.uint64(2**31 - 1)
             do_flip = flip
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 out, scratch = my_storage
                 n = len(batch_indices)
-                first, last = np.uint64(batch_indices[0]), np.uint64(batch_indices[n - 1])
                 for k in loop(n):
                     ix = batch_indices[k]
-                    mix = (base * np.uint64(1000003) + np.uint64(ix) * np.uint64(7919)
-                           + first * np.uint64(104729) + last) % np.uint64(2**31 - 1)
+                    mix = (base * np.uint64(1000003) + np.uint64(ix) * np.uint64(104729)) % np.uint64(2**31 - 1)
                     np.random.seed(np.int64(mix))
                     rec = metadata[ix]
                     raw = read(rec["data_ptr"], storage_state)

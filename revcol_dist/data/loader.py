@@ -45,15 +45,25 @@ class DataStream:
     def load_state_dict(self, state: dict) -> None:
         self.order.load_state_dict(state)
 
+    def global_position(self) -> dict:
+        return self.order.global_position()
+
+    def load_global_position(self, pos: dict, allow_batch_change: bool = False) -> None:
+        self.order.load_global_position(pos, allow_batch_change)
+
     def _finish(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
-        rng = np.random.default_rng([self.order.seed, self.order.epoch, self.order.batches_done, self.order.rank])
+        # every draw of a sample's augmentation is keyed by (seed, epoch, its index): the same
+        # pixels whatever rank, batch or resume reads it
+        ids = index.tolist() if self.train and (self.randaug is not None or self.erasing > 0) else []
+        seed, epoch = self.order.seed, self.order.epoch
         if self.train and self.randaug is not None:
-            images = augment_batch(images.cpu(), rng, self.randaug)
+            rngs = [np.random.default_rng([seed, epoch, i, 0x52414E44]) for i in ids]
+            images = augment_batch(images.cpu(), rngs, self.randaug)
         if self.device is not None:
             images, labels, index = (t.to(self.device, non_blocking=True) for t in (images, labels, index))
         x = normalize(images, self.mean, self.std)
         if self.train and self.erasing > 0:
-            x = random_erasing(x, self.erasing, rng)
+            x = random_erasing(x, self.erasing, [np.random.default_rng([seed, epoch, i, 0x45524153]) for i in ids])
         return x, labels.long(), index.long()
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -93,9 +103,10 @@ class FFCVStream(DataStream):
             def sample_order(self, epoch: int):
                 return self.current
 
-        if self.train:  # seeded: the same crops in every run, so a resumed run continues exactly
-            image = [seeded_rrc_decoder(size, scale, flip=hflip, seed=self.order.seed),
-                     ToTensor(), ToTorchImage(channels_last=False)]
+        self._decoder, self._compiled_epoch = None, 0  # the Loader compiles its pipeline at epoch 0
+        if self.train:  # seeded by (seed, epoch, index): the same crops in every run and at every layout
+            self._decoder = seeded_rrc_decoder(size, scale, flip=hflip, seed=self.order.seed)
+            image = [self._decoder, ToTensor(), ToTorchImage(channels_last=False)]
         else:
             image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256), ToTensor(), ToTorchImage(channels_last=False)]
         ints = [IntDecoder(), ToTensor(), Squeeze(1)]
@@ -107,6 +118,10 @@ class FFCVStream(DataStream):
     def _batches(self, indices: np.ndarray):
         self._given.current = indices.astype(np.uint64)
         self._loader.first_traversal_order = self._given.current  # FFCV sizes the epoch from it
+        if self._decoder is not None:  # the crops' epoch is compiled in: recompile when it changes
+            self._decoder.epoch = self.order.epoch
+            self._loader.recompile = self.order.epoch != self._compiled_epoch
+            self._compiled_epoch = self.order.epoch
         for images, labels, index in self._loader:
             yield images, labels.view(-1), index.view(-1)
 

@@ -64,6 +64,29 @@ class ShardedOrder:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
                 "num_samples": self.num_samples, "world_size": self.world_size, "batch_size": self.batch_size}
 
+    def global_position(self) -> dict:
+        """Where the run is in its data, in terms no layout changes: the epoch, the global
+        batches done in it, the global batch size."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "seed": self.seed,
+                "num_samples": self.num_samples, "global_batch": self.batch_size * self.world_size}
+
+    def load_global_position(self, pos: dict, allow_batch_change: bool = False) -> None:
+        """Continue from ``global_position()`` of another layout. Another global batch is an
+        error unless allowed; then the position is mapped to the first batch boundary at or
+        before the same number of samples into the epoch (the epoch's order is the same)."""
+        if pos["num_samples"] != self.num_samples or pos["seed"] != self.seed:
+            raise ValueError(f"cannot resume the data position: the checkpoint read {pos['num_samples']} samples "
+                             f"with seed {pos['seed']}, this run {self.num_samples} with seed {self.seed}")
+        mine = self.batch_size * self.world_size
+        done = pos["batches_done"]
+        if pos["global_batch"] != mine:
+            if not allow_batch_change:
+                raise ValueError(f"the checkpoint was trained with the global batch {pos['global_batch']}, this run "
+                                 f"has {mine}: set train.batch_size={pos['global_batch']}, or "
+                                 f"train.allow_batch_change=true to continue with {mine}")
+            done = done * pos["global_batch"] // mine
+        self.epoch, self.batches_done = pos["epoch"], done
+
     def load_state_dict(self, state: dict) -> None:
         for key in ("num_samples", "world_size", "batch_size"):
             if state[key] != getattr(self, key):

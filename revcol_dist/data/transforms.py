@@ -206,11 +206,17 @@ class RandAugment:
         return img
 
 
-def random_erasing(batch: torch.Tensor, prob: float, rng: np.random.Generator) -> torch.Tensor:
+def _per_image(rngs, n: int) -> list:
+    """One generator per image (keyed by the sample: the same draws at any layout), or one for all."""
+    return list(rngs) if isinstance(rngs, (list, tuple)) else [rngs] * n
+
+
+def random_erasing(batch: torch.Tensor, prob: float, rngs) -> torch.Tensor:
     """Per image, with probability `prob`, replace a random rectangle (2%-33% of the area,
-    aspect 0.3-3.3) by normal noise; on normalised float images, in place."""
+    aspect 0.3-3.3) by normal noise; on normalised float images, in place. ``rngs``: a generator
+    per image, or one for the batch."""
     _, c, h, w = batch.shape
-    for i in range(batch.shape[0]):
+    for i, rng in enumerate(_per_image(rngs, batch.shape[0])):
         if rng.random() >= prob:
             continue
         for _ in range(10):
@@ -225,7 +231,8 @@ def random_erasing(batch: torch.Tensor, prob: float, rng: np.random.Generator) -
     return batch
 
 
-def augment_batch(batch: torch.Tensor, rng: np.random.Generator, randaug: Optional[RandAugment]) -> torch.Tensor:
+def augment_batch(batch: torch.Tensor, rngs, randaug: Optional[RandAugment]) -> torch.Tensor:
+    """RandAugment per image; ``rngs``: a generator per image, or one for the batch."""
     if randaug is None:
         return batch
-    return torch.stack([randaug(img, rng) for img in batch])
+    return torch.stack([randaug(img, rng) for img, rng in zip(batch, _per_image(rngs, batch.shape[0]))])

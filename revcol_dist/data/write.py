@@ -10,6 +10,8 @@ when complete; a sidecar ``<out>.json`` records the field layout, classes and co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -93,7 +95,8 @@ def write_beton(
         "index": IntField(),
     }
     writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
-    writer.from_indexed_dataset(_Samples(good, max_res), chunksize=64)
+    with _ffcv_bar(progress):
+        writer.from_indexed_dataset(_Samples(good, max_res), chunksize=64)
     os.replace(tmp, out)
     summary = {
         "fields": FIELD_LAYOUT,
@@ -108,6 +111,21 @@ def write_beton(
     }
     Path(str(out) + ".json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+@contextlib.contextmanager
+def _ffcv_bar(enabled: bool):
+    """FFCV's writer draws its own tqdm bar whatever it is asked: off with progress=False."""
+    import ffcv.writer
+    import tqdm
+
+    saved = ffcv.writer.tqdm
+    if not enabled:
+        ffcv.writer.tqdm = functools.partial(tqdm.tqdm, disable=True)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = saved
 
 
 def _progress(it, total: int, what: str, enabled: bool):

@@ -164,9 +164,10 @@ class CheckpointManager:
 
     # ---- saving ---------------------------------------------------------------------------
 
-    def save(self, backend, step: int, client_state: dict, meta: dict) -> Optional[Path]:
+    def save(self, backend, step: int, client_state: dict, meta: dict, also=None) -> Optional[Path]:
         """Write a checkpoint of every rank (collective). Returns its folder, or None where it
-        failed and ``on_error`` is "continue" (the run goes on; the next interval tries again)."""
+        failed and ``on_error`` is "continue" (the run goes on; the next interval tries again).
+        ``also(folder)`` writes more into it (the layout-free form), recorded and verified alike."""
         self.wait()
         tmp, final = self.root / f".tmp_step_{step:08d}", self.root / f"step_{step:08d}"
         previous = self.latest()
@@ -176,7 +177,7 @@ class CheckpointManager:
                 _shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         comm.barrier()
-        error = self._check_space(previous) or self._write(backend, tmp, client_state, previous)
+        error = self._check_space(previous) or self._write(backend, tmp, client_state, previous, also)
         errors = [e for e in comm.all_gather_object(error) if e]
         if errors:
             return self._failed(tmp, final, previous, errors[0])
@@ -210,13 +211,16 @@ class CheckpointManager:
                     f"size), {_bytes(free)} are free")
         return None
 
-    def _write(self, backend, tmp: Path, client_state: dict, previous: Optional[Path] = None) -> Optional[str]:
+    def _write(self, backend, tmp: Path, client_state: dict, previous: Optional[Path] = None,
+               also=None) -> Optional[str]:
         """This rank's part: written with its records (or, asynchronous, copied to host memory).
         None where it went well, else what went wrong."""
         try:
             with (deferring() if self.asynchronous else recording()) as collected:
                 backend.save(tmp)
                 atomic_save(client_state, tmp / f"client_rank{self.rank:05d}.pt")
+                if also is not None:
+                    also(tmp)
             if self.asynchronous:
                 self._pending = collected  # (path, host copy) pairs for the background writer
             else:

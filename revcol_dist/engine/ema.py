@@ -56,6 +56,10 @@ class ModelEMA:
             for i, b in backup_whole.items():
                 self.params[i].data.copy_(b)
 
+    def full(self, i: int) -> torch.Tensor:
+        """Parameter i's whole fp32 EMA (collective under ZeRO-3)."""
+        return self._gather(i)
+
     def _gather(self, i: int) -> torch.Tensor:
         p, s = self.params[i], self.shadow[i]
         if not hasattr(p, "ds_tensor"):

@@ -39,6 +39,8 @@ from .ema import ModelEMA
 from .evaluate import evaluate
 from .losses import RevColLoss
 from .optim import make_optimizer, wants_cpu_adam
+from .portable_checkpoint import FOLDER as PORTABLE
+from .portable_checkpoint import load_portable, portable_folder, write_portable
 from .schedule import lr_at
 from .watchdog import HangWatchdog
 
@@ -342,17 +344,34 @@ class Trainer:
         return scalars
 
     def save(self) -> Optional[Path]:
-        """A resumable checkpoint of every rank; None where it failed and train.on_save_error
-        is "continue"."""
+        """A resumable checkpoint of every rank, with its layout-free form unless switched off;
+        None where it failed and train.on_save_error is "continue"."""
         self.watchdog.beat(self.step, "save")
         client = {"step": self.step, "data": self.train_stream.state_dict(), "rng": rng_state(),
                   "nan_skipped": self.nan_skipped}
         if self.ema is not None:
             client["ema"] = self.ema.state_dict()
+        also = None
+        if self.cfg.train.portable_checkpoint:
+            position = {"step": self.step, "data": self.train_stream.global_position(), "seed": self.cfg.train.seed,
+                        "nan_skipped": self.nan_skipped, "model": self.meta, "layout": self.layout,
+                        "pipeline": self._pipeline_state()}
+            also = lambda tmp: write_portable(tmp / PORTABLE, self.backend, self.ema, position)  # noqa: E731
         with _file_size_limit(self.step):
-            saved = self.ckpts.save(self.backend, self.step, client, self.meta)
+            saved = self.ckpts.save(self.backend, self.step, client, {**self.meta, "layout": self.layout}, also)
         self.watchdog.beat(self.step, "train")
         return saved
+
+    @property
+    def layout(self) -> dict:
+        """What a native checkpoint is tied to; any other layout resumes from the portable form."""
+        return {"backend": self.backend.name, "world_size": self.info.world_size}
+
+    def _pipeline_state(self) -> Optional[dict]:
+        engine = getattr(self.backend, "engine", None)
+        if not hasattr(engine, "zero_stash"):
+            return None
+        return {"zero_stash": engine.zero_stash, "steps": engine.steps, "drift": engine.last_drift}
 
     def resume(self, resume: Optional[str]) -> None:
         """``resume``: "auto" (the newest complete checkpoint, if any), a folder, or None."""
@@ -373,9 +392,13 @@ class Trainer:
             raise ConfigError(f"{where} is a checkpoint of {saved.get('model')} "
                               f"({', '.join(f'{k}={a}' for k, (a, _) in mismatch.items())}), but this run builds "
                               f"{self.cfg.model.name} ({', '.join(f'{k}={b}' for k, (_, b) in mismatch.items())})")
-        if saved["world_size"] != self.info.world_size:
-            raise ConfigError(f"{where} was written by {saved['world_size']} ranks; this run has "
-                              f"{self.info.world_size}: resume with the same world size")
+        written = saved.get("layout", {"backend": None, "world_size": saved["world_size"]})
+        if written == self.layout or (written["backend"] is None and written["world_size"] == self.info.world_size):
+            self._resume_native(where)
+        else:
+            self._resume_portable(where, written)
+
+    def _resume_native(self, where: Path) -> None:
         self.backend.load(where)
         client = self.ckpts.load_client(where)
         self.step, self.nan_skipped = client["step"], client.get("nan_skipped", 0)
@@ -387,6 +410,32 @@ class Trainer:
                                   f"resume with train.ema_decay=0 or start a new run")
             self.ema.load_state_dict(client["ema"])
         self.say(f"resumed from {where} at step {self.step}")
+
+    def _resume_portable(self, where: Path, written: dict) -> None:
+        """Another layout: from the layout-free form, each rank reading what it holds."""
+        folder = portable_folder(where)
+        was = f"{written['backend'] or 'a layout'} on {written['world_size']} ranks"
+        if folder is None:
+            raise ConfigError(f"{where} was written by {was} and has no layout-free form to resume on "
+                              f"{self.backend.name} x{self.info.world_size}: resume on that layout, or convert "
+                              f"it there with launchers/convert_checkpoint.py")
+        try:
+            meta = load_portable(folder, self.backend, self.ema)
+            self.train_stream.load_global_position(meta["data"], self.cfg.train.allow_batch_change)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        self.step, self.nan_skipped = meta["step"], meta.get("nan_skipped", 0)
+        if meta["data"]["global_batch"] != self.cfg.train.batch_size:  # counted in this run's steps
+            order = self.train_stream.order
+            self.step = order.epoch * self.steps_per_epoch + order.batches_done
+        engine = getattr(self.backend, "engine", None)
+        if hasattr(engine, "zero_stash"):
+            pipe = meta.get("pipeline") or {}
+            engine.steps = pipe.get("steps", self.step)
+            engine.zero_stash = pipe.get("zero_stash", engine.zero_stash)
+            engine.last_drift = pipe.get("drift")
+        self.say(f"resumed from {where} at step {self.step} (written by {was}; its layout-free form, on "
+                 f"{self.backend.name} x{self.info.world_size})")
 
     def export(self, checkpoint: Path) -> Path:
         """fp32 weights (and their EMA) in the authors' released format, written by rank 0."""

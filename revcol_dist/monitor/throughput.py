@@ -13,7 +13,8 @@ from typing import Dict, Optional
 import torch
 
 # Dense peak TFLOPS by device name (SXM parts; PCIe parts run lower): bf16, tf32, fp32.
-PEAK_TFLOPS = {
+PEAK_TFLOPS = {  # the first name found in torch.cuda.get_device_name() wins: PCIe parts first
+    "H100 PCIe": (756.0, 378.0, 51.0),
     "H200": (989.0, 494.0, 67.0),
     "H100": (989.0, 494.0, 67.0),
     "A100": (312.0, 156.0, 19.5),

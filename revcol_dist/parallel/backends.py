@@ -162,6 +162,12 @@ class Backend:
         """Full fp32 weights under the released key names, on rank 0 (None elsewhere)."""
         return to_official_state_dict(self.model) if self.info.is_main else None
 
+    def portable_layout(self):
+        """What this backend holds of the layout-free checkpoint (``portable_state.py``)."""
+        from .portable_state import WholeOnEveryRank
+
+        return WholeOnEveryRank(self.model, self.optimizer, self.info.world_size)
+
     def export_ema(self, ema) -> Optional[Dict[str, torch.Tensor]]:
         """The whole fp32 EMA under the model's key names, on rank 0 (collective under ZeRO-3)."""
         return ema.full_state_dict(self.info.is_main)
@@ -274,6 +280,11 @@ class DeepSpeedBackend(Backend):
         self.last_grad_norm = None if norm is None else torch.as_tensor(norm)
         return self.engine.skipped_steps == skipped  # non-finite gradients: DeepSpeed skipped it
 
+    def portable_layout(self):
+        from .portable_state import ZeroShards
+
+        return ZeroShards(self.engine, self.stage, self.info.world_size)
+
     def alphas(self):
         if self.stage < 3:
             return super().alphas()
@@ -334,13 +345,18 @@ class DeepSpeedBackend(Backend):
         zc = self.ds_config.get("zero_optimization", {})
         on_nvme = any(zc.get(k, {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer"))
         if on_nvme or checkpoint_dir is None:
-            import deepspeed
+            from deepspeed.utils import safe_get_full_fp32_param
 
             out = {}
-            for name, p in self.model.named_parameters():
-                with deepspeed.zero.GatheredParameters([p]):
-                    if self.info.is_main:
-                        out[to_official_key(name, inter_supv)] = p.detach().float().cpu().clone()
+            for name, p in self.model.named_parameters():  # the fp32 masters (swapped in where on NVMe)
+                master = safe_get_full_fp32_param(p) if p.requires_grad else None
+                if master is None:
+                    import deepspeed
+
+                    with deepspeed.zero.GatheredParameters([p]):
+                        master = p.detach().float()
+                if self.info.is_main:
+                    out[to_official_key(name, inter_supv)] = master.float().cpu().clone()
             return out if self.info.is_main else None
         if not self.info.is_main:
             return None

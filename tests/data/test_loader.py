@@ -240,3 +240,41 @@ def test_randaugment_and_erasing_change_images_deterministically(folder):
     aug2 = next(iter(build_loader(folder, randaug=True, erasing=1.0, **kw)))[0]
     assert torch.equal(aug1, aug2)
     assert not torch.equal(plain, aug1)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_recipe_augmentation_is_the_same_at_any_world_size_and_after_resume(folder, beton, backend):
+    """Crop, flip, RandAugment and erasing of a sample are a function of (seed, epoch, its index):
+    two ranks' halves of each global batch, and a run resumed mid-epoch, give one process's pixels."""
+    src = beton if backend == "ffcv" else folder
+    kw = dict(train=True, img_size=32, seed=11, backend=backend, hflip=True, randaug=True, erasing=0.5)
+
+    def pixels(stream, batches=None):
+        out = {}
+        for k, (imgs, _, idx) in enumerate(stream):
+            out.update({int(i): img.clone() for i, img in zip(idx, imgs)})
+            if batches is not None and k + 1 == batches:
+                break
+        return out
+
+    one = pixels(build_loader(src, batch_size=4, **kw))
+    two = {}
+    for rank in range(2):
+        two.update(pixels(build_loader(src, batch_size=2, rank=rank, world_size=2, **kw)))
+    assert one.keys() == two.keys() and len(one) >= 8
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    first = build_loader(src, batch_size=4, **kw)
+    seen = pixels(first, batches=2)
+    resumed = build_loader(src, batch_size=4, **kw)
+    resumed.load_state_dict(first.state_dict())
+    seen.update(pixels(resumed))
+    assert seen.keys() == one.keys() and all(torch.equal(one[k], seen[k]) for k in one)
+
+
+def test_writer_draws_no_bar_when_asked(tmp_path, capfd):
+    """prepare_digits writes its .beton files with progress=False: FFCV's own tqdm bar stays off."""
+    from revcol_dist.data.digits import prepare_digits
+
+    prepare_digits(tmp_path / "digits")
+    captured = capfd.readouterr()
+    assert "it/s" not in captured.err + captured.out and "%|" not in captured.err

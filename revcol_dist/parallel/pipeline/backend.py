@@ -15,6 +15,7 @@ from ...models.revcol import RevColOutput
 from .. import comm
 from ..backends import Backend, StepLoss, set_lr
 from .engine import PipelineEngine
+from .partition import column_modules
 
 
 class PipelineBackend(Backend):
@@ -67,6 +68,16 @@ class PipelineBackend(Backend):
         for part in comm.all_gather_object(mine):
             merged.update(part)
         return merged
+
+    def portable_layout(self):
+        from ..portable_state import PipelineStage
+
+        e = self.engine
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        modules = column_modules(self.model)
+        stage_of = {names[id(p)]: s for s, cols in enumerate(e.partition) for c in cols
+                    for m in modules[c] for p in m.parameters()}
+        return PipelineStage(self.model, self.optimizer, e.stage, e.S, e.D, stage_of)
 
     def _stage_file(self, directory: Path) -> Path:
         return Path(directory) / f"pipeline_stage{self.engine.stage:03d}.pt"
