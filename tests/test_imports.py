@@ -1,7 +1,7 @@
 """The package's shape: imports flow one way and private names stay in their module.
 
 Allowed direction between the sub-packages (a package may import those to its right):
-launchers, cli > plan > engine > parallel > monitor, data > models > reversible > files, config, randomness.
+launchers, cli > plan > engine > parallel > monitor, data > models > reversible > portable > files, config, randomness.
 """
 
 import ast
@@ -14,15 +14,16 @@ PKG = Path(__file__).resolve().parents[1] / "revcol_dist"
 # what each part may import from revcol_dist (besides itself)
 ALLOWED = {
     "randomness": set(),
+    "portable": {"files"},
     "reversible": {"randomness"},
     "models": {"reversible", "randomness"},
     "data": {"randomness"},
     "monitor": set(),
     "files": set(),
     "config": {"models"},  # validation builds the model config
-    "parallel": {"models", "reversible", "files", "config", "monitor", "randomness"},
-    "engine": {"models", "reversible", "files", "config", "monitor", "data", "parallel", "randomness"},
-    "plan": {"models", "reversible", "files", "config", "monitor", "parallel", "engine", "randomness"},
+    "parallel": {"models", "reversible", "files", "config", "monitor", "randomness", "portable"},
+    "engine": {"models", "reversible", "files", "config", "monitor", "data", "parallel", "randomness", "portable"},
+    "plan": {"models", "reversible", "files", "config", "monitor", "parallel", "engine", "randomness", "portable"},
     "cli": {"config", "data", "models", "engine", "parallel"},
 }
 
