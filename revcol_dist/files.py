@@ -173,6 +173,16 @@ def deferring() -> Iterator[List[Tuple[Path, Any]]]:
         _state.deferred = outer
 
 
+def _os_error(e: Exception) -> Exception:
+    """The OS error behind a serializer's error ("... (os error 27)"), where it names one."""
+    import re
+
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"(.*)\(os error (\d+)\)", str(e))
+    return OSError(int(m.group(2)), os.strerror(int(m.group(2)))) if m else e
+
+
 class DeferredWrite:
     """A file made by a function of its (temporary) path rather than by torch.save, e.g. a
     safetensors shard; what it writes must already be on the host."""
@@ -196,8 +206,8 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Option
             write(Path(tmp))
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        except (OSError, RuntimeError) as e:
-            raise WriteError(path, e) from e
+        except Exception as e:  # safetensors reports the OS error inside its own type
+            raise WriteError(path, _os_error(e)) from e
         record = file_record(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
