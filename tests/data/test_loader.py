@@ -278,3 +278,22 @@ def test_writer_draws_no_bar_when_asked(tmp_path, capfd):
     prepare_digits(tmp_path / "digits")
     captured = capfd.readouterr()
     assert "it/s" not in captured.err + captured.out and "%|" not in captured.err
+
+
+def test_data_position_carries_over_layouts_and_maps_a_new_batch_only_when_asked():
+    from revcol_dist.data.order import ShardedOrder
+
+    two = ShardedOrder(num_samples=100, batch_size=4, rank=1, world_size=2, seed=3)
+    two.advance(5)  # 5 global batches of 8 into epoch 0
+    pos = two.global_position()
+    one = ShardedOrder(num_samples=100, batch_size=8, seed=3)
+    one.load_global_position(pos)  # same global batch on one rank: the same next samples
+    mine = [i for r in range(2) for i in ShardedOrder(100, 4, r, 2, 3, batches_done=5).remaining_indices()[:4]]
+    assert sorted(one.remaining_indices()[:8]) == sorted(mine)
+    bigger = ShardedOrder(num_samples=100, batch_size=16, seed=3)
+    with pytest.raises(ValueError, match="train.allow_batch_change=true"):
+        bigger.load_global_position(pos)
+    bigger.load_global_position(pos, allow_batch_change=True)
+    assert (bigger.epoch, bigger.batches_done) == (0, 2)  # 40 samples in: the boundary at 32
+    with pytest.raises(ValueError, match="seed"):
+        ShardedOrder(num_samples=100, batch_size=8, seed=4).load_global_position(pos)
