@@ -115,26 +115,35 @@ def save_checksummed(obj: Any, path: str | os.PathLike, **save_kw) -> FileRecord
     return record
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> FileRecord:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    if _state.deferred is not None:
-        return save_checksummed(obj, path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path``: renamed over it (the folder fsynced) when the block
+    succeeds, removed when it does not. A crash leaves ``path`` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    records, _state.records = _state.records, None
     try:
-        try:
-            record = save_checksummed(obj, tmp)
-        except WriteError as e:
-            raise WriteError(path, e.cause) from e
+        yield Path(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> FileRecord:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    if _state.deferred is not None:
+        return save_checksummed(obj, path)
+    records, _state.records = _state.records, None
+    try:
+        with _replacing(path) as tmp:
+            try:
+                record = save_checksummed(obj, tmp)
+            except WriteError as e:
+                raise WriteError(path, e.cause) from e
     finally:
         _state.records = records
     if records is not None:
@@ -198,23 +207,14 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Option
     if _state.deferred is not None:
         _state.deferred.append((path, DeferredWrite(write)))
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _replacing(path) as tmp:
         try:
-            write(Path(tmp))
+            write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         except Exception as e:  # safetensors reports the OS error inside its own type
             raise WriteError(path, _os_error(e)) from e
         record = file_record(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     if _state.records is not None:
         _state.records[path] = record
     return record
