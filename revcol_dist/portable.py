@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -120,7 +120,3 @@ class PortableReader:
     def close(self) -> None:
         self._open.clear()
 
-
-def read_meta(directory: Path) -> Optional[dict]:
-    path = Path(directory) / INDEX
-    return json.loads(path.read_text())["meta"] if path.is_file() else None

@@ -12,7 +12,7 @@ optimizer's per-parameter state (AdamW: exp_avg, exp_avg_sq; SGD: momentum_buffe
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -275,6 +275,3 @@ def load_ema(ema, layout, reader) -> None:
         shadow.zero_()
         shadow[: stop - start] = reader.flat_range(f"ema/{name}", start, stop)
 
-
-def describe(layout) -> Dict[str, object]:
-    return {"adapter": type(layout).__name__}
