@@ -132,6 +132,9 @@ class PipelineSection:
     zero_stash: bool = False  # stages keep no outputs; the next stage sends them back reconstructed
     check_every: int = 50  # zero-stash: keep and compare outputs every N steps (drift guard)
     drift_tolerance: float = 1.0e-3
+    # ZeRO inside each stage's replicas: 1 shards the optimizer states over them, 2 the
+    # gradients too (each replica keeps its shard's only); 0: replicated
+    zero: int = 0
 
 
 @dataclass
@@ -289,6 +292,11 @@ def validate(cfg: Config) -> None:
     pp = cfg.pipeline
     if pp.stages < 1 or pp.micro_batches < 1:
         problems.append(f"pipeline.stages and pipeline.micro_batches must be >= 1, got {pp.stages}, {pp.micro_batches}")
+    if pp.zero not in (0, 1, 2):
+        problems.append(f"pipeline.zero must be 0, 1 or 2, got {pp.zero}")
+    elif pp.zero and pp.stages == 1:
+        problems.append("pipeline.zero shards inside pipeline stages: without a pipeline use DeepSpeed's ZeRO "
+                        "(--deepspeed_config ds_configs/zero2.json) and set pipeline.zero=0")
     if pp.cost not in ("params", "flops"):
         problems.append(f"pipeline.cost must be params or flops, got {pp.cost!r}")
     if pp.stages > 1 and t.grad_accum > 1:

@@ -46,6 +46,12 @@ def stream_id(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def param_seed(seed: int, name: str) -> int:
+    """A 64-bit generator seed for the initialisation of parameter ``name``."""
+    stream = stream_id(name)
+    return (_mix_int(_mix_int(seed) ^ stream) << 32) | _mix_int(_mix_int(seed + 1) ^ stream)
+
+
 def _base(seed: int, step: int, stream: int) -> int:
     return _mix_int(_mix_int(_mix_int(seed) ^ step) ^ stream)
 

@@ -11,7 +11,7 @@ of RevCol-B; here the whole index counts.)
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence
+from typing import Collection, Dict, List, Optional, Sequence
 
 import torch
 
@@ -45,13 +45,15 @@ def _ndim(p: torch.Tensor) -> int:
     return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # ZeRO-3 partitions are flat
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> List[Dict]:
-    """One group per (layer id, decay or not), each with ``lr_scale``; empty groups are dropped."""
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 names: Optional[Collection[str]] = None) -> List[Dict]:
+    """One group per (layer id, decay or not), each with ``lr_scale``; empty groups are dropped.
+    ``names``: only these parameters (a ZeRO shard's), grouped as in the whole model."""
     cfg = model.config
     top = num_layers(cfg.layers, cfg.num_columns)
     groups: Dict[tuple, Dict] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (names is not None and name not in names):
             continue
         lid = layer_id(to_official_key(name, cfg.inter_supv), cfg.layers, cfg.num_columns) if layer_decay != 1.0 else top
         decay = _ndim(p) > 1
@@ -65,13 +67,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 
 def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer_decay: float = 1.0,
-                   cpu_adam: bool = False):
+                   cpu_adam: bool = False, names: Optional[Collection[str]] = None):
     """AdamW (betas 0.9/0.999, eps 1e-8) or SGD (momentum 0.9) over ``param_groups``; the
     backends set each group's LR every step (``lr * lr_scale``). ``cpu_adam``: DeepSpeed's
     vectorised CPU Adam (the same AdamW update), for ZeRO-Offload on GPU nodes, where torch's
     AdamW would step the host-resident states several times slower. It compiles on first use,
     so CPU-only runs (and CI) keep torch's."""
-    groups = param_groups(model, weight_decay, layer_decay)
+    groups = param_groups(model, weight_decay, layer_decay, names)
     for g in groups:
         g.pop("names")
     if name == "sgd":

@@ -27,9 +27,9 @@ def folder_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
     return rename_to_official(sd, inter_supv)
 
 
-def load_pretrained(model: torch.nn.Module, path: str, use_ema: bool = False) -> LoadReport:
+def load_pretrained(model: torch.nn.Module, path: str, use_ema: bool = False, only=None) -> LoadReport:
     """Load on every rank (call collectively under ZeRO-3: parameters are gathered, rank 0 loads,
-    the result is re-partitioned)."""
+    the result is re-partitioned). ``only``: the keys this rank holds (a pipeline stage's)."""
     src = Path(path)
     if not src.exists():
         raise CheckpointError(f"pretrained weights not found: {src}")
@@ -41,4 +41,4 @@ def load_pretrained(model: torch.nn.Module, path: str, use_ema: bool = False) ->
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             report = load_official_checkpoint(model, source, strict=False, use_ema=use_ema)
         return report
-    return load_official_checkpoint(model, source, strict=False, use_ema=use_ema)
+    return load_official_checkpoint(model, source, strict=False, use_ema=use_ema, only=only)

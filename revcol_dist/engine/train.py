@@ -23,6 +23,7 @@ from ..data.mixup import Mixup
 from ..data.sources import build_streams, prepare_data
 from ..files import atomic_save
 from ..models import create_model
+from ..models.init import initialize
 from ..models.flops import train_flops_per_image
 from ..models.official import rename_to_official
 from ..monitor.console import Console
@@ -166,16 +167,24 @@ class Trainer:
     # ---- building ----------------------------------------------------------------------
 
     def _build_model(self):
-        cfg = self.cfg
+        """Weights keyed by (seed, parameter name) however the model is built: whole; under
+        ``zero.Init`` (never whole on one rank); on the meta device for the pipeline, whose
+        engine gives storage and weights to its own stage's modules only."""
+        cfg, seed = self.cfg, self.cfg.train.seed
         args = dict(cfg.model.args)
         args.setdefault("num_classes", self.train_stream.num_classes)
+        if cfg.pipeline.stages > 1:
+            with torch.device("meta"):
+                return create_model(cfg.model.name, **args)  # pretrained weights: per stage, in _build_backend
         if self.ds is not None and zero_stage(self.ds) == 3:
             import deepspeed
 
-            with deepspeed.zero.Init(config_dict_or_path=self.ds):  # never whole on one rank
+            with deepspeed.zero.Init(config_dict_or_path=self.ds):
                 model = create_model(cfg.model.name, **args)
+            initialize(model, seed, gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0))
         else:
             model = create_model(cfg.model.name, **args)
+            initialize(model, seed)
         if cfg.train.pretrained:
             from .pretrained import load_pretrained
 
@@ -191,8 +200,17 @@ class Trainer:
         if cfg.pipeline.stages > 1:
             from ..parallel.pipeline.backend import PipelineBackend
 
-            return PipelineBackend(self.model, self.info, cfg.pipeline, optimizer, t.precision,  # moves its stage
-                                   t.clip_grad, res=cfg.data.img_size, device=self.device, log=self.say)
+            backend = PipelineBackend(self.model, self.info, cfg.pipeline, optimizer, t.precision,  # builds its stage
+                                      t.clip_grad, res=cfg.data.img_size, device=self.device, seed=t.seed,
+                                      log=self.say)
+            if t.pretrained:  # each stage reads its own tensors of the file
+                from .pretrained import load_pretrained
+
+                mine = {k for k, v in self.model.state_dict().items() if v.numel()}
+                self.say(load_pretrained(self.model, t.pretrained, only=mine.__contains__).summary())
+            if t.channels_last:
+                self.model.to(memory_format=torch.channels_last)
+            return backend
         if self.ds is not None:
             return DeepSpeedBackend(self.model, self.info, self.ds, optimizer, t.precision)
         return LocalBackend(self.model, self.info, optimizer, self.device, t.precision, t.clip_grad)
@@ -458,7 +476,8 @@ class Trainer:
         metrics = {"val_top1": val["val/top1"], "val_top5": val["val/top5"], "train_loss": self.last_loss,
                    "images_per_sec": self.images_seen / max(elapsed, 1e-9), "peak_mem_bytes": int(peak),
                    "steps": self.step, "nan_skipped": self.nan_skipped, "backend": self.backend.name,
-                   "world_size": self.info.world_size, "elapsed_s": elapsed}
+                   "world_size": self.info.world_size, "elapsed_s": elapsed,
+                   "optimizer_state_bytes": comm.all_gather_object(self.backend.optimizer_state_bytes())}
         if "val_ema/top1" in val:
             metrics["val_ema_top1"], metrics["val_ema_top5"] = val["val_ema/top1"], val["val_ema/top5"]
         self.board.close()

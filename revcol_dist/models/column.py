@@ -112,6 +112,12 @@ class Column(nn.Module):
                 f"level{l}", Level(l, channels, layers, kernel_size, first_column, drop_path_rates, up2)
             )
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The alphas only (the levels reset their own)."""
+        for l in range(4):
+            getattr(self, f"alpha{l}").fill_(ALPHA_INIT)
+
     def alphas(self) -> List[torch.Tensor]:
         """Clamped alphas, the values both the forward and the inverse use."""
         return [clamp_alpha(getattr(self, f"alpha{l}")) for l in range(4)]

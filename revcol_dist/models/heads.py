@@ -17,10 +17,12 @@ class Classifier(nn.Module):
     def __init__(self, channels: int, num_classes: int, init_scale: Optional[float] = None) -> None:
         super().__init__()
         self.classifier = nn.Sequential(LayerNorm(channels, eps=1e-6), Linear(channels, num_classes))
-        if init_scale:
+        if init_scale:  # now, and whenever the Linear is initialised again (models/init.py)
+            head = self.classifier[1]
+            head.init_scale = init_scale
             with torch.no_grad():
-                self.classifier[1].weight.mul_(init_scale)
-                self.classifier[1].bias.mul_(init_scale)
+                head.weight.mul_(init_scale)
+                head.bias.mul_(init_scale)
 
     def forward(self, c3: torch.Tensor) -> torch.Tensor:
         return self.classifier(c3.mean(dim=(2, 3)))

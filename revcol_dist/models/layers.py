@@ -18,18 +18,33 @@ from .. import randomness
 INIT_STD = 0.02
 
 
+@torch.no_grad()
+def trunc_normal_init(module: nn.Module, generator=None) -> None:
+    """The published init: weight ~ truncated normal (std .02, cut at +-2), bias 0, both times
+    the module's ``init_scale`` (the classifier head's ``head_init_scale``). With ``generator``
+    (a CPU one, ``models/init.py``) the draw happens on the CPU and is copied, so it is the same
+    on every device."""
+    w = module.weight
+    if generator is None:
+        nn.init.trunc_normal_(w, std=INIT_STD)
+    else:
+        draw = torch.empty(w.shape, dtype=torch.float32)
+        w.copy_(nn.init.trunc_normal_(draw, std=INIT_STD, generator=generator))
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    scale = getattr(module, "init_scale", None)
+    if scale:
+        w.mul_(scale)
+
+
 class Linear(nn.Linear):
-    def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.weight, std=INIT_STD)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    def reset_parameters(self, generator=None) -> None:
+        trunc_normal_init(self, generator)
 
 
 class Conv2d(nn.Conv2d):
-    def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.weight, std=INIT_STD)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+    def reset_parameters(self, generator=None) -> None:
+        trunc_normal_init(self, generator)
 
 
 def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -120,8 +135,14 @@ class ConvNeXtBlock(nn.Module):
         self.pwconv1 = Linear(channels, hidden)
         self.act = nn.GELU()
         self.pwconv2 = Linear(hidden, channels)
+        self.layer_scale_init = layer_scale_init
         self.gamma = nn.Parameter(torch.full((channels,), layer_scale_init))
         self.drop_path = DropPath(drop_path)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The layer scale only (the sub-modules reset their own)."""
+        self.gamma.fill_(self.layer_scale_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x).permute(0, 2, 3, 1)

@@ -6,7 +6,7 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -39,7 +39,12 @@ def safe_load(path: Union[str, os.PathLike]) -> Mapping:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(_ALLOWED):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # mapped, not read: a pipeline stage touches only its own tensors' pages
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except Exception as e:  # pickle.UnpicklingError and friends carry the offending global
         first = _unpickler_reason(str(e)) or type(e).__name__
         raise CheckpointError(
@@ -183,11 +188,14 @@ def load_official_checkpoint(
     path_or_state_dict: Union[str, os.PathLike, Mapping],
     strict: bool = True,
     use_ema: bool = False,
+    only: Optional[Callable[[str], bool]] = None,
 ) -> LoadReport:
     """Load weights in the authors' released format (a .pth file or its state_dict).
 
     A checkpoint with another number of classes (22K into 1K) keeps the backbone and drops
     the heads and decoders; a checkpoint of another backbone fails naming what it looks like.
+    ``only``: which of the model's (internal) keys this process loads (a pipeline stage its own;
+    the file is memory-mapped, so the others are never read).
     """
     model = getattr(model, "module", model)
     cfg: RevColConfig = model.config
@@ -218,7 +226,10 @@ def load_official_checkpoint(
         if ik is None:
             report.dropped.append(k)
             continue
-        mapped[ik] = v
+        if only is None or only(ik):
+            mapped[ik] = v
+    if only is not None:
+        own = {k: v for k, v in own.items() if only(k)}
     for k, v in mapped.items():
         if k not in own:
             raise CheckpointError(f"{src}: key {k!r} has no place in {cfg.name}")

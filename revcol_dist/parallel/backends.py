@@ -162,6 +162,12 @@ class Backend:
         """Full fp32 weights under the released key names, on rank 0 (None elsewhere)."""
         return to_official_state_dict(self.model) if self.info.is_main else None
 
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank keeps (moments; a shard's under ZeRO)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                   if torch.is_tensor(t) and t.dim() > 0)
+
     def portable_layout(self):
         """What this backend holds of the layout-free checkpoint (``portable_state.py``)."""
         from .portable_state import WholeOnEveryRank

@@ -63,6 +63,41 @@ def all_reduce_(t: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     return t
 
 
+class Pending:
+    """An asynchronous collective: ``wait()`` returns its result on the caller's device. Under
+    NCCL the operation is ordered after the work already queued on the current stream (the
+    gradients it reads), and ``wait()`` orders what follows after it, without a host sync."""
+
+    def __init__(self, work, result: torch.Tensor, device_: torch.device) -> None:
+        self.work, self.result, self.device = work, result, device_
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return _on(self.result, self.device)
+
+
+def reduce_async(t: torch.Tensor, dst: int, group=None) -> Pending:
+    """The sum over the group arrives in ``t`` on global rank ``dst`` (what ``t`` holds elsewhere
+    afterwards is undefined). ``t`` is the caller's to give away: it is the buffer sent."""
+    if not initialized():
+        return Pending(None, t, t.device)
+    work = _on(t, device())
+    return Pending(dist.reduce(work, dst=dst, group=group, async_op=True), work, t.device)
+
+
+def all_gather_flat(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``t`` (1-D, the same size on all ranks) concatenated in group-rank order."""
+    if not initialized():
+        return t.clone()
+    work = _on(t, device()).contiguous()
+    out = torch.empty(work.numel() * world_size(group), dtype=work.dtype, device=work.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, work, group=group)
+    return _on(out, t.device)
+
+
 def mean(t: torch.Tensor, group=None) -> torch.Tensor:
     return all_reduce(t, "sum", group) / world_size(group)
 

@@ -61,6 +61,16 @@ def _set_step(optimizer: torch.optim.Optimizer, steps: int) -> None:
             state["step"] = torch.tensor(float(steps)) if torch.is_tensor(state["step"]) else steps
 
 
+def _state(optimizer, p: torch.Tensor, key: str) -> torch.Tensor:
+    """``p``'s optimizer state ``key`` in fp32 (zeros before the first step)."""
+    state = optimizer.state.get(p, {})
+    return state[key].float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+
+
+def _optimized(optimizer) -> List[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
 class WholeOnEveryRank:
     """One process or DDP: every tensor whole everywhere; writes are spread over the ranks."""
 
@@ -75,9 +85,8 @@ class WholeOnEveryRank:
         keys = state_keys(self.optimizer)
         for name, p in self.params():
             yield f"param/{name}", p.detach().float(), everyone
-            state = self.optimizer.state.get(p, {})
             for k in keys:
-                yield f"{k}/{name}", state[k].float() if k in state else torch.zeros_like(p, dtype=torch.float32), everyone
+                yield f"{k}/{name}", _state(self.optimizer, p, k), everyone
 
     def owned(self, name: str, p: torch.nn.Parameter) -> Optional[Tuple[int, int]]:
         """Elements [start, stop) of the flattened parameter this rank keeps (None: none)."""
@@ -85,40 +94,45 @@ class WholeOnEveryRank:
 
     @torch.no_grad()
     def load(self, reader, steps: int) -> None:
-        params = self.params()
+        """The weights of every parameter here; the optimizer state of those this rank's
+        optimizer steps (all of them, or a pipeline.zero shard's)."""
         keys = state_keys(self.optimizer)
+        stepped = {id(p) for p in _optimized(self.optimizer)}
         if keys:
-            prime(self.optimizer, [p for _, p in params])
-        for name, p in params:
+            prime(self.optimizer, _optimized(self.optimizer))
+        for name, p in self.params():
             p.copy_(reader.full(f"param/{name}"))
-            for k in keys:
-                self.optimizer.state[p][k].copy_(reader.full(f"{k}/{name}"))
+            if id(p) in stepped:
+                for k in keys:
+                    self.optimizer.state[p][k].copy_(reader.full(f"{k}/{name}"))
         _set_step(self.optimizer, steps)
 
 
 class PipelineStage(WholeOnEveryRank):
-    """A stage's own columns, whole on each of its replicas; the other stages' are not here."""
+    """A stage's own columns, whole on each of its replicas; the other stages' are not here.
+    ``owners`` (pipeline.zero): {name: the one global rank keeping its optimizer state}."""
 
-    def __init__(self, model, optimizer, stage: int, stages: int, replicas: int, names_by_stage) -> None:
+    def __init__(self, model, optimizer, stage: int, stages: int, replicas: int, names_by_stage,
+                 owners: Optional[dict] = None) -> None:
         super().__init__(model, optimizer, 1)
         self.stage, self.stages, self.replicas = stage, stages, replicas
         self.names_by_stage = names_by_stage  # {name: stage}, for every parameter of the model
+        self.owners = owners
 
     def items(self) -> Iterator[Item]:
         mine = dict(self.params())
+        stepped = {id(p) for p in _optimized(self.optimizer)}
         keys = state_keys(self.optimizer)
         for name, _ in self.model.named_parameters():
             s = self.names_by_stage[name]
             holders = [r * self.stages + s for r in range(self.replicas)]
             p = mine.get(name)
-            for k in ["param"] + keys:
-                if p is None:
-                    yield f"{k}/{name}", None, holders
-                elif k == "param":
-                    yield f"param/{name}", p.detach().float(), holders
-                else:
-                    state = self.optimizer.state.get(p, {})
-                    yield f"{k}/{name}", state[k].float() if k in state else torch.zeros_like(p, dtype=torch.float32), holders
+            yield f"param/{name}", None if p is None else p.detach().float(), holders
+            if self.owners is not None and p is not None:  # a sharded stage: state on its owner only
+                holders = [self.owners[name]]
+            for k in keys:
+                here = p is not None and id(p) in stepped
+                yield f"{k}/{name}", _state(self.optimizer, p, k) if here else None, holders
 
     def owned(self, name, p):
         return (0, p.numel()) if self.names_by_stage[name] == self.stage else None

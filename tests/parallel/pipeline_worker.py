@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="the pipeline model without the reversible engine")
     ap.add_argument("--cost", default="params")
     ap.add_argument("--float64", action="store_true")
+    ap.add_argument("--zero", type=int, default=0, help="pipeline.zero: gradients on their owner replica only (2)")
     ap.add_argument("--drift-tolerance", type=float, default=1e-3)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -43,7 +44,8 @@ def main() -> None:
     dtype = torch.float64 if args.float64 else torch.float32
     ref, model = ref.to(dtype), model.to(dtype)
     engine = PipelineEngine(model, args.stages, args.micro, cost=args.cost, res=32, zero_stash=args.zero_stash,
-                            check_every=args.check_every, drift_tolerance=args.drift_tolerance, log=print)
+                            check_every=args.check_every, drift_tolerance=args.drift_tolerance, zero=args.zero,
+                            log=print)
     loss_fn = RevColLoss(MEAN, STD)  # the one the stages compute their heads' terms with
     per_replica = 2 * args.micro
     g = torch.Generator().manual_seed(1)
@@ -70,6 +72,8 @@ def main() -> None:
         loss = float(engine.forward_backward(micro, loss_fn)[0])
         worst, compared, worst_name = 0.0, 0, None
         for p in engine.parameters():
+            if engine.zero is not None and p.grad is None:
+                continue  # pipeline.zero=2: another replica owns it
             r = ref_params[names[id(p)]].grad
             got = p.grad if p.grad is not None else torch.zeros_like(p)
             denom = r.norm().item()
@@ -79,11 +83,14 @@ def main() -> None:
             compared += 1
         out["steps"].append({"loss": loss, "loss_ref": loss_ref, "worst_grad_rel": worst, "worst_name": worst_name,
                              "params_compared": compared, "drift": engine.last_drift,
-                             "zero_stash": engine.zero_stash})
+                             "zero_stash": engine.zero_stash,
+                             "overlapped": engine.zero.overlapped if engine.zero is not None else None})
         with torch.no_grad():  # the same SGD step on both, so step 2 starts from trained weights
             for p in engine.parameters():
                 if p.grad is not None:
                     p -= 0.05 * p.grad
+            if engine.zero is not None:
+                engine.zero.gather_weights()  # the owners' new weights to the other replica
             for p in ref.parameters():
                 if p.grad is not None:
                     p -= 0.05 * p.grad

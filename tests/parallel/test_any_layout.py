@@ -18,10 +18,12 @@ DS = {f"zero{s}": ["--deepspeed_config", str(REPO / "ds_configs" / f"zero{s}.jso
 PIPE = ["--set", "pipeline.stages=2", "--set", "pipeline.micro_batches=2"]
 # name: (ranks, launcher arguments)
 LAYOUTS = {"single": (1, []), "accum2": (1, ["--set", "train.grad_accum=2"]), "ddp2": (2, []),
-           "zero2x2": (2, DS["zero2"]), "zero3x2": (2, DS["zero3"]), "pipe2x1": (2, PIPE)}
+           "zero2x2": (2, DS["zero2"]), "zero3x2": (2, DS["zero3"]), "pipe2x1": (2, PIPE),
+           "pipe2x2z1": (4, PIPE + ["--set", "pipeline.zero=1"]), "pipe2x2z2": (4, PIPE + ["--set", "pipeline.zero=2"])}
 # checkpoint of layout A at step 2 -> continued on layout B
 PAIRS = [("zero2x2", "zero2x1", 1, DS["zero2"]), ("zero3x2", "single", 1, []), ("ddp2", "zero3x2", 2, DS["zero3"]),
-         ("pipe2x1", "ddp2", 2, []), ("zero3x2", "pipe2x2", 4, PIPE)]
+         ("pipe2x1", "ddp2", 2, []), ("zero3x2", "pipe2x2", 4, PIPE),
+         ("pipe2x2z2", "pipe2x1z1", 2, PIPE + ["--set", "pipeline.zero=1"])]
 
 
 def _run(tmp, data_root, name, ranks, extra, resume=None):
@@ -57,6 +59,21 @@ def test_one_trajectory_at_every_layout(runs, layout):
     assert _close(ref, got, 1e-5), (ref, got)
     assert worst_relative(weights(out["single"]), weights(out[layout])) < 1e-4
     assert worst_relative(weights(out["single"], "state_dict_ema"), weights(out[layout], "state_dict_ema")) < 1e-4
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pipe2x2z1", "pipe2x2z2"])
+def test_stage_zero_halves_each_replica_optimizer_state(runs, layout):
+    """pipeline.zero over 2 replicas: each stage's optimizer state is split between its two
+    replicas (ranks are replica-major: rank = replica * 2 + stage), measured by the Trainer."""
+    _, _, out = runs
+    whole = json.loads((out["pipe2x1"] / "metrics.json").read_text())["optimizer_state_bytes"]
+    shards = json.loads((out[layout] / "metrics.json").read_text())["optimizer_state_bytes"]
+    for stage in range(2):
+        mine = [shards[replica * 2 + stage] for replica in range(2)]
+        assert sum(mine) == whole[stage], (whole, shards)
+        assert max(mine) <= 0.5 * whole[stage] * 1.15, (whole, shards)
 
 
 @pytest.mark.multiprocess

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 
 PKG = Path(__file__).resolve().parents[2] / "revcol_dist"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
-               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single",
+               "all_gather_single", "gather",
                "gather_object", "scatter", "all_to_all", "barrier", "send", "recv", "isend", "irecv",
                "batch_isend_irecv", "P2POp", "new_group"}
 

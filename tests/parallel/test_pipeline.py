@@ -103,9 +103,13 @@ def test_middle_stage_heads_contribute(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_stages_two_replicas(tmp_path):
-    _, ranks = _run(tmp_path, 4, "--stages", "2", "--micro", "2")
+    """With pipeline.zero=2: each replica keeps the gradients it owns, the replicas' mean, reduced
+    from inside the last micro-batch's backward (the reversible engine's hooks fire)."""
+    _, ranks = _run(tmp_path, 4, "--stages", "2", "--micro", "2", "--zero", "2")
     assert [(rk["stage"], rk["replica"]) for rk in ranks] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     _check(ranks, 1e-5)
+    for rk in ranks:
+        assert all(st["overlapped"] == 2 for st in rk["steps"]), rk["steps"]
 
 
 @pytest.mark.multiprocess

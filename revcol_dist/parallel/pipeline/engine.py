@@ -24,11 +24,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ... import randomness
+from ...models.init import materialize
 from ...monitor.timing import DeviceTimer
 from ...reversible import Segment
 from .. import comm
 from .partition import column_modules, partition_table, split_columns
 from .schedule import Transfer, p2p_slots
+from .zero import StageZero
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 _HEADER = 6  # dtype, ndim, up to 4 sizes per tensor
@@ -80,8 +82,8 @@ class _InFlight:
 class PipelineEngine:
     def __init__(self, model, stages: int, micro_batches: int, *, cost: str = "params", res: int = 224,
                  zero_stash: bool = False, check_every: int = 50, drift_tolerance: float = 1e-3,
-                 precision: str = "fp32", device: Optional[torch.device] = None,
-                 log: Optional[Callable[[str], None]] = print) -> None:
+                 precision: str = "fp32", device: Optional[torch.device] = None, zero: int = 0,
+                 seed: Optional[int] = None, log: Optional[Callable[[str], None]] = print) -> None:
         if not comm.initialized():
             raise RuntimeError("PipelineEngine needs torch.distributed initialised (launch with torchrun)")
         world, rank = comm.world_size(), comm.rank()
@@ -113,20 +115,33 @@ class PipelineEngine:
         self.heads += [final] if self.last else []
         self.final_head = final
         self.part_names = ["loss_cls_final"] + [f"loss_{k}_{i}" for i in range(final) for k in ("cls", "rec")]
-        self.params = [p for p in model.parameters() if id(p) in owned]
-        for p in model.parameters():  # other stages' weights: not needed here
+        # this stage's modules only go to the device; messages, statistics and the anchor live
+        # there too (NCCL moves device tensors only)
+        meta = any(p.is_meta for p in model.parameters())
+        self.device = torch.device(device) if device is not None else \
+            (torch.device("cpu") if meta else next(model.parameters()).device)
+        mine = [m for c in self.columns for m in column_modules(model)[c]]
+        if meta:  # built on the meta device: only this stage's modules ever get storage
+            if seed is None:
+                raise ValueError("a model on the meta device needs the seed its weights are keyed by")
+            materialize(model, mine, seed, self.device)
+        else:
+            for p in model.parameters():  # other stages' weights: not needed here
+                if id(p) not in owned:
+                    p.data = p.data.new_empty(0)
+            model.to(self.device)
+        owned = {id(p) for m in mine for p in m.parameters()}
+        for p in model.parameters():
             if id(p) not in owned:
-                p.data = p.data.new_empty(0)
                 p.requires_grad_(False)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.params = [p for p in model.parameters() if id(p) in owned]
+        self.zero = StageZero(self.params, [names[id(p)] for p in self.params], zero, self.dp_group,
+                              [d * stages + self.stage for d in range(self.D)], self.replica) if zero else None
         self.zero_stash, self.check_every, self.drift_tolerance = zero_stash, check_every, drift_tolerance
         self.precision = precision
         self.steps = 0
         self.last_drift: Optional[float] = None
-        # this stage's modules only go to the device (the others' weights are empty by now); messages,
-        # statistics and the anchor live there too (NCCL moves device tensors only)
-        self.device = torch.device(device) if device is not None else \
-            (self.params[0].device if self.params else torch.device("cpu"))
-        model.to(self.device)
         self.anchor = torch.zeros((), requires_grad=True, device=self.device)
         self._wait = DeviceTimer(self.device)
         # the (shape, dtype) of the activations for each micro-batch shape: a header crosses once
@@ -271,6 +286,8 @@ class PipelineEngine:
 
     def _backward(self, m: int, received) -> None:
         fl = self._inflight.pop(m)
+        if self.zero is not None and m == self.M - 1:
+            self.zero.arm()  # the last backward: each run of gradients is reduced as it completes
         roots, grads = [], []
         if fl.loss is not None:
             roots.append(fl.loss)
@@ -356,6 +373,9 @@ class PipelineEngine:
         return bufs
 
     def _average_gradients(self) -> None:
+        if self.zero is not None:
+            self.zero.reduce()
+            return
         if self.D == 1:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
