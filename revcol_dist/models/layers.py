@@ -25,8 +25,8 @@ def trunc_normal_init(module: nn.Module, generator=None) -> None:
     (a CPU one, ``models/init.py``) the draw happens on the CPU and is copied, so it is the same
     on every device."""
     w = module.weight
-    if generator is None:
-        nn.init.trunc_normal_(w, std=INIT_STD)
+    if generator is None or (w.device.type == "cpu" and w.dtype == torch.float32):
+        nn.init.trunc_normal_(w, std=INIT_STD, generator=generator)
     else:
         draw = torch.empty(w.shape, dtype=torch.float32)
         w.copy_(nn.init.trunc_normal_(draw, std=INIT_STD, generator=generator))

@@ -87,6 +87,19 @@ def reduce_async(t: torch.Tensor, dst: int, group=None) -> Pending:
     return Pending(dist.reduce(work, dst=dst, group=group, async_op=True), work, t.device)
 
 
+def broadcast_(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """In place: global rank ``src``'s ``t`` on every rank of the group."""
+    if not initialized():
+        return t
+    if t.device != device():
+        work = _on(t, device())
+        dist.broadcast(work, src=src, group=group)
+        t.copy_(work)
+        return t
+    dist.broadcast(t, src=src, group=group)
+    return t
+
+
 def all_gather_flat(t: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``t`` (1-D, the same size on all ranks) concatenated in group-rank order."""
     if not initialized():

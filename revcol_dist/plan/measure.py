@@ -1,7 +1,7 @@
 """Measured per-rank memory of one training step, to hold the planner to account.
 
 Run under a launcher (``torchrun --nproc_per_node N -m revcol_dist.plan.measure OUT.json
-[MODEL:ZERO ...]``): for
+[MODEL:ZERO ...] [MODEL:ZERO:pSTAGES ...]``): for
 each configuration, everything allocated from building the model (under ``zero.Init`` for
 ZeRO-3) through DeepSpeed's initialisation, forward, backward and the AdamW step is watched by
 a dispatch-level meter; the peak of live tensor bytes is set beside the planner's total."""
@@ -71,13 +71,65 @@ def measure(model_name: str, zero: int, world: int) -> int:
     return peak
 
 
-def predicted(model_name: str, zero: int, world: int) -> int:
+def pipeline_step(model_name: str, zero: int, stages: int, micro: int = 2):
+    """What the Trainer does on a pipeline rank: the stage built from the meta device, the
+    PipelineBackend (pipeline.zero), ``micro`` micro-batches of BATCH images, two AdamW steps
+    (the second runs with the optimizer state the first created: the steady state)."""
+    from functools import partial
+
+    from ..config import PipelineSection
+    from ..engine.losses import RevColLoss
+    from ..engine.optim import make_optimizer
+    from ..models import create_model
+    from ..parallel import comm
+    from ..parallel.distributed import DistInfo
+    from ..parallel.pipeline.backend import PipelineBackend
+
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes=1000, inter_supv=False)
+    backend = PipelineBackend(model, DistInfo(comm.rank(), comm.world_size(), 0),
+                              PipelineSection(stages=stages, micro_batches=micro, zero=zero),
+                              partial(make_optimizer, name="adamw", weight_decay=0.05), res=RES, seed=0, log=None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(micro * BATCH, 3, RES, RES, generator=g).to(backend.engine.device)
+    y = torch.randint(0, 1000, (micro * BATCH,), generator=g).to(backend.engine.device)
+    loss_fn = RevColLoss((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    for _ in range(2):
+        backend.forward_backward(list(zip(x.chunk(micro), y.chunk(micro))), loss_fn)
+        backend.step(1e-4)
+    return backend
+
+
+def measure_pipeline(model_name: str, zero: int, stages: int) -> int:
+    from ..monitor.live_bytes import LiveBytes
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        backend = pipeline_step(model_name, zero, stages)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with LiveBytes() as meter:
+            backend = pipeline_step(model_name, zero, stages)
+        peak = meter.peak
+    del backend
+    gc.collect()
+    return peak
+
+
+def predicted(model_name: str, zero: int, world: int, stages: int = 1) -> int:
     from .model import PlanInput, make_plan
 
     plan = make_plan(PlanInput(model=model_name, nodes=1, gpus_per_node=world, zero=zero, batch=BATCH, res=RES,
                                precision="fp32", inter_supv=False, persistence_threshold=PERSIST,
-                               reduce_bucket=BUCKET))
+                               reduce_bucket=BUCKET, pipeline=stages))
     return plan["bytes_per_gpu"]["total"]
+
+
+def _parse(spec: str):
+    """MODEL:ZERO (DeepSpeed) or MODEL:ZERO:pS (the pipeline in S stages, pipeline.zero)."""
+    parts = spec.split(":")
+    return parts[0], int(parts[1]), int(parts[2][1:]) if len(parts) > 2 else 1
 
 
 def main(out: str, configs=None) -> None:
@@ -88,11 +140,11 @@ def main(out: str, configs=None) -> None:
     torch.set_num_threads(1)
     world = torch.distributed.get_world_size()
     rows = []
-    for name, zero in configs or CONFIGS:
-        peak = measure(name, zero, world)
+    for name, zero, stages in configs or [(m, z, 1) for m, z in CONFIGS]:
+        peak = measure(name, zero, world) if stages == 1 else measure_pipeline(name, zero, stages)
         allp = comm.all_gather_object(peak)
-        rows.append({"model": name, "zero": zero, "world": world, "measured": max(allp),
-                     "predicted": predicted(name, zero, world)})
+        rows.append({"model": name, "zero": zero, "stages": stages, "world": world, "measured": max(allp),
+                     "predicted": predicted(name, zero, world, stages)})
     if comm.rank() == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -101,4 +153,4 @@ def main(out: str, configs=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [(c.split(":")[0], int(c.split(":")[1])) for c in sys.argv[2:]])
+    main(sys.argv[1], [_parse(c) for c in sys.argv[2:]])

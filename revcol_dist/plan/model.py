@@ -69,8 +69,11 @@ class PlanInput:
             problems.append(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.pipeline < 1 or world % self.pipeline:
             problems.append(f"--pipeline {self.pipeline} must divide the {world} GPUs")
-        if self.pipeline > 1 and self.zero > 1:
-            problems.append("DeepSpeed's pipeline engine allows ZeRO-1 at most: use --zero 0 or 1 with --pipeline")
+        if self.pipeline > 1 and self.zero > 2:
+            problems.append("the pipeline shards within its stages up to ZeRO-2 (pipeline.zero): use --zero 0, 1 or 2 "
+                            "with --pipeline")
+        if self.pipeline > 1 and self.offload != "none":
+            problems.append("the pipeline does not offload: use --offload none with --pipeline")
         if self.offload not in ("none", "cpu", "nvme"):
             problems.append(f"--offload must be none, cpu or nvme, got {self.offload!r}")
         if self.offload == "nvme" and self.zero != 3:
@@ -140,7 +143,8 @@ def make_plan(inp: PlanInput) -> Dict:
     cfg = table["config"]
     world = inp.nodes * inp.gpus_per_node
     S, D = inp.pipeline, world // inp.pipeline
-    b = PRECISION_BYTES[inp.precision]
+    # the pipeline keeps fp32 weights and steps them itself (bf16 is autocast): no master copy
+    b = PRECISION_BYTES[inp.precision] if S == 1 else {"param": 4, "grad": 4, "master": 0, "adam": 8}
     act = ACT_BYTES[inp.precision]
 
     # parameters held by the most loaded stage (stem on the first, heads on the last)
@@ -160,6 +164,9 @@ def make_plan(inp: PlanInput) -> Dict:
     z = inp.zero
     params = b["param"] * (psi / D + persistent if z == 3 else psi)
     grads = b["grad"] * (psi / D if z >= 2 else psi)
+    # pipeline.zero=2 reduces each run to its owner in the last micro-batch's backward: until
+    # then every micro-batch accumulates the whole stage's gradients
+    grads_in_backward = b["grad"] * psi if S > 1 else grads
     master = 0 if (z == 0 and inp.precision == "fp32") else b["master"]  # DDP in fp32 updates the weights in place
     optim = (master + b["adam"]) * (psi / D if z >= 1 else psi)
     host = 0.0
@@ -215,24 +222,32 @@ def make_plan(inp: PlanInput) -> Dict:
     if S > 1:  # 1F1B: up to S micro-batches in flight on the first stage, one boundary each
         activations += (S - 1) * one_boundary
 
-    # DeepSpeed's gradient reduction bucket (ZeRO >= 1), in gradient precision
-    buckets = b["grad"] * min(inp.reduce_bucket, psi) if z >= 1 else 0
+    # DeepSpeed's gradient reduction bucket (ZeRO >= 1), in gradient precision; the pipeline
+    # without ZeRO all-reduces one flat copy of its stage's gradients (pipeline.zero reduces
+    # the flat buffers its gradients are views of, in place)
+    if S > 1:
+        buckets = b["grad"] * psi if D > 1 and z == 0 else 0
+    else:
+        buckets = b["grad"] * min(inp.reduce_bucket, psi) if z >= 1 else 0
     # The optimizer step's temporaries: ZeRO-3 copies the gradient partition into an fp32 flat
     # .grad; a non-fused AdamW makes two fp32 temporaries (denominator, update) the size of the
     # tensor it updates: DeepSpeed's flat partition (ZeRO >= 1), else the largest parameter.
     step_tmp = 0.0
-    if inp.offload == "none":
+    if S > 1:  # torch's AdamW per parameter (pipeline.zero broadcasts the new weights after the
+        # gradients are freed: a run's copy, less than they held)
+        step_tmp = 0 if inp.fused_optimizer else 8 * table["largest_param"]
+    elif inp.offload == "none":
         flat = psi / D if z >= 1 else table["largest_param"]
         step_tmp = (0 if inp.fused_optimizer else 8 * flat) + (4 * psi / D if z == 3 else 0)
     states = params + grads + optim + buckets  # resident for the whole run
     # Two phases peak separately: forward/backward (activations, gathered weights) and the
     # optimizer step (its temporaries); activations are freed before the step.
-    compute_phase = states + gathered + activations
+    compute_phase = states - grads + grads_in_backward + gathered + activations
     step_phase = states + step_tmp
     peak = max(compute_phase, step_phase)
     usable = inp.gpu_mem_gib * GIB * (1 - RESERVED_FRACTION)
     per_sample = activations / inp.batch
-    max_batch = max(0, int((usable - states - gathered) // per_sample)) if per_sample > 0 else 0
+    max_batch = max(0, int((usable - (compute_phase - activations)) // per_sample)) if per_sample > 0 else 0
     if step_phase > usable:
         max_batch = 0
 
@@ -240,6 +255,8 @@ def make_plan(inp: PlanInput) -> Dict:
     ring = (D - 1) / D if D > 1 else 0.0
     if z == 3:
         comm = (2 * b["param"] + b["grad"]) * psi * ring  # all-gather fwd + bwd, reduce-scatter grads
+    elif S > 1 and z >= 1:  # the owners' weights broadcast; gradients all-reduced (1) or reduced (2)
+        comm = (b["param"] + (2 if z == 1 else 1) * b["grad"]) * psi * ring
     else:
         comm = 2 * b["grad"] * psi * ring  # all-reduce = reduce-scatter + all-gather
     pipe_comm = 2 * one_boundary if S > 1 else 0  # per micro-batch: boundary forward, its gradient back
@@ -268,6 +285,7 @@ def make_plan(inp: PlanInput) -> Dict:
         "stage_columns": groups,
         "bytes_per_gpu": {
             "parameters": int(params), "gradients": int(grads), "optimizer": int(optim),
+            "gradients_in_backward": int(grads_in_backward),
             "zero3_gathered_working_set": int(gathered), "reduce_buckets": int(buckets),
             "optimizer_step_transient": int(step_tmp),
             "kept_boundaries": int(0 if inp.offload_boundaries else boundaries),

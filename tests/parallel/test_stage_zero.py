@@ -39,6 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str, level: int) -> None:
     net(x).pow(2).sum().backward()  # the reference: the replicas' mean gradient, computed apart
     ref = [comm.all_reduce(p.grad) / world for p in params]
     net.zero_grad()
+    zero.prepare()
     for micro in range(2):  # two micro-batches; the last one's backward armed
         if micro == 1:
             zero.arm()

@@ -44,8 +44,8 @@ class PipelineBackend(Backend):
         if self.zero is None:
             return self.apply_update(self.engine.params, self._global_grad_norm())
         applied = self.apply_update(self.zero.owned, self._global_grad_norm())
+        self.engine.zero_grad()  # the other runs' gradients (pipeline.zero=1) before the broadcasts' copies
         self.zero.gather_weights()  # the owners' new weights to every replica
-        self.engine.zero_grad()
         return applied
 
     def _global_grad_norm(self) -> torch.Tensor:

@@ -173,6 +173,8 @@ class PipelineEngine:
         self._parts = torch.zeros(len(self.part_names) + 1, dtype=torch.float64, device=self.device)
         self._drift = torch.zeros((), dtype=torch.float64, device=self.device)
         self._wait.reset()
+        if self.zero is not None:
+            self.zero.prepare()  # gradients accumulate into the runs' flat buffers
         t0 = time.perf_counter()
         for slot in p2p_slots(self.stage, self.S, self.M):
             received = self._transfer(slot, micro_batches)

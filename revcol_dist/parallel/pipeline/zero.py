@@ -3,12 +3,14 @@ ZeRO-1; torchtitan pairs stages with FSDP2).
 
 The stage's parameters, in model order, are cut into D contiguous runs of about equal size;
 replica r owns run r. Only the owner keeps the run's optimizer state and updates it; after the
-step one all-gather hands every replica the new weights.
+step its broadcast hands every replica the new weights.
 
 - ``level 1``: the gradients are all-reduced whole, as without ZeRO (every replica keeps them
   until the step); the optimizer states are sharded.
 - ``level 2``: each run's gradients are summed on its owner only (one reduce per run), the
-  other replicas drop them at once. In the last micro-batch's backward a run is reduced as soon
+  other replicas drop them at once.
+
+Each run's gradients are views of one flat buffer (``prepare``), reduced in place: no copy. In the last micro-batch's backward a run is reduced as soon
   as its last gradient lands (a hook per parameter), so the reductions overlap the rest of the
   backward: the model's later columns, run D-1, finish first.
 """
@@ -52,8 +54,8 @@ class StageZero:
         start, stop = self.runs[replica]
         self.owned = self.params[start:stop]
         self.owned_names = self.names[start:stop]
-        self.width = max(sum(p.numel() for p in self.params[a:b]) for a, b in self.runs)
         self._pending: List[Optional[comm.Pending]] = []
+        self._flats: List[Optional[torch.Tensor]] = []
         self._left: List[int] = []
         self._hooks: list = []
         self.overlapped = 0  # runs whose reduction the last backward launched (level 2)
@@ -65,12 +67,24 @@ class StageZero:
 
     # ---- gradients ----------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Before the step's first backward: each run's gradients become views of one flat
+        buffer (autograd accumulates into an existing .grad in place, as DDP's bucket views), so
+        a run is reduced where it lies, without a copy."""
+        self._flats = []
+        for a, b in self.runs:
+            run = self.params[a:b]
+            flat = torch.zeros(sum(p.numel() for p in run), dtype=run[0].dtype, device=run[0].device) if run else None
+            for p, g in zip(run, flat.split([p.numel() for p in run]) if run else ()):
+                p.grad = g.view_as(p)
+            self._flats.append(flat)
+        self._pending = [None] * self.D
+
     def arm(self) -> None:
         """Before the last micro-batch's backward (level 2): reduce each run once its last
         gradient has been accumulated."""
         if self.level != 2:
             return
-        self._pending = [None] * self.D
         self._left = [b - a for a, b in self.runs]
         self.overlapped = 0
         for r, (a, b) in enumerate(self.runs):
@@ -88,44 +102,42 @@ class StageZero:
 
     def _launch(self, r: int) -> None:
         a, b = self.runs[r]
-        run = self.params[a:b]
-        if not run:
+        if a == b:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in run])
-        if r != self.replica:
-            for p in run:  # the sum goes to the owner; the copy in ``flat`` is what travels
+        if r != self.replica:  # the sum goes to the owner: the buffer in flight is all that is left here
+            for p in self.params[a:b]:
                 p.grad = None
-        self._pending[r] = comm.reduce_async(flat, self.ranks[r], self.group)
+        self._pending[r] = comm.reduce_async(self._flats[r], self.ranks[r], self.group)
+        self._flats[r] = None
 
     def reduce(self) -> None:
         """After the backward: gradients averaged over the replicas, whole everywhere (level 1)
-        or on each run's owner only (level 2)."""
+        or on each run's owner only (level 2). A parameter no micro-batch reached has a zero
+        gradient here (without pipeline.zero it would have none)."""
+        if not getattr(self, "_flats", None):
+            raise RuntimeError("StageZero.reduce without prepare(): call it before the step's first backward")
         if self.level == 1:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                flat = comm.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), group=self.group)
-                flat /= self.D
-                for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
-                    g.copy_(avg.view_as(g))
+            for flat in self._flats:
+                if flat is not None:
+                    comm.all_reduce_(flat, group=self.group).div_(self.D)
+            self._flats = []
             return
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if not self._pending:  # never armed (no backward ran)
-            self._pending = [None] * self.D
-        for r in range(self.D):  # runs with a parameter that got no gradient in the last backward
-            if self._pending[r] is None:
+        for r in range(self.D):  # runs with a parameter the last backward did not reach
+            if self._flats[r] is not None:
                 self._launch(r)
         for r, pending in enumerate(self._pending):
             if pending is None:
                 continue
             total = pending.wait()
             if r == self.replica:
-                total /= self.D
+                total.div_(self.D)
                 a, b = self.runs[r]
                 for p, g in zip(self.params[a:b], total.split([p.numel() for p in self.params[a:b]])):
-                    p.grad = g.view_as(p)
-        self._pending = []
+                    p.grad = g.view_as(p)  # a no-op on the CPU; under NCCL the buffer may be a copy
+        self._pending, self._flats = [], []
 
     def norm_divisor(self) -> int:
         """How many replicas hold each gradient: the world sum of squares is divided by it."""
@@ -135,15 +147,14 @@ class StageZero:
 
     @torch.no_grad()
     def gather_weights(self) -> None:
-        """After the step: every replica gets the owners' new weights (one all-gather)."""
-        mine = torch.zeros(self.width, dtype=self.params[0].dtype, device=self.params[0].device)
-        if self.owned:
-            flat = torch.cat([p.detach().reshape(-1) for p in self.owned])
-            mine[: flat.numel()] = flat
-        every = comm.all_gather_flat(mine, self.group).view(self.D, self.width)
+        """After the step: every replica gets each owner's new weights (one broadcast per run,
+        so the transient is one run's size, not a second copy of the stage)."""
         for r, (a, b) in enumerate(self.runs):
-            if r == self.replica:
-                continue
             run = self.params[a:b]
-            for p, v in zip(run, every[r, : sum(p.numel() for p in run)].split([p.numel() for p in run])):
-                p.copy_(v.view_as(p))
+            if not run:
+                continue
+            flat = torch.cat([p.detach().reshape(-1) for p in run])
+            comm.broadcast_(flat, self.ranks[r], self.group)
+            if r != self.replica:
+                for p, v in zip(run, flat.split([p.numel() for p in run])):
+                    p.copy_(v.view_as(p))
