@@ -293,6 +293,36 @@ class CheckpointManager:
         if collective:
             comm.barrier()
 
+    def add_folder(self, directory: Path, name: str, write) -> None:
+        """Add ``name/`` to the complete checkpoint ``directory`` (collective): ``write(folder)``
+        fills a temporary folder beside it on every rank, recorded as a save's files are; then
+        rank 0 adds the records to complete.json (replaced atomically) and renames the folder.
+        Until then the checkpoint is unchanged; a crash leaves a ``.tmp_`` folder, ignored."""
+        directory = Path(directory)
+        tmp, final = directory / f".tmp_{name}", directory / name
+        if self.rank == 0:
+            _shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        comm.barrier()
+        with recording() as collected:
+            write(tmp)
+        mine = {f"{name}/{p.relative_to(tmp)}": [r.size, r.crc32] for p, r in collected.items()}
+        parts = comm.all_gather_object(mine)
+        if self.rank == 0:
+            marker = read_marker(directory)
+            files = {k: v for k, v in marker.get("files", {}).items() if not k.startswith(f"{name}/")}
+            for part in parts:
+                files.update(part)
+            marker.update(files=files, bytes=sum(size for size, _ in files.values()))
+            if final.exists():
+                _shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(directory)
+            (directory / f".{MARKER}.tmp").write_text(_json.dumps(marker))
+            os.replace(directory / f".{MARKER}.tmp", directory / MARKER)
+            fsync_dir(directory)
+        comm.barrier()
+
     def _failed(self, tmp: Path, final: Path, previous: Optional[Path], error: str) -> None:
         comm.barrier()
         if self.rank == 0:

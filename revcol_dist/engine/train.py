@@ -371,14 +371,35 @@ class Trainer:
             client["ema"] = self.ema.state_dict()
         also = None
         if self.cfg.train.portable_checkpoint:
-            position = {"step": self.step, "data": self.train_stream.global_position(), "seed": self.cfg.train.seed,
-                        "nan_skipped": self.nan_skipped, "model": self.meta, "layout": self.layout,
-                        "pipeline": self._pipeline_state()}
-            also = lambda tmp: write_portable(tmp / PORTABLE, self.backend, self.ema, position)  # noqa: E731
+            also = lambda tmp: write_portable(tmp / PORTABLE, self.backend, self.ema, self._position())  # noqa: E731
         with _file_size_limit(self.step):
             saved = self.ckpts.save(self.backend, self.step, client, {**self.meta, "layout": self.layout}, also)
         self.watchdog.beat(self.step, "train")
         return saved
+
+    def _position(self) -> dict:
+        """The run's place, for the layout-free form."""
+        return {"step": self.step, "data": self.train_stream.global_position(), "seed": self.cfg.train.seed,
+                "nan_skipped": self.nan_skipped, "model": self.meta, "layout": self.layout,
+                "pipeline": self._pipeline_state()}
+
+    def convert(self, where: Path) -> Path:
+        """Add the layout-free form to a checkpoint written without it, on the layout that wrote
+        it: each rank loads its own share (as in a resume) and writes it, so no rank holds more
+        than the run did. Returns the new folder."""
+        where = Path(where)
+        self.ckpts.check_intact(where)
+        marker = read_marker(where)
+        written = marker.get("layout") or {"backend": "its layout", "world_size": marker["world_size"]}
+        if written != self.layout and (marker.get("layout") or written["world_size"] != self.info.world_size):
+            raise ConfigError(f"{where} was written by {written['backend']} on {written['world_size']} ranks; this "
+                              f"is {self.backend.name} on {self.info.world_size}: convert it on the layout that "
+                              f"wrote it (its launcher, world size and --deepspeed_config)")
+        self._check_model(where)
+        self._resume_native(where)
+        self.ckpts.add_folder(where, PORTABLE, lambda folder: write_portable(folder, self.backend, self.ema,
+                                                                            self._position()))
+        return where / PORTABLE
 
     @property
     def layout(self) -> dict:
@@ -404,17 +425,22 @@ class Trainer:
         else:
             where = Path(resume)
             self.ckpts.check_intact(where)  # one-line errors: not a complete checkpoint, or damaged
+        saved = self._check_model(where)
+        written = saved.get("layout", {"backend": None, "world_size": saved["world_size"]})
+        if written == self.layout or (written["backend"] is None and written["world_size"] == self.info.world_size):
+            self._resume_native(where)
+        else:
+            self._resume_portable(where, written)
+
+    def _check_model(self, where: Path) -> dict:
+        """The checkpoint's marker, if it is of the model this run builds (else a one-line error)."""
         saved = read_marker(where)
         mismatch = {k: (saved.get(k), v) for k, v in self.meta.items() if saved.get(k) != v}
         if mismatch:
             raise ConfigError(f"{where} is a checkpoint of {saved.get('model')} "
                               f"({', '.join(f'{k}={a}' for k, (a, _) in mismatch.items())}), but this run builds "
                               f"{self.cfg.model.name} ({', '.join(f'{k}={b}' for k, (_, b) in mismatch.items())})")
-        written = saved.get("layout", {"backend": None, "world_size": saved["world_size"]})
-        if written == self.layout or (written["backend"] is None and written["world_size"] == self.info.world_size):
-            self._resume_native(where)
-        else:
-            self._resume_portable(where, written)
+        return saved
 
     def _resume_native(self, where: Path) -> None:
         self.backend.load(where)

@@ -73,10 +73,10 @@ def run_single(cfg: Path, *extra: str, timeout: int = 600) -> subprocess.Complet
                           capture_output=True, text=True, env=env(), timeout=timeout, cwd=REPO)
 
 
-def run_torchrun(cfg: Path, nproc: int, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_torchrun(cfg: Path, nproc: int, *extra: str, timeout: int = 600, launcher=LAUNCHER) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                           LAUNCHER, "--config", str(cfg), *extra],
+                           str(launcher), "--config", str(cfg), *extra],
                           capture_output=True, text=True, env=env(), timeout=timeout, cwd=REPO)
 
 

@@ -96,6 +96,35 @@ def test_resume_on_another_layout(runs, source, target, ranks, extra):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_convert_a_native_checkpoint_then_resume_it_on_another_layout(runs):
+    """A ZeRO-3 x2 checkpoint written without its layout-free form is refused elsewhere (the
+    error names the converter), converted on its own layout (each rank its share), verified,
+    and continues in one process on the uninterrupted run's losses and weights."""
+    tmp, data_root, out = runs
+    native, _ = _run(tmp, data_root, "zero3x2_native", 2, [*DS["zero3"], "--set", "train.portable_checkpoint=false"])
+    checkpoint = native / "checkpoints" / f"step_{EVERY:08d}"
+    assert not (checkpoint / "portable").exists()
+    cfg = write_config(tmp, "native_to_single", data_root, steps=STEPS, every=EVERY)
+    refused = run_single(cfg, *RECIPE, "--resume", str(checkpoint))
+    assert refused.returncode == 2 and "launchers/convert_checkpoint.py" in refused.stderr, refused.stderr[-2000:]
+    converter = REPO / "launchers" / "convert_checkpoint.py"
+    wrong = run_torchrun(native / "config.yaml", 2, checkpoint.as_posix(), launcher=converter)  # without DeepSpeed
+    assert wrong.returncode == 2 and "convert it on the layout that wrote it" in wrong.stderr, wrong.stderr[-2000:]
+    r = run_torchrun(native / "config.yaml", 2, *DS["zero3"], checkpoint.as_posix(), launcher=converter)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "peak host memory per rank" in r.stdout
+    marker = json.loads((checkpoint / "complete.json").read_text())
+    assert any(k.startswith("portable/") for k in marker["files"])  # recorded: verified like the rest
+    resumed, r = _run(tmp, data_root, "native_to_single", 1, [], resume=checkpoint)
+    assert "layout-free form" in r.stdout
+    ref, got = losses(out["single"]), losses(resumed)
+    assert got.keys() == set(range(EVERY + 1, STEPS + 1))
+    assert _close({s: ref[s] for s in got}, got, 1e-5), (ref, got)
+    assert worst_relative(weights(out["single"]), weights(resumed)) < 1e-4
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_resume_from_zero_infinity_on_one_process(tmp_path):
     """ZeRO-3 with optimizer and parameters on NVMe (2 ranks) continues in one process from its
     layout-free form: the masters and moments come out of the swap files."""
