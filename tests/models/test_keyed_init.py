@@ -63,3 +63,23 @@ def test_a_stage_build_costs_its_share_of_host_memory():
     share = meta["stage_bytes"]
     assert meta["peak_added_bytes"] <= 1.2 * share + 64 * 2**20, meta
     assert whole["peak_added_bytes"] >= 2.5 * meta["peak_added_bytes"], (whole, meta)  # the old way: the whole model
+
+
+def test_a_stage_loads_only_its_own_tensors_of_a_pretrained_file(tmp_path):
+    """The file is memory-mapped; the stage copies its own tensors and leaves the rest unread."""
+    from revcol_dist.engine.pretrained import load_pretrained
+    from revcol_dist.models.official import to_official_state_dict
+
+    source = create_model("revcol_tiny", **KW)
+    initialize(source, 3)
+    torch.save(to_official_state_dict(source), tmp_path / "w.pth")
+    with torch.device("meta"):
+        model = create_model("revcol_tiny", **KW)
+    groups, _ = split_columns(model, 2)
+    materialize(model, [m for c in groups[1] for m in column_modules(model)[c]], 0, "cpu")
+    mine = {k for k, v in model.state_dict().items() if v.numel()}
+    report = load_pretrained(model, str(tmp_path / "w.pth"), only=mine.__contains__)
+    assert report.loaded == len(mine) and not report.missing
+    ref = source.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref[k]) if v.numel() else k not in mine, k
