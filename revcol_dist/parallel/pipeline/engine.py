@@ -143,6 +143,8 @@ class PipelineEngine:
         self.steps = 0
         self.last_drift: Optional[float] = None
         self.anchor = torch.zeros((), requires_grad=True, device=self.device)
+        # the stage group's communicator is made now, not at its first use inside a backward hook
+        comm.all_reduce_(torch.zeros(1, device=self.device), group=self.dp_group)
         self._wait = DeviceTimer(self.device)
         # the (shape, dtype) of the activations for each micro-batch shape: a header crosses once
         self._specs_sent: Dict[tuple, list] = {}

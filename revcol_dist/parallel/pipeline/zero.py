@@ -26,18 +26,28 @@ from .. import comm
 
 def owner_runs(sizes: Sequence[int], parts: int) -> List[Tuple[int, int]]:
     """[start, stop) of each part's contiguous run of ``sizes``, cut where the running total
-    first reaches each part's equal share (a part may be empty where one tensor is larger)."""
+    first reaches each part's equal share; every part gets at least one tensor (an owner of
+    nothing would have no optimizer)."""
+    if len(sizes) < parts:
+        raise ValueError(f"a stage with {len(sizes)} parameters cannot be shared by {parts} replicas: use "
+                         f"pipeline.zero=0 or fewer replicas")
     total = sum(sizes)
     runs, start, acc = [], 0, 0
     for r in range(parts):
-        stop = start
-        target = total * (r + 1) / parts
-        while stop < len(sizes) and (r == parts - 1 or acc + sizes[stop] / 2 <= target):
+        stop, target = start, total * (r + 1) / parts
+        last_allowed = len(sizes) - (parts - r - 1)  # leave one tensor for each later part
+        while stop < last_allowed and (stop == start or r == parts - 1 or acc + sizes[stop] / 2 <= target):
             acc += sizes[stop]
             stop += 1
         runs.append((start, stop))
         start = stop
     return runs
+
+
+def _grad_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """Elements [offset, offset + p.numel()) of ``flat`` with ``p``'s strides (channels_last
+    weights too): the layout AccumulateGrad and the optimizer expect."""
+    return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset)
 
 
 class StageZero:
@@ -70,15 +80,23 @@ class StageZero:
     def prepare(self) -> None:
         """Before the step's first backward: each run's gradients become views of one flat
         buffer (autograd accumulates into an existing .grad in place, as DDP's bucket views), so
-        a run is reduced where it lies, without a copy."""
-        self._flats = []
+        a run is reduced where it lies, without a copy. A hook per parameter notes which ones a
+        backward reaches, and in the last micro-batch (``arm``) when a run is complete."""
+        self._remove_hooks()
+        self._flats, self._pending = [], [None] * self.D
         for a, b in self.runs:
             run = self.params[a:b]
-            flat = torch.zeros(sum(p.numel() for p in run), dtype=run[0].dtype, device=run[0].device) if run else None
-            for p, g in zip(run, flat.split([p.numel() for p in run]) if run else ()):
-                p.grad = g.view_as(p)
+            flat = torch.zeros(sum(p.numel() for p in run), dtype=run[0].dtype, device=run[0].device)
+            offset = 0
+            for p in run:
+                p.grad = _grad_view(flat, offset, p)
+                offset += p.numel()
             self._flats.append(flat)
-        self._pending = [None] * self.D
+        self._reached = [False] * len(self.params)
+        self._armed, self._next = False, self.D - 1
+        self._run_of = [r for r, (a, b) in enumerate(self.runs) for _ in range(a, b)]
+        for i, p in enumerate(self.params):
+            self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, i=i: self._landed(i)))
 
     def arm(self) -> None:
         """Before the last micro-batch's backward (level 2): reduce each run once its last
@@ -86,58 +104,71 @@ class StageZero:
         if self.level != 2:
             return
         self._left = [b - a for a, b in self.runs]
+        self._ready = [False] * self.D
         self.overlapped = 0
-        for r, (a, b) in enumerate(self.runs):
-            for p in self.params[a:b]:
-                self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p, r=r: self._landed(r)))
+        self._armed = True
 
-    def _landed(self, r: int) -> None:
+    def _landed(self, i: int) -> None:
+        self._reached[i] = True
+        if not self._armed:
+            return
+        r = self._run_of[i]
         self._left[r] -= 1
-        if self._left[r] == 0:
-            self._launch(r)
-            self.overlapped += 1
-        elif self._left[r] < 0:
+        if self._left[r] < 0:
             raise RuntimeError("a parameter's gradient was accumulated twice in one backward: "
                                "pipeline.zero=2 reduces each run once; use pipeline.zero=1")
+        if self._left[r] == 0:
+            self._ready[r] = True
+            # every replica issues the reduces in one fixed order (the last run first), as NCCL
+            # needs; a run ready early waits for the later ones
+            while self._next >= 0 and self._ready[self._next]:
+                self._launch(self._next)
+                self.overlapped += 1
+                self._next -= 1
 
     def _launch(self, r: int) -> None:
         a, b = self.runs[r]
-        if a == b:
-            return
         if r != self.replica:  # the sum goes to the owner: the buffer in flight is all that is left here
             for p in self.params[a:b]:
                 p.grad = None
         self._pending[r] = comm.reduce_async(self._flats[r], self.ranks[r], self.group)
         self._flats[r] = None
 
-    def reduce(self) -> None:
-        """After the backward: gradients averaged over the replicas, whole everywhere (level 1)
-        or on each run's owner only (level 2). A parameter no micro-batch reached has a zero
-        gradient here (without pipeline.zero it would have none)."""
-        if not getattr(self, "_flats", None):
-            raise RuntimeError("StageZero.reduce without prepare(): call it before the step's first backward")
-        if self.level == 1:
-            for flat in self._flats:
-                if flat is not None:
-                    comm.all_reduce_(flat, group=self.group).div_(self.D)
-            self._flats = []
-            return
+    def _remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for r in range(self.D):  # runs with a parameter the last backward did not reach
-            if self._flats[r] is not None:
-                self._launch(r)
-        for r, pending in enumerate(self._pending):
-            if pending is None:
-                continue
-            total = pending.wait()
-            if r == self.replica:
-                total.div_(self.D)
-                a, b = self.runs[r]
-                for p, g in zip(self.params[a:b], total.split([p.numel() for p in self.params[a:b]])):
-                    p.grad = g.view_as(p)  # a no-op on the CPU; under NCCL the buffer may be a copy
-        self._pending, self._flats = [], []
+
+    def reduce(self) -> None:
+        """After the backward: gradients averaged over the replicas, whole everywhere (level 1)
+        or on each run's owner only (level 2). A parameter no micro-batch reached on any replica
+        gets no gradient, as without ZeRO (so the optimizer skips it). Which ones a backward
+        reaches is the graph's structure, the same on every replica: the hooks tell each
+        replica on the host, with no collective and no sync."""
+        if not self._flats:
+            raise RuntimeError("StageZero.reduce without prepare(): call it before the step's first backward")
+        self._remove_hooks()
+        if self.level == 1:
+            for flat in self._flats:
+                comm.all_reduce_(flat, group=self.group).div_(self.D)
+        else:
+            while self._next >= 0:  # the runs the last backward did not complete, in the same order
+                self._launch(self._next)
+                self._next -= 1
+            a, b = self.runs[self.replica]
+            total = self._pending[self.replica].wait()
+            for r, pending in enumerate(self._pending):
+                if r != self.replica:
+                    pending.wait()
+            total.div_(self.D)
+            offset = 0
+            for p in self.params[a:b]:
+                p.grad = _grad_view(total, offset, p)  # the same storage on the CPU; NCCL may hand a copy
+                offset += p.numel()
+        self._pending, self._flats, self._armed = [], [], False
+        for p, hit in zip(self.params, self._reached):
+            if not hit:
+                p.grad = None
 
     def norm_divisor(self) -> int:
         """How many replicas hold each gradient: the world sum of squares is divided by it."""
