@@ -1,7 +1,9 @@
 """Peak host memory of one pipeline rank while it builds its stage: on the meta device, then
 only its own modules materialised (what PipelineEngine does), against building the whole model
 and dropping the other stages' weights (what every rank did before). Each build runs in a fresh
-process; its peak RSS above the process's size after the imports is what the build cost.
+process; its peak anonymous resident memory (RssAnon, sampled every 2 ms: not the pages of
+torch's shared libraries, which a fresh install maps in differently) above its level after the
+imports is what the build cost.
 
     python benchmarks/stage_build_memory.py --model revcol_large --stages 4
     python benchmarks/stage_build_memory.py --model revcol_huge --stages 4 --stage 0
@@ -11,21 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+from resume_any_layout import PeakRSS  # noqa: E402  (RssAnon sampled on a thread)
 
 
 def child(model_name: str, stages: int, stage: int, mode: str) -> dict:
@@ -33,13 +28,24 @@ def child(model_name: str, stages: int, stage: int, mode: str) -> dict:
     import torch
 
     from revcol_dist.models import create_model
-    from revcol_dist.models.init import initialize, materialize
-    from revcol_dist.parallel.pipeline.partition import column_modules, split_columns
 
     torch.set_num_threads(1)
     with torch.device("meta"):  # imports done, allocator warm: the baseline
         create_model(model_name)
-    base = _current_rss()
+    with PeakRSS() as peak:
+        model = _build(model_name, stages, stage, mode)
+    share = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"peak_added_bytes": max(peak.extra, 0), "stage_bytes": share,
+            "total_params": sum(1 for _ in model.parameters())}
+
+
+def _build(model_name: str, stages: int, stage: int, mode: str):
+    import torch
+
+    from revcol_dist.models import create_model
+    from revcol_dist.models.init import initialize, materialize
+    from revcol_dist.parallel.pipeline.partition import column_modules, split_columns
+
     if mode == "meta":
         with torch.device("meta"):
             model = create_model(model_name)
@@ -54,9 +60,7 @@ def child(model_name: str, stages: int, stage: int, mode: str) -> dict:
         for p in model.parameters():
             if id(p) not in owned:
                 p.data = p.data.new_empty(0)
-    share = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"peak_added_bytes": max(_peak_rss() - base, 0), "stage_bytes": share,
-            "total_params": sum(1 for _ in model.parameters())}
+    return model
 
 
 def measure(model_name: str, stages: int, stage: int, mode: str) -> dict:

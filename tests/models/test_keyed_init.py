@@ -58,9 +58,9 @@ def test_a_stage_build_costs_its_share_of_host_memory():
     sys.path.insert(0, str(BENCH))
     from stage_build_memory import measure
 
-    # the smaller of two fresh processes: once in a full-suite run the peak came out one stage
-    # share higher (not reproduced alone); a build's own cost is the least it has needed
-    meta = min((measure("revcol_large", 4, 1, "meta") for _ in range(2)), key=lambda m: m["peak_added_bytes"])
+    # anonymous memory (RssAnon): measured as total RSS, a process started from the full suite
+    # (cv2 imported there sets LD_LIBRARY_PATH) counted ~260 MiB more of mapped library pages
+    meta = measure("revcol_large", 4, 1, "meta")
     whole = measure("revcol_large", 4, 1, "whole")
     share = meta["stage_bytes"]
     assert meta["peak_added_bytes"] <= 1.2 * share + 64 * 2**20, meta
