@@ -180,10 +180,8 @@ class StageZero:
     def gather_weights(self) -> None:
         """After the step: every replica gets each owner's new weights (one broadcast per run,
         so the transient is one run's size, not a second copy of the stage)."""
-        for r, (a, b) in enumerate(self.runs):
+        for r, (a, b) in enumerate(self.runs):  # never empty (owner_runs)
             run = self.params[a:b]
-            if not run:
-                continue
             flat = torch.cat([p.detach().reshape(-1) for p in run])
             comm.broadcast_(flat, self.ranks[r], self.group)
             if r != self.replica:
