@@ -12,7 +12,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from PIL import Image
+
+from . import draws
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,14 +96,20 @@ def _gray(img: torch.Tensor) -> torch.Tensor:
 
 
 def _affine(img: torch.Tensor, matrix) -> torch.Tensor:
-    """Apply a 2x3 affine map (output -> input, in normalised coordinates), nearest, fill grey."""
-    theta = torch.tensor(matrix, dtype=torch.float32).view(1, 2, 3)
-    grid = F.affine_grid(theta, [1, 3, *img.shape[-2:]], align_corners=False)
-    x = img.float().unsqueeze(0) + 1.0  # 0 marks "outside"
-    out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
-    fill = torch.tensor(_FILL, dtype=torch.float32).view(3, 1, 1) + 1.0
-    out = torch.where(out == 0, fill, out)
-    return (out - 1.0).clamp(0, 255).to(torch.uint8)
+    """Apply a 2x3 map (output -> input, normalised coordinates about the centre, pixel
+    centres at (2j + 1) / W - 1), nearest with ties to even, fill grey; float64 coordinates,
+    in the same order of operations as the compiled kernel (``augment_numba._affine``)."""
+    t0, t1, t2, t3, t4, t5 = (float(v) for v in matrix)
+    _, h, w = img.shape
+    xn = ((2.0 * torch.arange(w, dtype=torch.float64) + 1.0) / w - 1.0).view(1, w)
+    yn = ((2.0 * torch.arange(h, dtype=torch.float64) + 1.0) / h - 1.0).view(h, 1)
+    x0 = torch.round(((t0 * xn + (t1 * yn + t2) + 1.0) * w - 1.0) * 0.5)
+    y0 = torch.round(((t3 * xn + (t4 * yn + t5) + 1.0) * h - 1.0) * 0.5)
+    inside = (x0 >= 0) & (x0 < w) & (y0 >= 0) & (y0 < h)
+    flat = torch.where(inside, y0 * w + x0, 0).long().view(-1)
+    out = img.reshape(3, -1)[:, flat].view(3, h, w)
+    fill = torch.tensor(_FILL, dtype=torch.uint8).view(3, 1, 1)
+    return torch.where(inside, out, fill)
 
 
 def _equalize(img: torch.Tensor) -> torch.Tensor:
@@ -119,28 +128,30 @@ def _equalize(img: torch.Tensor) -> torch.Tensor:
 
 
 def _autocontrast(img: torch.Tensor) -> torch.Tensor:
-    f = img.float()
-    lo = f.amin(dim=(1, 2), keepdim=True)
-    hi = f.amax(dim=(1, 2), keepdim=True)
-    scale = torch.where(hi > lo, 255.0 / (hi - lo), torch.ones_like(hi))
-    lo = torch.where(hi > lo, lo, torch.zeros_like(lo))
-    return ((f - lo) * scale).clamp(0, 255).to(torch.uint8)
+    """Per channel, the exact floor of (v - lo) * 255 / (hi - lo) (a flat channel stays)."""
+    v = img.int()
+    lo = v.amin(dim=(1, 2), keepdim=True)
+    hi = v.amax(dim=(1, 2), keepdim=True)
+    stretched = (v - lo) * 255 // (hi - lo).clamp(min=1)
+    return torch.where(hi > lo, stretched.clamp(0, 255), v).to(torch.uint8)
 
 
 def _sharpness(img: torch.Tensor, factor: float) -> torch.Tensor:
-    k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=torch.float32) / 13
-    blurred = F.conv2d(img.float().unsqueeze(1), k.view(1, 1, 3, 3), padding=1).squeeze(1)
+    k = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=torch.float32)
+    # an integer sum (exact in float32 in any order), then / 13: the compiled kernel's value
+    blurred = F.conv2d(img.float().unsqueeze(1), k.view(1, 1, 3, 3), padding=1).squeeze(1) / 13
     blurred[:, [0, -1], :] = img[:, [0, -1], :].float()
     blurred[:, :, [0, -1]] = img[:, :, [0, -1]].float()
     return _blend(img, blurred, factor)
 
 
-def _signed(level: float, rng: np.random.Generator) -> float:
-    return -level if rng.random() < 0.5 else level
+def _apply_op(name: str, img: torch.Tensor, m: float, neg: bool) -> torch.Tensor:
+    """m in [0, 1]: the magnitude as a fraction of the maximum (10); neg: the signed ops'
+    level negated."""
 
+    def _signed(level: float, _=None) -> float:
+        return -level if neg else level
 
-def _apply_op(name: str, img: torch.Tensor, m: float, rng: np.random.Generator) -> torch.Tensor:
-    """m in [0, 1]: the magnitude as a fraction of the maximum (10)."""
     if name == "AutoContrast":
         return _autocontrast(img)
     if name == "Equalize":
@@ -148,7 +159,7 @@ def _apply_op(name: str, img: torch.Tensor, m: float, rng: np.random.Generator) 
     if name == "Invert":
         return 255 - img
     if name == "Rotate":
-        a = math.radians(_signed(30.0 * m, rng))
+        a = _signed(30.0 * m) * (math.pi / 180.0)
         return _affine(img, [math.cos(a), -math.sin(a), 0, math.sin(a), math.cos(a), 0])
     if name == "PosterizeIncreasing":
         bits = max(1, 4 - int(4 * m))
@@ -156,30 +167,30 @@ def _apply_op(name: str, img: torch.Tensor, m: float, rng: np.random.Generator) 
         return img & mask
     if name == "SolarizeIncreasing":
         thresh = 256 - int(256 * m)
-        return torch.where(img >= thresh, 255 - img, img)
+        return torch.where(img.int() >= thresh, 255 - img, img)  # thresh may be 256: nothing
     if name == "SolarizeAdd":
         add = int(110 * m)
         added = (img.int() + add).clamp(0, 255).to(torch.uint8)
         return torch.where(img < 128, added, img)
     if name == "ColorIncreasing":
-        return _blend(img, _gray(img).expand_as(img), 1.0 + _signed(0.9 * m, rng))
+        return _blend(img, _gray(img).expand_as(img), 1.0 + _signed(0.9 * m))
     if name == "ContrastIncreasing":
-        mean = _gray(img).mean()
-        return _blend(img, torch.full_like(img, 0).float() + mean, 1.0 + _signed(0.9 * m, rng))
+        mean = _gray(img).double().mean().float()  # float64 sum: the compiled kernel's too
+        return _blend(img, torch.full_like(img, 0).float() + mean, 1.0 + _signed(0.9 * m))
     if name == "BrightnessIncreasing":
-        return _blend(img, torch.zeros_like(img), 1.0 + _signed(0.9 * m, rng))
+        return _blend(img, torch.zeros_like(img), 1.0 + _signed(0.9 * m))
     if name == "SharpnessIncreasing":
-        return _sharpness(img, 1.0 + _signed(0.9 * m, rng))
+        return _sharpness(img, 1.0 + _signed(0.9 * m))
     if name == "ShearX":
-        s = _signed(0.3 * m, rng)
+        s = _signed(0.3 * m)
         return _affine(img, [1, s, 0, 0, 1, 0])
     if name == "ShearY":
-        s = _signed(0.3 * m, rng)
+        s = _signed(0.3 * m)
         return _affine(img, [1, 0, 0, s, 1, 0])
     if name == "TranslateXRel":
-        return _affine(img, [1, 0, _signed(0.45 * m, rng) * 2, 0, 1, 0])
+        return _affine(img, [1, 0, _signed(0.45 * m) * 2.0, 0, 1, 0])
     if name == "TranslateYRel":
-        return _affine(img, [1, 0, 0, 0, 1, _signed(0.45 * m, rng) * 2])
+        return _affine(img, [1, 0, 0, 0, 1, _signed(0.45 * m) * 2.0])
     raise KeyError(name)
 
 
@@ -192,47 +203,62 @@ RAND_INCREASING_OPS = (
 
 class RandAugment:
     """rand-m{magnitude}-mstd{std}-inc1: per image, `num_ops` ops drawn uniformly, each applied
-    with probability `prob`, magnitude ~ N(magnitude, std) clipped to [0, 10]."""
+    with probability `prob`, magnitude ~ N(magnitude, std) clipped to [0, 10]. The draws are
+    the sample's (``draws.randaug_slot``), the same the compiled FFCV operation makes."""
 
     def __init__(self, num_ops: int = 2, magnitude: float = 9.0, std: float = 0.5, prob: float = 0.5) -> None:
         self.num_ops, self.magnitude, self.std, self.prob = num_ops, magnitude, std, prob
 
-    def __call__(self, img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        for name in rng.choice(RAND_INCREASING_OPS, self.num_ops):
-            if rng.random() > self.prob:
-                continue
-            m = float(np.clip(rng.normal(self.magnitude, self.std), 0, 10)) / 10.0
-            img = _apply_op(str(name), img, m, rng)
+    def __call__(self, img: torch.Tensor, key) -> torch.Tensor:
+        """img: CHW uint8; key: ``draws.sample_key(seed, epoch, index, draws.RANDAUG)``."""
+        for j in range(self.num_ops):
+            op, applied, m, neg = draws.randaug_slot(key, j, len(RAND_INCREASING_OPS), self.magnitude, self.std, self.prob)
+            if applied:
+                img = _apply_op(RAND_INCREASING_OPS[op], img, m, neg)
         return img
 
 
-def _per_image(rngs, n: int) -> list:
-    """One generator per image (keyed by the sample: the same draws at any layout), or one for all."""
-    return list(rngs) if isinstance(rngs, (list, tuple)) else [rngs] * n
+def erase_image(x: torch.Tensor, key, prob: float, bank: torch.Tensor) -> torch.Tensor:
+    """One normalised CHW image, in place: with probability `prob` a box (2%-33% of the area,
+    aspect 0.3-3.3, the first of 10 tries that fits) filled with normal noise, a window of
+    ``bank`` (``draws.noise_bank``). key: ``draws.sample_key(..., draws.ERASE)``."""
+    c, h, w = x.shape
+    erased, top, left, eh, ew, off = draws.erase_box(key, h, w, bank.numel(), prob)
+    if erased:
+        x[:, top : top + eh, left : left + ew] = bank[off : off + c * eh * ew].view(c, eh, ew).to(x.dtype)
+    return x
 
 
-def random_erasing(batch: torch.Tensor, prob: float, rngs) -> torch.Tensor:
-    """Per image, with probability `prob`, replace a random rectangle (2%-33% of the area,
-    aspect 0.3-3.3) by normal noise; on normalised float images, in place. ``rngs``: a generator
-    per image, or one for the batch."""
-    _, c, h, w = batch.shape
-    for i, rng in enumerate(_per_image(rngs, batch.shape[0])):
-        if rng.random() >= prob:
-            continue
-        for _ in range(10):
-            area = h * w * rng.uniform(0.02, 1 / 3)
-            aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-            eh, ew = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if eh < h and ew < w:
-                top, left = int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1))
-                noise = torch.from_numpy(rng.standard_normal((c, eh, ew)).astype(np.float32))
-                batch[i, :, top : top + eh, left : left + ew] = noise.to(batch.dtype)
-                break
-    return batch
+def erase_batch(x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int, prob: float, bank: torch.Tensor) -> torch.Tensor:
+    """erase_image for a whole batch on its device, vectorised: boxes drawn from the int64
+    indices on the device, no host round trip, no per-image launch."""
+    if prob <= 0:
+        return x
+    n, c, h, w = x.shape
+    dev = x.device
+    keys = draws.sample_keys_t(seed, epoch, index.to(dev, torch.int64), draws.ERASE)
+    u = draws.unit_t(keys[:, None], torch.arange(draws.ERASE_OFFSET + 1, device=dev)[None, :])
+    a0, a1 = draws.ERASE_AREA
+    l0, l1 = draws.ERASE_LOG_ASPECT
+    tries = u[:, 1 : draws.ERASE_OFFSET].view(n, draws.ERASE_TRIES, 4)
+    area = h * w * (a0 + (a1 - a0) * tries[..., 0])
+    aspect = torch.exp(l0 + (l1 - l0) * tries[..., 1])
+    eh, ew = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (eh < h) & (ew < w)
+    first = fits.int().argmax(1, keepdim=True)
+    pick = lambda t: t.gather(1, first).view(n)  # noqa: E731
+    eh, ew = pick(eh), pick(ew)
+    top = (pick(tries[..., 2]) * (h - eh + 1)).floor()
+    left = (pick(tries[..., 3]) * (w - ew + 1)).floor()
+    off = (u[:, draws.ERASE_OFFSET] * (bank.numel() - c * eh * ew + 1)).floor()
+    erased = (u[:, 0] < prob) & fits.any(1)
+    col = lambda t: t.long().view(n, 1, 1, 1)  # noqa: E731
+    eh, ew, top, left, off = col(eh), col(ew), col(top), col(left), col(off)
+    y = torch.arange(h, device=dev).view(1, 1, h, 1) - top
+    xx = torch.arange(w, device=dev).view(1, 1, 1, w) - left
+    ch = torch.arange(c, device=dev).view(1, c, 1, 1)
+    inside = (y >= 0) & (y < eh) & (xx >= 0) & (xx < ew) & erased.view(n, 1, 1, 1)
+    pos = torch.where(inside, off + (ch * eh + y) * ew + xx, 0)
+    return torch.where(inside, bank.to(dev)[pos].to(x.dtype), x)
 
 
-def augment_batch(batch: torch.Tensor, rngs, randaug: Optional[RandAugment]) -> torch.Tensor:
-    """RandAugment per image; ``rngs``: a generator per image, or one for the batch."""
-    if randaug is None:
-        return batch
-    return torch.stack([randaug(img, rng) for img, rng in zip(batch, _per_image(rngs, batch.shape[0]))])
