@@ -4,8 +4,8 @@ FFCV's own RandomResizedCrop and RandomHorizontalFlip draw from numba's unseeded
 generators, so two runs with the same seed see different crops and a resumed run does not
 continue the interrupted one. Here every sample seeds the generator of the thread decoding it
 from (run seed, epoch, sample index) only: the same crop whatever batch, rank or thread decodes
-it. The epoch is a constant of the compiled code (numba freezes what a kernel captures), so the
-stream sets ``decoder.epoch`` and has FFCV recompile its pipeline when the epoch changes.
+it. The epoch is read at run time from the stream's ``RuntimeInt`` (numba freezes what a
+kernel captures, so a captured epoch would need a recompile every epoch).
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def seeded_rrc_decoder(size: int, scale, ratio=(3 / 4, 4 / 3), flip: bool = True, seed: int = 0):
+def seeded_rrc_decoder(size: int, scale, ratio=(3 / 4, 4 / 3), flip: bool = True, seed: int = 0, epoch=None):
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
 
-    class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-        epoch = 0
+    from .ffcv_runtime import RuntimeInt, read_int
 
+    epoch = epoch if epoch is not None else RuntimeInt()
+
+    class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
             read = self.memory_read
@@ -29,10 +31,12 @@ def seeded_rrc_decoder(size: int, scale, ratio=(3 / 4, 4 / 3), flip: bool = True
             crop_resize = Compiler.compile(resize_crop)
             draw_crop = Compiler.compile(get_random_crop)
             sc, rt = np.array(self.scale, dtype=np.float64), np.array(self.ratio, dtype=np.float64)
-            base = np.uint64((seed % (2**31)) * 1000003 + self.epoch * 7919 + 17) % np.uint64(2**31 - 1)
+            seed_part = np.uint64((seed % (2**31)) * 1000003 + 17)
+            at = self.epoch.address
             do_flip = flip
 
             def decode(batch_indices, my_storage, metadata, storage_state):
+                base = (seed_part + np.uint64(read_int(at)) * np.uint64(7919)) % np.uint64(2**31 - 1)
                 out, scratch = my_storage
                 n = len(batch_indices)
                 for k in loop(n):
@@ -64,4 +68,6 @@ def seeded_rrc_decoder(size: int, scale, ratio=(3 / 4, 4 / 3), flip: bool = True
             decode.is_parallel = True
             return decode
 
-    return SeededRandomResizedCrop((size, size), scale=tuple(scale), ratio=tuple(ratio))
+    decoder = SeededRandomResizedCrop((size, size), scale=tuple(scale), ratio=tuple(ratio))
+    decoder.epoch = epoch
+    return decoder

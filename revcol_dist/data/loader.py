@@ -1,7 +1,13 @@
 """Train/val data streams over FFCV .beton files, or a torch DataLoader over an ImageFolder
 when FFCV is not installed. Both read in the order ShardedOrder gives (deterministic per
 seed and epoch, sharded across ranks, resumable mid-epoch) and yield
-``(images [B, 3, S, S] float normalised, labels [B] int64, indices [B] int64)``."""
+``(images [B, 3, S, S] float normalised, labels [B] int64, indices [B] int64)``.
+
+Every per-image step runs off the training thread: decoding, crop, flip and RandAugment in
+FFCV's worker threads (compiled operations) or the DataLoader's worker processes; then
+normalisation and erasing either there too (``finish="workers"``, the default without a GPU)
+or batched on the device after uint8 crossed to it (``finish="device"``, the default when the
+device is a GPU). Every draw is a function of (seed, epoch, sample index)."""
 
 from __future__ import annotations
 
@@ -16,20 +22,34 @@ from torch.utils.data import DataLoader, Dataset
 from .ffcv_support import ffcv_available, warn_fallback
 from .folder import DataError, scan_image_folder
 from .order import ShardedOrder
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, RRC_SCALE, RandAugment, augment_batch, center_crop, load_rgb, normalize, random_erasing, train_crop
+from . import draws
+from .transforms import (IMAGENET_MEAN, IMAGENET_STD, RRC_SCALE, RandAugment, center_crop, erase_batch, erase_image, load_rgb,
+                         normalize, train_crop)
+
+FINISH = ("auto", "workers", "device")
+
+
+def _is_gpu(device) -> bool:
+    return device is not None and torch.device(device).type != "cpu"
 
 
 class DataStream:
     def __init__(self, order: ShardedOrder, classes: Sequence[str], train: bool, randaug: Optional[RandAugment],
-                 erasing: float, mean, std, device) -> None:
+                 erasing: float, mean, std, device, size: int, finish: str = "auto") -> None:
         self.order = order
         self.classes = tuple(classes)
         self.train = train
         self.randaug = randaug
-        self.erasing = erasing
+        self.erasing = erasing if train else 0.0
         self.mean, self.std = mean, std
         self.device = device
+        self.size = size
+        self.finish = ("device" if _is_gpu(device) else "workers") if finish == "auto" else finish
         self.skipped = 0  # corrupt images skipped so far (fallback path; the writer filters for FFCV)
+        self._bank = None
+        if self.finish == "device" and self.erasing > 0:  # copied once, here, not inside a step
+            bank = draws.noise_bank(self.order.seed, draws.bank_size(3, size, size))
+            self._bank = torch.from_numpy(np.array(bank)).to(device if device is not None else "cpu")
 
     @property
     def num_classes(self) -> int:
@@ -52,19 +72,15 @@ class DataStream:
         self.order.load_global_position(pos, allow_batch_change)
 
     def _finish(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
-        # every draw of a sample's augmentation is keyed by (seed, epoch, its index): the same
-        # pixels whatever rank, batch or resume reads it
-        ids = index.tolist() if self.train and (self.randaug is not None or self.erasing > 0) else []
-        seed, epoch = self.order.seed, self.order.epoch
-        if self.train and self.randaug is not None:
-            rngs = [np.random.default_rng([seed, epoch, i, 0x52414E44]) for i in ids]
-            images = augment_batch(images.cpu(), rngs, self.randaug)
+        """uint8 batches are normalised and erased here, on the device, in a few batched ops
+        with no host sync; float batches were finished by the workers."""
         if self.device is not None:
             images, labels, index = (t.to(self.device, non_blocking=True) for t in (images, labels, index))
-        x = normalize(images, self.mean, self.std)
-        if self.train and self.erasing > 0:
-            x = random_erasing(x, self.erasing, [np.random.default_rng([seed, epoch, i, 0x45524153]) for i in ids])
-        return x, labels.long(), index.long()
+        if images.dtype == torch.uint8:
+            images = normalize(images, self.mean, self.std)
+            if self.erasing > 0:
+                images = erase_batch(images, index, self.order.seed, self.order.epoch, self.erasing, self._bank)
+        return images, labels.long(), index.long()
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch = self.order.epoch
@@ -80,14 +96,16 @@ class DataStream:
 
 
 class FFCVStream(DataStream):
-    def __init__(self, beton: Path, size: int, num_workers: int, scale, hflip: bool, **kw) -> None:
+    def __init__(self, beton: Path, num_workers: int, scale, hflip: bool, **kw) -> None:
         super().__init__(**kw)
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.traversal_order.base import TraversalOrder
-        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+        from .ffcv_ops import NormalizeEraseOp, RandAugmentOp
+        from .ffcv_runtime import RuntimeInt
         from .ffcv_seeded import seeded_rrc_decoder
 
         class _Given(TraversalOrder):
@@ -103,33 +121,46 @@ class FFCVStream(DataStream):
             def sample_order(self, epoch: int):
                 return self.current
 
-        self._decoder, self._compiled_epoch = None, 0  # the Loader compiles its pipeline at epoch 0
+        size, seed = self.size, self.order.seed
+        self._epoch = RuntimeInt(self.order.epoch)  # read by the compiled code at run time
         if self.train:  # seeded by (seed, epoch, index): the same crops in every run and at every layout
-            self._decoder = seeded_rrc_decoder(size, scale, flip=hflip, seed=self.order.seed)
-            image = [self._decoder, ToTensor(), ToTorchImage(channels_last=False)]
+            image = [seeded_rrc_decoder(size, scale, flip=hflip, seed=seed, epoch=self._epoch)]
         else:
-            image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256), ToTensor(), ToTorchImage(channels_last=False)]
-        ints = [IntDecoder(), ToTensor(), Squeeze(1)]
+            image = [CenterCropRGBImageDecoder((size, size), ratio=224 / 256)]
+        if self.train and self.randaug is not None:
+            ra = self.randaug
+            image.append(RandAugmentOp(self._epoch, seed, ra.num_ops, ra.magnitude, ra.std, ra.prob))
+        to_gpu = [ToDevice(torch.device(self.device), non_blocking=True)] if _is_gpu(self.device) else []
+        if self.finish == "workers":
+            image += [NormalizeEraseOp(self._epoch, seed, self.mean, self.std, self.erasing), ToTensor()]
+        else:  # uint8 crosses to the device (pinned, on FFCV's copy streams); normalised there
+            image += [ToTensor(), ToTorchImage(channels_last=bool(to_gpu))] + to_gpu
+        ints = [IntDecoder(), ToTensor(), Squeeze(1)] + to_gpu
         self._given = _Given()
         self._loader = Loader(str(beton), batch_size=self.order.batch_size, num_workers=max(1, num_workers),
                               order=self._given, drop_last=self.order.drop_last, os_cache=True,
-                              pipelines={"image": image, "label": ints, "index": list(ints)}, seed=self.order.seed)
+                              pipelines={"image": image, "label": ints, "index": list(ints)}, seed=seed)
 
     def _batches(self, indices: np.ndarray):
         self._given.current = indices.astype(np.uint64)
         self._loader.first_traversal_order = self._given.current  # FFCV sizes the epoch from it
-        if self._decoder is not None:  # the crops' epoch is compiled in: recompile when it changes
-            self._decoder.epoch = self.order.epoch
-            self._loader.recompile = self.order.epoch != self._compiled_epoch
-            self._compiled_epoch = self.order.epoch
+        self._epoch.value = self.order.epoch  # before FFCV's thread starts on this epoch
         for images, labels, index in self._loader:
             yield images, labels.view(-1), index.view(-1)
 
 
 class _Files(Dataset):
-    def __init__(self, samples: Sequence[Tuple[str, int]], size: int, train: bool, seed: int, scale, hflip: bool) -> None:
-        self.samples, self.size, self.train, self.seed, self.scale = samples, size, train, seed, tuple(scale)
-        self.hflip = hflip
+    """Decode, crop, flip, RandAugment and (finish="workers") normalise and erase one file, in
+    a DataLoader worker; the draws are the sample's, as on the FFCV path."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], stream: "DataStream", scale, hflip: bool) -> None:
+        self.samples, self.size, self.train, self.seed = samples, stream.size, stream.train, stream.order.seed
+        self.scale, self.hflip, self.randaug = tuple(scale), hflip, stream.randaug if stream.train else None
+        self.finish_here = stream.finish == "workers"
+        self.mean, self.std, self.erasing = stream.mean, stream.std, stream.erasing
+        self.bank = None
+        if self.finish_here and self.erasing > 0:
+            self.bank = torch.from_numpy(np.array(draws.noise_bank(self.seed, draws.bank_size(3, self.size, self.size))))
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -145,7 +176,14 @@ class _Files(Dataset):
             arr = train_crop(img, self.size, np.random.default_rng([self.seed, self.epoch, i]), self.hflip, self.scale)
         else:
             arr = center_crop(img, self.size)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), label, i
+        x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        if self.randaug is not None:
+            x = self.randaug(x, draws.sample_key(self.seed, self.epoch, i, draws.RANDAUG))
+        if self.finish_here:
+            x = normalize(x[None], self.mean, self.std)[0]
+            if self.erasing > 0:
+                x = erase_image(x, draws.sample_key(self.seed, self.epoch, i, draws.ERASE), self.erasing, self.bank)
+        return x, label, i
 
 
 def _collate(items):
@@ -158,9 +196,9 @@ def _collate(items):
 
 
 class TorchStream(DataStream):
-    def __init__(self, samples: Sequence[Tuple[str, int]], size: int, num_workers: int, scale, hflip: bool, **kw) -> None:
+    def __init__(self, samples: Sequence[Tuple[str, int]], num_workers: int, scale, hflip: bool, **kw) -> None:
         super().__init__(**kw)
-        self._files = _Files(samples, size, self.train, self.order.seed, scale, hflip)
+        self._files = _Files(samples, self, scale, hflip)
         self._workers = num_workers
 
     def _batches(self, indices: np.ndarray):
@@ -170,7 +208,7 @@ class TorchStream(DataStream):
         if self.order.drop_last:
             batches = [b for b in batches if len(b) == bs]
         loader = DataLoader(self._files, batch_sampler=batches, num_workers=self._workers, collate_fn=_collate,
-                            persistent_workers=False)
+                            persistent_workers=False, pin_memory=_is_gpu(self.device))  # prefetched by the workers
         for images, labels, index, bad in loader:
             self.skipped += bad
             if images is None:
@@ -199,10 +237,13 @@ def build_loader(
     crop_scale=RRC_SCALE,
     hflip: bool = True,
     distributed: bool = False,
+    finish: str = "auto",
 ) -> DataStream:
     """source: a .beton written by ``revcol_dist.data.write`` or an ImageFolder root.
     batch_size is per rank; ``drop_last`` defaults to train. ``distributed=True`` takes rank
-    and world size from the initialised torch.distributed group (all ranks of all nodes)."""
+    and world size from the initialised torch.distributed group (all ranks of all nodes).
+    ``finish``: where normalisation and erasing run, "workers" or "device" (uint8 crosses to
+    the device); "auto" picks "device" for a GPU device, else "workers"."""
     source = Path(source)
     if distributed:
         import torch.distributed as dist
@@ -210,6 +251,8 @@ def build_loader(
         if not dist.is_initialized():
             raise DataError("distributed=True needs torch.distributed initialised first (init_process_group)")
         rank, world_size = dist.get_rank(), dist.get_world_size()
+    if finish not in FINISH:
+        raise ValueError(f"finish must be one of {', '.join(FINISH)}, got {finish!r}")
     if backend not in ("auto", "ffcv", "torch"):
         raise ValueError(f"backend must be auto, ffcv or torch, got {backend!r}")
     use_ffcv = source.suffix == ".beton" and backend != "torch" and ffcv_available()
@@ -237,13 +280,13 @@ def build_loader(
     order = ShardedOrder(num, batch_size, rank, world_size, seed, shuffle=train,
                          drop_last=train if drop_last is None else drop_last)
     kw = dict(order=order, classes=classes, train=train, randaug=RandAugment() if randaug else None,
-              erasing=erasing, mean=mean, std=std, device=device)
+              erasing=erasing, mean=mean, std=std, device=device, size=img_size, finish=finish)
     if use_ffcv:
         from .write import check_layout
 
         check_layout(source)
-        return FFCVStream(source, img_size, num_workers, crop_scale, hflip, **kw)
-    return TorchStream(samples, img_size, num_workers, crop_scale, hflip, **kw)
+        return FFCVStream(source, num_workers, crop_scale, hflip, **kw)
+    return TorchStream(samples, num_workers, crop_scale, hflip, **kw)
 
 
 def _labels_of(meta: dict) -> List[int]:
