@@ -47,9 +47,12 @@ class DataStream:
         self.finish = ("device" if _is_gpu(device) else "workers") if finish == "auto" else finish
         self.skipped = 0  # corrupt images skipped so far (fallback path; the writer filters for FFCV)
         self._bank = None
-        if self.finish == "device" and self.erasing > 0:  # copied once, here, not inside a step
-            bank = draws.noise_bank(self.order.seed, draws.bank_size(3, size, size))
-            self._bank = torch.from_numpy(np.array(bank)).to(device if device is not None else "cpu")
+        if self.finish == "device":  # constants copied once, here, not inside a step
+            target = torch.device(device if device is not None else "cpu")
+            normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=target), mean, std)  # caches mean/std there
+            if self.erasing > 0:
+                bank = draws.noise_bank(self.order.seed, draws.bank_size(3, size, size))
+                self._bank = torch.from_numpy(np.array(bank)).to(target)
 
     @property
     def num_classes(self) -> int:
@@ -134,7 +137,7 @@ class FFCVStream(DataStream):
         if self.finish == "workers":
             image += [NormalizeEraseOp(self._epoch, seed, self.mean, self.std, self.erasing), ToTensor()]
         else:  # uint8 crosses to the device (pinned, on FFCV's copy streams); normalised there
-            image += [ToTensor(), ToTorchImage(channels_last=bool(to_gpu))] + to_gpu
+            image += [ToTensor()] + to_gpu + [ToTorchImage(channels_last=bool(to_gpu))]
         ints = [IntDecoder(), ToTensor(), Squeeze(1)] + to_gpu
         self._given = _Given()
         self._loader = Loader(str(beton), batch_size=self.order.batch_size, num_workers=max(1, num_workers),

@@ -297,3 +297,44 @@ def test_data_position_carries_over_layouts_and_maps_a_new_batch_only_when_asked
     assert (bigger.epoch, bigger.batches_done) == (0, 2)  # 40 samples in: the boundary at 32
     with pytest.raises(ValueError, match="seed"):
         ShardedOrder(num_samples=100, batch_size=8, seed=4).load_global_position(pos)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_recipe_finished_in_workers_equals_finished_on_the_device(folder, beton, backend):
+    """Normalisation and erasing in the workers (float32 batches) or batched after the uint8
+    batch crossed to the device (here the CPU stands in for it): the same floats; and the
+    device form hands over uint8 from the workers (4x fewer bytes to copy)."""
+    src = beton if backend == "ffcv" else folder
+    kw = dict(train=True, batch_size=4, img_size=32, seed=9, backend=backend, randaug=True, erasing=0.5)
+    workers = build_loader(src, finish="workers", **kw)
+    device = build_loader(src, finish="device", **kw)
+    raw = next(iter(device._batches(device.order.remaining_indices())))[0]
+    assert raw.dtype == torch.uint8
+    n = 0
+    for _ in range(2):  # two epochs: the epoch reaches the compiled operations without a recompile
+        for (a, ya, ia), (b, yb, ib) in zip(workers, device):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(ia, ib) and torch.equal(ya, yb)
+            assert torch.equal(a, b)
+            n += len(ia)
+    assert n >= 16
+    with pytest.raises(ValueError, match="finish must be one of"):
+        build_loader(src, finish="gpu", **kw)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_recipe_pixels_are_a_function_of_seed_and_epoch(folder, beton, backend):
+    """With RandAugment and erasing on: a second run with the same seed gives the same pixels
+    in each epoch; the next epoch, or another seed, augments the same sample differently."""
+    src = beton if backend == "ffcv" else folder
+    kw = dict(train=True, batch_size=4, img_size=32, backend=backend, randaug=True, erasing=0.5)
+
+    def run(seed):
+        s = build_loader(src, seed=seed, **kw)
+        return [{int(i): x.clone() for xs, _, idx in s for i, x in zip(idx, xs)} for _ in range(2)]
+
+    a, b, c = run(4), run(4), run(5)
+    for ea, eb in zip(a, b):
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    for other in (a[1], c[0]):
+        common = sorted(a[0].keys() & other.keys())
+        assert len(common) >= 4 and sum(not torch.equal(a[0][k], other[k]) for k in common) >= 0.8 * len(common)
