@@ -6,7 +6,8 @@ on one). It also runs on a CPU with tiny sizes, so that a CPU test keeps it from
   python benchmarks/gpu_check.py --only local_step,throughput
 
 Checks, each independent (an exception is recorded in its entry, the others still run):
-local_step, process_groups, reversible_gradients, offload, memory_vs_planner, throughput.
+local_step, process_groups, reversible_gradients, offload, memory_vs_planner, throughput,
+data_finish (uint8 batches normalised and erased on the device: equal to the CPU, no host sync).
 Progress goes to stderr; stdout gets exactly one JSON line at the end: {"ok", "mode", "env",
 "wall_s", "checks": {name: {"ok", ...numbers}}}. Exit status 0 when every check run is ok.
 In gpu mode the whole run keeps under --budget-s (540 s): checks that would start later are
@@ -51,7 +52,7 @@ from revcol_dist.monitor.throughput import peak_tflops  # noqa: E402
 LOSS = RevColLoss((0.5,) * 3, (0.25,) * 3)
 # The seconds each check may take in gpu mode (subprocess timeouts, loop deadlines).
 SOFT_BUDGET_S = {"local_step": 40, "process_groups": 200, "reversible_gradients": 60, "offload": 40,
-                 "memory_vs_planner": 60, "throughput": 150}
+                 "memory_vs_planner": 60, "throughput": 150, "data_finish": 20}
 
 
 @dataclass
@@ -564,6 +565,40 @@ def check_throughput(s: Setting) -> dict:
             **{k: v for k, v in t.items() if k != "models"}, **out}
 
 
+def check_data_finish(s: Setting) -> dict:
+    """The input pipeline's device half: a uint8 batch normalised and erased on the device in
+    batched ops equals the CPU computation, and (CUDA) makes no host sync (sync debug mode
+    "error" raises on one)."""
+    import numpy as np
+
+    from revcol_dist.data import draws
+    from revcol_dist.data.transforms import erase_batch, normalize
+
+    n, res = (128, 224) if s.gpu else (8, 32)
+    gen = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, generator=gen)
+    index = torch.randint(0, 2**40, (n,), generator=gen)
+    bank = torch.from_numpy(np.array(draws.noise_bank(3, draws.bank_size(3, res, res))))
+    ref = erase_batch(normalize(u8), index, 3, 1, 0.25, bank)
+    x, i, b = u8.to(s.device), index.to(s.device), bank.to(s.device)
+    normalize(x[:1])  # the mean/std constants reach the device once, before the timed call
+    sync(s.device)
+    if s.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        t0 = time.perf_counter()
+        out = erase_batch(normalize(x), i, 3, 1, 0.25, b)
+        launch_ms = 1e3 * (time.perf_counter() - t0)
+    finally:
+        if s.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    sync(s.device)
+    diff = (out.cpu() - ref).abs().max().item()
+    erased = int((ref != normalize(u8)).flatten(1).any(1).sum())
+    return {"ok": diff <= 1e-6 and 0 < erased < n, "max_abs_diff": diff, "erased": erased, "batch": n, "res": res,
+            "host_ms": launch_ms}
+
+
 CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "local_step": check_local_step,
     "process_groups": check_process_groups,
@@ -571,6 +606,7 @@ CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "offload": check_offload,
     "memory_vs_planner": check_memory_vs_planner,
     "throughput": check_throughput,
+    "data_finish": check_data_finish,
 }
 
 
