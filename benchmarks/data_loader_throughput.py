@@ -53,12 +53,10 @@ def make_folder(root: Path, n: int, seed: int = 0, sides=(256, 400)) -> None:
         crop.save(root / f"class{i % 10}" / f"{i:05d}.jpg", quality=90)
 
 
-def throughput(stream, epochs: int, set_epoch=None) -> dict:
+def throughput(stream, epochs: int) -> dict:
     """Images/s over `epochs` epochs, and the consuming (training) thread's own CPU time."""
     n, batches, t0, c0 = 0, 0, time.perf_counter(), time.thread_time()
-    for e in range(epochs):
-        if set_epoch is not None:
-            set_epoch(e)
+    for _ in range(epochs):
         for batch in stream:
             n += len(batch[1])
             batches += 1
@@ -76,7 +74,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from pil_loader import PILRecipe, pil_loader
+    from pil_loader import pil_loader
     from revcol_dist.data.loader import build_loader
     from revcol_dist.data.write import write_beton
 
@@ -92,12 +90,11 @@ def main() -> None:
         recipe = build_loader(tmp / "train.beton", randaug=True, erasing=0.25, **kw)
         crop_flip = build_loader(tmp / "train.beton", **kw)
         pil = pil_loader(tmp / "imgs", args.size, args.batch, args.workers)
-        pil_epoch = lambda e: setattr(pil.dataset, "epoch", e)  # noqa: E731 (persistent workers keep their copy; draws differ anyway)
         for s_ in (recipe, crop_flip):
             throughput(s_, 1)  # warm-up: numba compiles the pipeline on the first epoch
         throughput(pil, 1)
         res = {"recipe": throughput(recipe, args.epochs), "crop_flip": throughput(crop_flip, args.epochs),
-               "pil_dataloader": throughput(pil, args.epochs, pil_epoch)}
+               "pil_dataloader": throughput(pil, args.epochs)}
     r, c, p = (res[k]["images_per_sec"] for k in ("recipe", "crop_flip", "pil_dataloader"))
     print(json.dumps({
         "benchmark": "data_loader_throughput", "images": args.images, "workers": args.workers,

@@ -22,7 +22,7 @@ STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 FILL = (124, 116, 104)
 
 
-def _signed(v: float, r: random.Random) -> float:
+def _signed(v: float, r) -> float:
     return -v if r.random() < 0.5 else v
 
 
@@ -30,7 +30,7 @@ def _affine(img: Image.Image, coeffs) -> Image.Image:
     return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=FILL)
 
 
-def _op(name: str, img: Image.Image, m: float, r: random.Random) -> Image.Image:
+def _op(name: str, img: Image.Image, m: float, r) -> Image.Image:
     if name == "AutoContrast":
         return ImageOps.autocontrast(img)
     if name == "Equalize":
@@ -61,7 +61,7 @@ OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", 
        "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
 
 
-def _crop(img: Image.Image, size: int, r: random.Random) -> Image.Image:
+def _crop(img: Image.Image, size: int, r) -> Image.Image:
     w, h = img.size
     for _ in range(10):
         area = w * h * r.uniform(0.08, 1.0)
@@ -76,13 +76,12 @@ def _crop(img: Image.Image, size: int, r: random.Random) -> Image.Image:
 class PILRecipe(Dataset):
     def __init__(self, samples: List[Tuple[str, int]], size: int, erasing: float = 0.25, randaug: bool = True) -> None:
         self.samples, self.size, self.erasing, self.randaug = samples, size, erasing, randaug
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        r = random.Random(hash((self.epoch, i)))
+        r = random  # the DataLoader seeds each worker's generator, as timm relies on
         path, label = self.samples[i]
         with Image.open(path) as im:
             img = _crop(im.convert("RGB"), self.size, r)

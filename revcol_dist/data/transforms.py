@@ -1,13 +1,15 @@
 """Decoding and augmentation written here (torchvision does not import beside the CPU torch
 this project pins): random-resized crop, flip, centre crop, normalisation, RandAugment
-(rand-m9-mstd0.5-inc1) and random erasing on tensors after decode."""
+(rand-m9-mstd0.5-inc1) and random erasing on tensors after decode. The fallback's workers run
+these; ``augment_numba`` computes the same bytes for FFCV's worker threads; ``erase_batch`` is
+the device form. Draws come from ``draws`` (keyed by seed, epoch and sample index)."""
 
 from __future__ import annotations
 
 import functools
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -149,7 +151,7 @@ def _apply_op(name: str, img: torch.Tensor, m: float, neg: bool) -> torch.Tensor
     """m in [0, 1]: the magnitude as a fraction of the maximum (10); neg: the signed ops'
     level negated."""
 
-    def _signed(level: float, _=None) -> float:
+    def _signed(level: float) -> float:
         return -level if neg else level
 
     if name == "AutoContrast":
