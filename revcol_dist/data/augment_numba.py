@@ -16,6 +16,30 @@ from numba import njit, prange
 
 from . import draws
 
+
+def _drop_stale_cache() -> None:
+    """numba invalidates a cached kernel when its own file changes, not when a function it
+    calls (draws.py) does: the kernels would keep old draws while numpy and torch use new
+    ones. A stamp of both sources clears the cache of either when one changes."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    cache = here.parent / "__pycache__"
+    digest = hashlib.sha256(here.read_bytes() + Path(draws.__file__).read_bytes()).hexdigest()
+    stamp = cache / "augment_numba.sources"
+    try:
+        if stamp.is_file() and stamp.read_text() == digest:
+            return
+        for f in [*cache.glob("augment_numba.*.nb[ic]"), *cache.glob("draws.*.nb[ic]")]:
+            f.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:  # a read-only install: numba caches elsewhere or not at all
+        pass
+
+
+_drop_stale_cache()
 _, chain_key, unit, randaug_slot, erase_box = draws.build(njit(nogil=True, cache=True))
 
 F0, F255 = np.float32(0.0), np.float32(255.0)

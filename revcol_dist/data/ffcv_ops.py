@@ -6,6 +6,7 @@ index); the epoch is the stream's ``RuntimeInt``, written before each epoch."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numba
@@ -19,6 +20,12 @@ from . import augment_numba as K
 from .draws import bank_size, noise_bank
 from .ffcv_runtime import RuntimeInt
 from .transforms import normalize
+
+
+# numba's "workqueue" threading layer (the fallback where neither TBB nor OpenMP is found)
+# aborts when two threads launch parallel kernels at once, e.g. two streams' FFCV threads
+# overlapping; one stream runs at a time in training, so serialising costs nothing there.
+_LAUNCH = threading.Lock()
 
 
 def _threads() -> None:
@@ -40,8 +47,9 @@ class RandAugmentOp(Operation):
 
         def randaugment(images, scratch, indices):
             _threads()
-            K.randaugment_batch(images, scratch, indices, np.uint64(op.seed), op.epoch.value, op.num_ops,
-                                float(op.magnitude), float(op.std), float(op.prob))
+            with _LAUNCH:
+                K.randaugment_batch(images, scratch, indices, np.uint64(op.seed), op.epoch.value, op.num_ops,
+                                    float(op.magnitude), float(op.std), float(op.prob))
             return images
 
         randaugment.with_indices = True
@@ -69,7 +77,8 @@ class NormalizeEraseOp(Operation):
         def normalize_erase(images, out, indices):
             _threads()
             out = out[: images.shape[0]]
-            K.normalize_erase_batch(images, out, op.lut, op.bank, indices, np.uint64(op.seed), op.epoch.value, op.prob)
+            with _LAUNCH:
+                K.normalize_erase_batch(images, out, op.lut, op.bank, indices, np.uint64(op.seed), op.epoch.value, op.prob)
             return out
 
         normalize_erase.with_indices = True

@@ -134,12 +134,13 @@ class FFCVStream(DataStream):
             ra = self.randaug
             image.append(RandAugmentOp(self._epoch, seed, ra.num_ops, ra.magnitude, ra.std, ra.prob))
         to_gpu = [ToDevice(torch.device(self.device), non_blocking=True)] if _is_gpu(self.device) else []
-        if self.finish == "workers":
-            image += [NormalizeEraseOp(self._epoch, seed, self.mean, self.std, self.erasing), ToTensor()]
+        if self.finish == "workers":  # (with a GPU, copied on FFCV's streams, which guard its buffers)
+            image += [NormalizeEraseOp(self._epoch, seed, self.mean, self.std, self.erasing), ToTensor()] + to_gpu
         else:  # uint8 crosses to the device (pinned, on FFCV's copy streams); normalised there
             image += [ToTensor()] + to_gpu + [ToTorchImage(channels_last=bool(to_gpu))]
         ints = [IntDecoder(), ToTensor(), Squeeze(1)] + to_gpu
         self._given = _Given()
+        self._warm_up(image)
         self._loader = Loader(str(beton), batch_size=self.order.batch_size, num_workers=max(1, num_workers),
                               order=self._given, drop_last=self.order.drop_last, os_cache=True,
                               pipelines={"image": image, "label": ints, "index": list(ints)}, seed=seed)
@@ -148,8 +149,28 @@ class FFCVStream(DataStream):
         self._given.current = indices.astype(np.uint64)
         self._loader.first_traversal_order = self._given.current  # FFCV sizes the epoch from it
         self._epoch.value = self.order.epoch  # before FFCV's thread starts on this epoch
-        for images, labels, index in self._loader:
-            yield images, labels.view(-1), index.view(-1)
+        it = iter(self._loader)
+        try:
+            for images, labels, index in it:
+                yield images, labels.view(-1), index.view(-1)
+        finally:  # a consumer that stops mid-epoch: FFCV's thread would otherwise run on, holding its buffers
+            it.close()
+            it.join(timeout=5)
+
+    @staticmethod
+    def _warm_up(ops) -> None:
+        """Compile (or load from the disk cache) the augmentation kernels here, on the calling
+        thread: an error surfaces here rather than hanging FFCV's thread, and the first batch
+        does not wait for a compile."""
+        from . import augment_numba as K
+
+        img, idx = np.zeros((1, 8, 8, 3), dtype=np.uint8), np.zeros(1, dtype=np.uint64)
+        for op in ops:
+            if type(op).__name__ == "RandAugmentOp":
+                K.randaugment_batch(img, np.empty_like(img), idx, np.uint64(0), 0, op.num_ops, 9.0, 0.5, 0.5)
+            if type(op).__name__ == "NormalizeEraseOp":
+                bank = np.zeros(3 * 64 * 4, dtype=np.float32)
+                K.normalize_erase_batch(img, np.empty((1, 3, 8, 8), np.float32), op.lut, bank, idx, np.uint64(0), 0, 0.5)
 
 
 class _Files(Dataset):

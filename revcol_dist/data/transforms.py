@@ -78,9 +78,10 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device):
 
 
 def normalize(batch: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 [B, 3, H, W] (0..255) -> float, normalised per channel."""
+    """uint8 [B, 3, H, W] (0..255) -> float, normalised per channel, contiguous (FFCV's
+    device copies arrive channels_last; the trainer applies its own memory format)."""
     m, s = _channel_stats(tuple(mean), tuple(std), batch.device)
-    return (batch.float() - m) / s
+    return (batch.to(torch.float32, memory_format=torch.contiguous_format) - m) / s
 
 
 # ---------------------------------------------------------------- RandAugment (uint8 CHW)
@@ -254,11 +255,11 @@ def erase_batch(x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int, pro
     left = (pick(tries[..., 3]) * (w - ew + 1)).floor()
     off = (u[:, draws.ERASE_OFFSET] * (bank.numel() - c * eh * ew + 1)).floor()
     erased = (u[:, 0] < prob) & fits.any(1)
-    col = lambda t: t.long().view(n, 1, 1, 1)  # noqa: E731
+    col = lambda t: t.int().view(n, 1, 1, 1)  # noqa: E731 (int32: the [B, 3, H, W] index maps are the big temporaries)
     eh, ew, top, left, off = col(eh), col(ew), col(top), col(left), col(off)
-    y = torch.arange(h, device=dev).view(1, 1, h, 1) - top
-    xx = torch.arange(w, device=dev).view(1, 1, 1, w) - left
-    ch = torch.arange(c, device=dev).view(1, c, 1, 1)
+    y = torch.arange(h, device=dev, dtype=torch.int32).view(1, 1, h, 1) - top
+    xx = torch.arange(w, device=dev, dtype=torch.int32).view(1, 1, 1, w) - left
+    ch = torch.arange(c, device=dev, dtype=torch.int32).view(1, c, 1, 1)
     inside = (y >= 0) & (y < eh) & (xx >= 0) & (xx < ew) & erased.view(n, 1, 1, 1)
     pos = torch.where(inside, off + (ch * eh + y) * ew + xx, 0)
     return torch.where(inside, bank.to(dev)[pos].to(x.dtype), x)

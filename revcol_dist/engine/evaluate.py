@@ -76,7 +76,7 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None, overrides
         prepare_data(cfg.data)
     comm.barrier()
     _, val = build_streams(cfg.data, max(cfg.train.batch_size // info.world_size, 1) * info.world_size,
-                           cfg.train.seed, info.rank, info.world_size)
+                           cfg.train.seed, info.rank, info.world_size, device=device)
     args = dict(cfg.model.args)
     args.setdefault("num_classes", val.num_classes)
     model = create_model(cfg.model.name, **args)

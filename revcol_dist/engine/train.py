@@ -131,7 +131,8 @@ class Trainer:
         stages = cfg.pipeline.stages
         self.replicas, self.replica = info.world_size // stages, info.rank // stages
         self.micro_batches = cfg.pipeline.micro_batches if stages > 1 else t.grad_accum
-        self.train_stream, self.val_stream = build_streams(cfg.data, t.batch_size, t.seed, self.replica, self.replicas)
+        self.train_stream, self.val_stream = build_streams(cfg.data, t.batch_size, t.seed, self.replica, self.replicas,
+                                                           device=self.device)  # on a GPU: uint8 crosses, finished there
         self.steps_per_epoch = self.train_stream.order.batches_in_epoch(0)
         self.total = self.steps_per_epoch * t.epochs if t.max_steps is None else \
             min(self.steps_per_epoch * t.epochs, t.max_steps)

@@ -338,3 +338,23 @@ def test_recipe_pixels_are_a_function_of_seed_and_epoch(folder, beton, backend):
     for other in (a[1], c[0]):
         common = sorted(a[0].keys() & other.keys())
         assert len(common) >= 4 and sum(not torch.equal(a[0][k], other[k]) for k in common) >= 0.8 * len(common)
+
+
+@needs_ffcv
+def test_stopping_mid_epoch_ends_ffcvs_thread(beton):
+    """A consumer that stops early (max_steps mid-epoch, a resume test) must not leave FFCV's
+    worker thread running on, holding its buffers and launching kernels beside the next epoch."""
+    import gc
+    import threading
+
+    gc.collect()
+    before = set(threading.enumerate())
+    s = build_loader(beton, train=True, batch_size=2, img_size=32, seed=1, backend="ffcv", randaug=True, erasing=0.5)
+    started = []
+    for k, _ in enumerate(s):
+        started = [t for t in threading.enumerate() if type(t).__name__ == "EpochIterator" and t not in before]
+        if k == 1:
+            break
+    gc.collect()
+    assert len(started) == 1 and not started[0].is_alive()
+    assert len(list(s)) > 0  # and the stream goes on from where it stopped
