@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKS = {"local_step", "process_groups", "reversible_gradients", "offload", "memory_vs_planner", "throughput"}
+CHECKS = {"local_step", "process_groups", "reversible_gradients", "offload", "memory_vs_planner", "throughput",
+          "data_finish"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -52,6 +53,11 @@ def test_process_groups_follow_the_single_process_run(report):
     assert c["worst_rel_loss_diff"] < 1e-5
     assert [c["modes"][m]["backend"] for m in ("zero1", "zero2", "zero3", "zero3_offload")] == \
         ["zero1", "zero2", "zero3", "zero3"]
+
+
+def test_data_finish_on_the_device_equals_the_cpu(report):
+    c = report["checks"]["data_finish"]
+    assert c["max_abs_diff"] == 0.0 and 0 < c["erased"] < c["batch"]
 
 
 def test_offload_and_throughput_measured(report):
