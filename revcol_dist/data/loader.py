@@ -163,12 +163,13 @@ class FFCVStream(DataStream):
         thread: an error surfaces here rather than hanging FFCV's thread, and the first batch
         does not wait for a compile."""
         from . import augment_numba as K
+        from .ffcv_ops import NormalizeEraseOp, RandAugmentOp
 
         img, idx = np.zeros((1, 8, 8, 3), dtype=np.uint8), np.zeros(1, dtype=np.uint64)
         for op in ops:
-            if type(op).__name__ == "RandAugmentOp":
+            if isinstance(op, RandAugmentOp):
                 K.randaugment_batch(img, np.empty_like(img), idx, np.uint64(0), 0, op.num_ops, 9.0, 0.5, 0.5)
-            if type(op).__name__ == "NormalizeEraseOp":
+            if isinstance(op, NormalizeEraseOp):
                 bank = np.zeros(3 * 64 * 4, dtype=np.float32)
                 K.normalize_erase_batch(img, np.empty((1, 3, 8, 8), np.float32), op.lut, bank, idx, np.uint64(0), 0, 0.5)
 
