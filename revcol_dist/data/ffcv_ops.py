@@ -9,11 +9,9 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
-import numba
 import numpy as np
 import torch
 from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 
 from . import augment_numba as K
@@ -28,12 +26,6 @@ from .transforms import normalize
 _LAUNCH = threading.Lock()
 
 
-def _threads() -> None:
-    """numba's thread count is per calling thread: give FFCV's worker thread the Loader's."""
-    if Compiler.num_threads > 0:
-        numba.set_num_threads(min(Compiler.num_threads, numba.config.NUMBA_NUM_THREADS))
-
-
 class RandAugmentOp(Operation):
     """In place on the decoder's HWC uint8 images; a scratch image per sample."""
 
@@ -46,7 +38,6 @@ class RandAugmentOp(Operation):
         op = self
 
         def randaugment(images, scratch, indices):
-            _threads()
             with _LAUNCH:
                 K.randaugment_batch(images, scratch, indices, np.uint64(op.seed), op.epoch.value, op.num_ops,
                                     float(op.magnitude), float(op.std), float(op.prob))
@@ -75,7 +66,6 @@ class NormalizeEraseOp(Operation):
         op = self
 
         def normalize_erase(images, out, indices):
-            _threads()
             out = out[: images.shape[0]]
             with _LAUNCH:
                 K.normalize_erase_batch(images, out, op.lut, op.bank, indices, np.uint64(op.seed), op.epoch.value, op.prob)
