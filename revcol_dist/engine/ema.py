@@ -30,7 +30,7 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        live = [_owned(p).detach() for p in self.params]
+        live = [_owned(p) for p in self.params]  # no detach: under no_grad one op for all of them
         live = [t if t.dtype == torch.float32 else t.float() for t in live]
         torch._foreach_lerp_(self.shadow, live, 1.0 - self.decay)  # s += (1-d)(p - s) = d s + (1-d) p
         self.updates += 1

@@ -11,6 +11,7 @@ of RevCol-B; here the whole index counts.)
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Collection, Dict, List, Optional, Sequence
 
 import torch
@@ -67,22 +68,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 
 def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer_decay: float = 1.0,
-                   cpu_adam: bool = False, names: Optional[Collection[str]] = None):
+                   cpu_adam: bool = False, names: Optional[Collection[str]] = None, fused: bool = True):
     """AdamW (betas 0.9/0.999, eps 1e-8) or SGD (momentum 0.9) over ``param_groups``; the
-    backends set each group's LR every step (``lr * lr_scale``). ``cpu_adam``: DeepSpeed's
-    vectorised CPU Adam (the same AdamW update), for ZeRO-Offload on GPU nodes, where torch's
-    AdamW would step the host-resident states several times slower. It compiles on first use,
-    so CPU-only runs (and CI) keep torch's."""
+    backends set each group's LR every step (``lr * lr_scale``).
+
+    ``fused``: torch's fused kernels (CUDA and CPU), one multi-tensor kernel per parameter
+    group, its step counts on the device (no host read), and ``found_inf`` honoured in the
+    kernel (GradScaler). torch's default elsewhere would be ~10 kernels per parameter on a CPU
+    and a dozen multi-tensor passes on a GPU (``benchmarks/ops_per_step.py``).
+    ``cpu_adam``: DeepSpeed's vectorised CPU Adam (the same AdamW update), for ZeRO-Offload
+    on GPU nodes, where torch's AdamW would step the host-resident states several times
+    slower. It compiles on first use, so CPU-only runs (and CI) keep torch's."""
     groups = param_groups(model, weight_decay, layer_decay, names)
     for g in groups:
         g.pop("names")
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     if cpu_adam:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+    kind = {"sgd": partial(torch.optim.SGD, momentum=0.9),
+            "adamw": partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8)}[name]
+    fused = fused and all(_fusable(p) for g in groups for p in g["params"])
+    return kind(groups, lr=0.0, fused=fused or None)
+
+
+def _fusable(p: torch.Tensor) -> bool:
+    """A tensor torch's fused optimizers take (floating point, on a device they support)."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return p.is_floating_point() and p.device.type in _get_fused_kernels_supported_devices()
 
 
 def wants_cpu_adam(optimizer: str, ds_config, device: torch.device) -> bool:

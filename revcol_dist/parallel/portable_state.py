@@ -58,7 +58,8 @@ def _set_step(optimizer: torch.optim.Optimizer, steps: int) -> None:
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         if "step" in state:
-            state["step"] = torch.tensor(float(steps)) if torch.is_tensor(state["step"]) else steps
+            step = state["step"]  # fused optimizers keep it on the parameter's device, in fp32
+            state["step"] = torch.full_like(step, float(steps)) if torch.is_tensor(step) else steps
 
 
 def _state(optimizer, p: torch.Tensor, key: str) -> torch.Tensor:

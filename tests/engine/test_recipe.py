@@ -67,6 +67,65 @@ def test_layer_decay_groups_and_lrs():
     assert {g["lr_scale"] for g in param_groups(m, 0.05, 1.0)} == {1.0}
 
 
+def _adamw_by_hand(params, grads_per_step, lrs, wds, beta1=0.9, beta2=0.999, eps=1e-8):
+    """AdamW written out in float64 (decoupled decay, bias-corrected moments)."""
+    ps = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in ps]
+    v = [torch.zeros_like(p) for p in ps]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            g = g.double()
+            ps[i] *= 1 - lrs[i] * wds[i]
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            mhat, vhat = m[i] / (1 - beta1 ** t), v[i] / (1 - beta2 ** t)
+            ps[i] -= lrs[i] * mhat / (vhat.sqrt() + eps)
+    return ps
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_over_layer_decay_groups_equals_adamw_by_hand(fused):
+    """The trainer's optimizer (torch's fused AdamW, one kernel per group) steps every group
+    with its own LR and decay, as AdamW written out by hand does."""
+    torch.manual_seed(0)
+    m = create_model("revcol_tiny", channels=[8, 8, 8, 8], layers=[1, 1, 2, 1], num_columns=3, num_classes=10)
+    opt = make_optimizer(m, "adamw", 0.05, 0.5, fused=fused)
+    assert all(g.get("fused") is (True if fused else None) for g in opt.param_groups)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    set_lr(opt, 1e-2)
+    lrs = [g["lr"] for g in opt.param_groups for _ in g["params"]]
+    wds = [g["weight_decay"] for g in opt.param_groups for _ in g["params"]]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    want = _adamw_by_hand(params, grads, lrs, wds)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    worst = max(float((p.detach().double() - w).abs().max() / w.abs().max().clamp_min(1e-12)) for p, w in zip(params, want))
+    assert worst < 1e-6, worst
+    # the step counts live with the parameters (fused: no host read per step)
+    steps = [opt.state[p]["step"] for p in params]
+    assert all(float(s) == 3 for s in steps)
+
+
+def test_portable_step_count_keeps_its_device_and_dtype():
+    """A resume sets the step count in place of the optimizer's own tensor: a fused optimizer
+    keeps it on the parameter's device (a CPU tensor there would stop it); here a float64
+    count stands for a tensor the CPU-made one would not match."""
+    from revcol_dist.parallel.portable_state import _set_step, optimizer_steps
+
+    m = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for state in opt.state.values():
+        state["step"] = state["step"].double()
+    _set_step(opt, 41)
+    assert all(s["step"].dtype == torch.float64 and float(s["step"]) == 41 for s in opt.state.values())
+    assert optimizer_steps(opt) == 41
+
+
 def test_intermediate_supervision_loss_weights_by_hand():
     torch.manual_seed(0)
     n, c, h = 4, 10, 8
