@@ -131,8 +131,7 @@ class Backend:
     def alphas(self) -> Dict[str, torch.Tensor]:
         """Every column's coupling weights by parameter name, on the CPU, on every rank
         (collective under ZeRO-3 and the pipeline)."""
-        return {n: p.detach().float().cpu() for n, p in self.model.named_parameters()
-                if n.startswith("columns.") and ".alpha" in n}
+        return {n: p.detach().float().cpu() for n, p in _alphas(self.model).items()}
 
     @torch.no_grad()
     def reconstructions(self, images: torch.Tensor) -> List[torch.Tensor]:
@@ -200,6 +199,11 @@ class Backend:
         return applied
 
 
+def _alphas(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """Every column's coupling weights, by parameter name."""
+    return {n: p for n, p in model.named_parameters() if n.startswith("columns.") and ".alpha" in n}
+
+
 def _match_grad_layout(model: torch.nn.Module) -> None:
     """Give gradients their parameter's strides before DDP copies them into its buckets.
 
@@ -263,6 +267,14 @@ class DeepSpeedBackend(Backend):
         self.ds_config = ds_config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model),
                                                                 config=ds_config)
+        if self.stage == 3:
+            # The reversible engine reads every column's alphas in the model's own forward.
+            # DeepSpeed adopts such a read as the root module's parameter only if the alpha is
+            # partitioned at that moment, and its fetch trace keeps the root's parameters of the
+            # recording pass: register them up front, so that the trace is the same whatever a
+            # resume (which gathers the persistent ones) or logging left gathered.
+            for p in _alphas(model).values():
+                deepspeed.zero.register_external_parameter(model, p)
 
     def forward(self, x, **kw):
         return self.engine(x, **kw)
@@ -295,10 +307,15 @@ class DeepSpeedBackend(Backend):
         if self.stage < 3:
             return super().alphas()
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        named = [(n, p) for n, p in self.model.named_parameters() if n.startswith("columns.") and ".alpha" in n]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().float().cpu() for n, p in named}
+        named = _alphas(self.model)
+        # only the partitioned ones: on exit GatheredParameters partitions all it was given,
+        # ZeRO-3's persistent (always gathered) small parameters too, which the next forward
+        # would then meet partitioned (the same list on every rank: the collective matches)
+        missing = [p for p in named.values() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+            return {n: p.detach().float().cpu() for n, p in named.items()}
 
     def save(self, directory):
         """Every rank writes its shard; the caller commits the folder once all are done. DeepSpeed's
