@@ -4,7 +4,8 @@ count (docs/benchmarks.md holds it against the H200 profile).
 One step through the trainer's own path (``LocalBackend``, bf16 autocast, ``RevColLoss`` with
 inter_supv, keyed drop path, AdamW over the recipe's layer-decay groups, gradient clipping and
 the finite check, the EMA update), after warm-up steps; and the same step by plain autograd,
-whose ratio to the reversible one a GPU profile also gives. Every op that reaches the dispatcher
+whose ratio to the reversible one a GPU profile also gives. Drop path's draws are declared to
+``SampleKeys`` as the Trainer does (drawn at once); the baselines draw them module by module. Every op that reaches the dispatcher
 below autograd is counted, by phase (forward + backward, optimizer step, EMA); views and
 detaches launch nothing and are counted apart, as are host reads (``_local_scalar_dense``:
 a host sync on a GPU). The optimizer is this project's (``make_optimizer``: fused) against
@@ -33,6 +34,7 @@ from revcol_dist.engine.ema import ModelEMA  # noqa: E402
 from revcol_dist.engine.losses import RevColLoss  # noqa: E402
 from revcol_dist.engine.optim import make_optimizer, param_groups  # noqa: E402
 from revcol_dist.models import create_model  # noqa: E402
+from revcol_dist.models.layers import random_streams  # noqa: E402
 from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys  # noqa: E402
@@ -83,19 +85,20 @@ def baseline_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=foreach)
 
 
-def count_step(optimizer_factory, reversible: bool = True) -> dict:
+def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool = True) -> dict:
     torch.manual_seed(0)
     model = create_model(MODEL, num_classes=CLASSES, inter_supv=True).train()
     model.reversible = reversible
     backend = LocalBackend(model, DistInfo(0, 1, 0), optimizer_factory, torch.device("cpu"), "bf16", CLIP)
     ema = ModelEMA(model, 0.9999)
+    streams = random_streams(model) if declare_streams else ()  # the Trainer declares them: drawn at once
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(BATCH, 3, RES, RES, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
 
     def step(i: int, counters=None):
         phases = {}
         for phase, run in (("forward_backward", lambda: backend.forward_backward(
-                               [(x, y, SampleKeys(0, i, torch.arange(BATCH)))], LOSS)),
+                               [(x, y, SampleKeys(0, i, torch.arange(BATCH), streams))], LOSS)),
                            ("optimizer", lambda: backend.step(lr=1e-4)),
                            ("ema", ema.update)):
             if counters is None:
@@ -120,14 +123,16 @@ def count_step(optimizer_factory, reversible: bool = True) -> dict:
 
 def main() -> None:
     ours = count_step(partial(make_optimizer, name="adamw", weight_decay=WEIGHT_DECAY, layer_decay=LAYER_DECAY))
-    foreach = count_step(partial(baseline_adamw, foreach=True))
-    loop = count_step(partial(baseline_adamw, foreach=False))
-    plain = count_step(partial(baseline_adamw, foreach=True), reversible=False)  # the GPU profile's second path
+    # the baselines: torch's AdamW over the same groups, drop path drawn module by module
+    foreach = count_step(partial(baseline_adamw, foreach=True), declare_streams=False)
+    loop = count_step(partial(baseline_adamw, foreach=False), declare_streams=False)
+    plain = count_step(partial(baseline_adamw, foreach=True), reversible=False, declare_streams=False)
     k = lambda r, p: r[p]["kernels"]  # noqa: E731
     print(json.dumps({
         "benchmark": "ops_per_step", "model": MODEL, "batch": BATCH, "res": RES, "precision": "bf16",
         "ours": ours, "torch_adamw_foreach": foreach, "torch_adamw_loop": loop, "plain_torch_adamw_foreach": plain,
         "reversible_vs_plain_kernels": round(k(foreach, "step") / k(plain, "step"), 4),
+        "forward_backward_kernels_vs_foreach": round(k(ours, "forward_backward") / k(foreach, "forward_backward"), 4),
         "optimizer_kernels_vs_foreach": round(k(ours, "optimizer") / k(foreach, "optimizer"), 4),
         "optimizer_kernels_vs_loop": round(k(ours, "optimizer") / k(loop, "optimizer"), 4),
         "step_kernels_vs_foreach": round(k(ours, "step") / k(foreach, "step"), 4),

@@ -24,6 +24,7 @@ from ..data.sources import build_streams, prepare_data
 from ..files import atomic_save
 from ..models import create_model
 from ..models.init import initialize
+from ..models.layers import random_streams
 from ..models.flops import train_flops_per_image
 from ..models.official import rename_to_official
 from ..monitor.console import Console
@@ -146,6 +147,7 @@ class Trainer:
         np.random.seed(t.seed)
         self.model = self._build_model()
         self.meta = _model_meta(cfg, self.model)
+        self.streams = random_streams(self.model)  # drop path's draws, all at once per micro-batch
         self.backend = self._build_backend()
         self.model.train()
         self.ema = ModelEMA(self.backend.model, t.ema_decay) if t.ema_decay > 0 else None
@@ -262,7 +264,7 @@ class Trainer:
             images, targets = self.mixer(images, targets, self.step)
         _maybe_hang(self.step + 1, self.info)
         self.watchdog.reached(self.step + 1)  # the step's first collective follows
-        keys = SampleKeys(self.cfg.train.seed, self.step, indices.to(self.device, non_blocking=True))
+        keys = SampleKeys(self.cfg.train.seed, self.step, indices.to(self.device, non_blocking=True), self.streams)
         result = self.forward_backward(images, targets, keys)
         applied = self.backend.step(lr)
         self.step += 1

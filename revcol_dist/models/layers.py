@@ -9,6 +9,8 @@ partitioned as soon as its module is built, so an init pass afterwards would be 
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,6 +115,12 @@ def name_random_streams(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, DropPath):
             m.stream = randomness.stream_id(name)
+
+
+def random_streams(model: nn.Module) -> Tuple[int, ...]:
+    """The streams a training forward of ``model`` draws from (its active DropPaths), so that
+    ``SampleKeys`` can draw them all at once."""
+    return tuple(sorted({m.stream for m in model.modules() if isinstance(m, DropPath) and m.p > 0}))
 
 
 class ConvNeXtBlock(nn.Module):
