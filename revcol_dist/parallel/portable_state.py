@@ -54,7 +54,7 @@ def prime(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> N
         g["lr"] = lr
 
 
-def _set_step(optimizer: torch.optim.Optimizer, steps: int) -> None:
+def set_optimizer_steps(optimizer: torch.optim.Optimizer, steps: int) -> None:
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         if "step" in state:
@@ -106,7 +106,7 @@ class WholeOnEveryRank:
             if id(p) in stepped:
                 for k in keys:
                     self.optimizer.state[p][k].copy_(reader.full(f"{k}/{name}"))
-        _set_step(self.optimizer, steps)
+        set_optimizer_steps(self.optimizer, steps)
 
 
 class PipelineStage(WholeOnEveryRank):
@@ -214,7 +214,7 @@ class ZeroShards:
             self._load_fragments(reader, opt)
         else:
             self._load_partitions(reader, opt)
-        _set_step(opt, steps)
+        set_optimizer_steps(opt, steps)
 
     def _load_fragments(self, reader, opt) -> None:
         """ZeRO-1/2: the fp32 master's and moments' fragment of each parameter, and the whole

@@ -112,7 +112,7 @@ def test_portable_step_count_keeps_its_device_and_dtype():
     """A resume sets the step count in place of the optimizer's own tensor: a fused optimizer
     keeps it on the parameter's device (a CPU tensor there would stop it); here a float64
     count stands for a tensor the CPU-made one would not match."""
-    from revcol_dist.parallel.portable_state import _set_step, optimizer_steps
+    from revcol_dist.parallel.portable_state import set_optimizer_steps, optimizer_steps
 
     m = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
@@ -121,7 +121,7 @@ def test_portable_step_count_keeps_its_device_and_dtype():
     opt.step()
     for state in opt.state.values():
         state["step"] = state["step"].double()
-    _set_step(opt, 41)
+    set_optimizer_steps(opt, 41)
     assert all(s["step"].dtype == torch.float64 and float(s["step"]) == 41 for s in opt.state.values())
     assert optimizer_steps(opt) == 41
 
