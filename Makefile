@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make pretrain   - create .venv, install, pre-train the default config on the embedded data
 #                     (2 ranks, deepspeed launcher, ZeRO-2; NPROC=, DS_CONFIG=, ARGS="--set k=v" to change)
-#   make test       - create .venv, install, run the test suite
+#   make test       - create .venv, install, run the test suite (tests/suite.py)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -42,8 +42,10 @@ pretrain: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/deepspeed --num_gpus $(NPROC) launchers/pretrain.py \
 	  --deepspeed_config $(DS_CONFIG) --config configs/default.yaml $(ARGS)
 
+# The whole suite (CI's command) in two phases: single-process tests on two pytest-xdist workers,
+# then the multi-process ones one at a time (tests/suite.py; docs/testing.md).
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) tests/suite.py $(ARGS)
 
 # The GPU check (benchmarks/gpu_check.py, at most 10 minutes on one GPU, one JSON line; a reduced
 # mode on CPUs). The .venv holds the CPU build of torch pinned for CI: on a GPU node point
@@ -53,7 +55,7 @@ gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not multiprocess" $(ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow and not multiprocess" $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -58,7 +58,7 @@ class PlanInput:
     optimizer_buffers: int = 4
     param_buffers: int = 5
     param_buffer_size: int = 100_000_000
-    fused_optimizer: bool = False  # torch's fused AdamW: no step temporaries
+    fused_optimizer: bool = True  # torch's fused AdamW (engine/optim.py): no step temporaries
     reduce_bucket: int = 500_000_000  # DeepSpeed's reduce_bucket_size (elements): a flat gradient buffer
     model_args: Dict = field(default_factory=dict)
 
