@@ -7,8 +7,8 @@
 
 Arguments go to both phases (``python tests/suite.py -k official``); ``REVCOL_TEST_WORKERS``
 sets phase 1's workers (default 2). The last line counts both phases together, so a reader of
-the log (CI) sees the whole suite's result; the exit status is non-zero if either phase
-failed, or if neither ran a test.
+the log (CI) sees the whole suite's result; each phase lists its 15 slowest tests. The exit
+status is non-zero if either phase failed, or if neither ran a test.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(args: list) -> int:
         for name, selection in PHASES:
             junit = Path(tmp) / f"{name}.xml"
             print(f"\n=== {name} tests ===", flush=True)
-            cmd = [sys.executable, "-m", "pytest", "-q", *selection, f"--junitxml={junit}", *args]
+            cmd = [sys.executable, "-m", "pytest", "-q", "--durations=15", *selection, f"--junitxml={junit}", *args]
             status = subprocess.call(cmd, cwd=REPO)
             statuses.append(status)
             for k, v in counts(junit).items():
