@@ -9,6 +9,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # System libraries the optional ffcv extra builds against, and libaio for ZeRO-Infinity (NVMe offload).
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config libaio-dev
+# Optional too: Chromium, for the test that renders TensorBoard's landing page (it skips without).
+BROWSER_PKGS := chromium
 
 .PHONY: setup apt pretrain test test-fast gpu-check clean
 
@@ -24,11 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 	# FFCV (optional: without it the data pipelines fall back to a torch DataLoader)
 	$(MAKE) --no-print-directory apt && $(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev,ffcv]" \
 	  || echo "warning: the ffcv extra did not install; data loading will use the torch DataLoader fallback"
+	$(MAKE) --no-print-directory apt APT_PKGS="$(BROWSER_PKGS)" \
+	  || echo "warning: chromium did not install; the TensorBoard landing-page test will skip"
 	touch $(STAMP)
 
 apt:
 	@if ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "no apt-get here: install $(APT_PKGS) with your package manager to build ffcv"; exit 1; fi; \
+	  echo "no apt-get here: install $(APT_PKGS) with your package manager"; exit 1; fi; \
 	missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  sudo=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \

@@ -29,8 +29,8 @@ from ..models.flops import train_flops_per_image
 from ..models.official import rename_to_official
 from ..monitor.console import Console
 from ..monitor.system import peak_memory_bytes
-from ..monitor.throughput import Throughput, peak_tflops
-from ..monitor.tensorboard import Board, alpha_histograms, front_page, reconstruction_grid
+from ..monitor.throughput import Throughput, missing_peak, peak_tflops
+from ..monitor.tensorboard import RECONSTRUCTIONS, Board, alpha_histograms, front_page, reconstruction_grid, tagged
 from ..parallel import comm
 from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
@@ -160,12 +160,16 @@ class Trainer:
         self.ckpts = CheckpointManager(self.out_dir / "checkpoints", info.rank, info.world_size, t.keep_checkpoints,
                                        on_error=t.on_save_error, asynchronous=t.async_checkpoint, log=self.say)
         self.watchdog = HangWatchdog(t.hang_timeout_s, info.rank, info.world_size, process_store(), self.out_dir)
-        self.board = Board(self.out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
-        self.board.layout(front_page(len(self.model.config.head_columns) - 1 if self.model.config.inter_supv else 0))
         self.step, self.nan_skipped, self.nan_run = 0, 0, 0
         self.images_seen, self.last_loss = 0, float("nan")
         peak = peak_tflops(self.device, t.precision, t.tf32, cfg.monitor.peak_tflops)
         self.throughput = Throughput(train_flops_per_image(self.model.config, cfg.data.img_size), info.world_size, peak)
+        self.board = Board(self.out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
+        num_aux = len(self.model.config.head_columns) - 1 if self.model.config.inter_supv else 0
+        self.board.layout(front_page(num_aux, mfu=peak is not None))
+        if peak is None:
+            self.say(missing_peak(self.device))
+        self.shown = None  # the samples whose reconstructions are shown, the same all run
 
     # ---- building ----------------------------------------------------------------------
 
@@ -323,8 +327,9 @@ class Trainer:
         if self.step % (m.alpha_every or t.log_every) == 0 or self.step == self.total:
             alphas = self.backend.alphas()  # collective under ZeRO-3 and the pipeline
             self.board.histograms(alpha_histograms(alphas), self.step)
-            self.board.add({"rev/alpha_min": min(float(a.abs().min()) for a in alphas.values())}, self.step)
-        if m.images_every and self.model.config.inter_supv and self.step % m.images_every == 0:
+            self.board.add(tagged({"alpha_min": min(float(a.abs().min()) for a in alphas.values())}), self.step)
+        if m.images_every and self.model.config.inter_supv and \
+                (self.step % m.images_every == 0 or self.step in (1, self.total)):  # the first and last: before/after
             self._log_reconstructions(images)
         # the live bar moves every step; plain lines appear every log_every (Console decides)
         self.console.update(in_epoch, self.step, self.total, {"loss": self.last_loss, "lr": lr, **rates})
@@ -332,21 +337,21 @@ class Trainer:
     def _log_scalars(self, result: StepLoss, lr: float, rates: Dict[str, Optional[float]]) -> None:
         n_heads = len(self.model.heads)
         norm = self.backend.last_grad_norm
-        scalars = {"train/loss": self.last_loss, "train/lr": lr,
-                   "train/grad_norm": None if norm is None else float(norm),
-                   "sys/mem_peak_bytes": peak_memory_bytes(self.device), "rev/drift": self.backend.drift}
-        scalars.update({f"train/{k}": v for k, v in rates.items()})
+        scalars = {"loss": self.last_loss, "lr": lr, "grad_norm": None if norm is None else float(norm),
+                   "mem_peak_bytes": peak_memory_bytes(self.device), "drift": self.backend.drift, **rates}
         for k, v in result.parts.items():
-            scalars[f"train/{k.replace('loss_cls_final', f'loss_cls_{n_heads - 1}')}"] = float(v)
-        self.board.add(scalars, self.step)
+            scalars[k.replace("loss_cls_final", f"loss_cls_{n_heads - 1}")] = float(v)
+        self.board.add(tagged(scalars), self.step)  # None (MFU without a known peak): not logged
 
     def _log_reconstructions(self, images: torch.Tensor) -> None:
-        """The first samples of the batch beside what each decoder makes of them."""
-        sample = images[:4]
-        decoded = self.backend.reconstructions(sample)  # collective under ZeRO-3
+        """Four samples beside what each decoder makes of them: the first batch's, kept, so that
+        stepping through the image card shows the same pictures getting sharper."""
+        if self.shown is None:
+            self.shown = images[:4].detach().clone()
+        decoded = self.backend.reconstructions(self.shown)  # collective under ZeRO-3
         if decoded:
-            grid = reconstruction_grid(self.loss_fn.unnormalize(sample), decoded)
-            self.board.image("reconstructions/input_then_decoders", grid, self.step)
+            grid = reconstruction_grid(self.loss_fn.unnormalize(self.shown), decoded)
+            self.board.image(RECONSTRUCTIONS, grid, self.step)
 
     # ---- evaluation, checkpoints, the end ------------------------------------------------
 
@@ -360,7 +365,7 @@ class Trainer:
         for suffix, r in res.items():
             for k in ("top1", "top5", "loss"):
                 scalars[f"val{suffix}/{k}"] = r[k]
-        self.board.add(scalars, self.step)
+        self.board.add(tagged(scalars), self.step)  # top-1 on the first screen, the rest in 2_val
         self.say(f"{tag}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
         return scalars
 

@@ -40,6 +40,14 @@ def peak_tflops(device: torch.device, precision: str, tf32: bool, override: Opti
     return None
 
 
+def missing_peak(device: torch.device) -> str:
+    """Why MFU is not reported (the peak it divides by is unknown), and the setting that gives it."""
+    device = torch.device(device)
+    what = f"GPU {torch.cuda.get_device_name(device)!r}" if device.type == "cuda" else f"{device.type.upper()} devices"
+    return (f"MFU not reported: no peak FLOPS known for {what} (table in monitor/throughput.py); "
+            f"set monitor.peak_tflops=<the device's dense peak TFLOPS> to report it")
+
+
 class Throughput:
     """Counts a logging window: images, seconds, and seconds spent waiting for the next batch."""
 

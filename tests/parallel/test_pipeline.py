@@ -178,9 +178,9 @@ def test_pretrain_launcher_on_the_pipeline(digits, nproc):
     ea = EventAccumulator(str(tmp / f"pipe{nproc}" / "tensorboard"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    assert {"train/loss", "val/top1", "val_ema/top1", "rev/alpha_min"} <= tags
+    assert {"1_overview/1_train_loss", "1_overview/2_val_top1", "2_val/top1_ema", "6_health/alpha_min"} <= tags
     for level, channels in enumerate([8, 16, 24, 32]):  # every stage's alphas reach rank 0's histograms
-        assert ea.Histograms(f"alpha/level_{level}")[-1].histogram_value.num == 4 * channels
+        assert ea.Histograms(f"7_alpha/level_{level}")[-1].histogram_value.num == 4 * channels
 
 
 @pytest.mark.multiprocess
