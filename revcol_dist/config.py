@@ -107,6 +107,10 @@ class TrainSection:
     # stacks, names the stuck rank and exits non-zero for a restart (0: no watchdog).
     hang_timeout_s: float = 1800.0
     eval_every_epochs: int = 0  # evaluate on the val set every N epochs (0: only at the end)
+    eval_every_steps: int = 0  # also every N optimizer steps (0: off); long epochs want both
+    # Global batch of the evaluation (None: train.batch_size). No gradients or activations are
+    # kept, so several times the training batch usually fits.
+    eval_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -274,6 +278,10 @@ def validate(cfg: Config) -> None:
         problems.append("train.hang_timeout_s must be >= 0 (0: off) and distributed.timeout_s >= 1")
     if t.max_nan_skips < 0:
         problems.append(f"train.max_nan_skips must be >= 0, got {t.max_nan_skips}")
+    if t.eval_every_epochs < 0 or t.eval_every_steps < 0:
+        problems.append("train.eval_every_epochs and train.eval_every_steps must be >= 0 (0: off)")
+    if t.eval_batch_size is not None and t.eval_batch_size < 1:
+        problems.append(f"train.eval_batch_size must be >= 1 or null (train.batch_size), got {t.eval_batch_size}")
     d = cfg.data
     for key in ("mixup", "cutmix"):
         if getattr(d, key) < 0:
@@ -344,6 +352,9 @@ def validate_layout(cfg: Config, world_size: int, deepspeed: Optional[Dict[str, 
     if t.batch_size % (replicas * micro):
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by {replicas} ranks x "
                           f"train.grad_accum={micro}: choose a multiple of {replicas * micro}")
+    if t.eval_batch_size is not None and t.eval_batch_size % replicas:
+        raise ConfigError(f"train.eval_batch_size={t.eval_batch_size} is not divisible by the {replicas} "
+                          f"data-parallel ranks: choose a multiple of {replicas}")
     per_rank = t.batch_size // replicas
     if (cfg.data.mixup > 0 or cfg.data.cutmix > 0) and per_rank % 2:
         raise ConfigError(f"mixup/cutmix pair samples within a rank's batch: the per-rank batch "

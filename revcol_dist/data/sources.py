@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 from .digits import MEAN, STD, prepare_digits
 from .folder import DataError
@@ -25,9 +25,15 @@ def prepare_data(data) -> dict:
     return paths
 
 
-def build_streams(data, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, device=None) -> Tuple[DataStream, DataStream]:
-    if global_batch % world_size:
-        raise DataError(f"the global batch {global_batch} is not divisible by the world size {world_size}")
+def build_streams(data, global_batch: int, seed: int, rank: int = 0, world_size: int = 1, device=None,
+                  eval_batch: Optional[int] = None) -> Tuple[DataStream, DataStream]:
+    """The training and validation streams of this rank; ``eval_batch``: the validation's
+    global batch (None: ``global_batch``)."""
+    eval_batch = global_batch if eval_batch is None else eval_batch
+    for name, batch in (("train.batch_size", global_batch), ("train.eval_batch_size", eval_batch)):
+        if batch % world_size:
+            raise DataError(f"{name}={batch} is not divisible by the {world_size} data-parallel ranks: "
+                            f"set it to a multiple of {world_size}")
     paths = prepare_data(data)
     if data.dataset == "digits":
         mean, std = (MEAN,) * 3, (STD,) * 3
@@ -37,5 +43,5 @@ def build_streams(data, global_batch: int, seed: int, rank: int = 0, world_size:
                   seed=seed, num_workers=data.num_workers, mean=mean, std=std, backend=data.backend, device=device)
     train = build_loader(paths["train"], train=True, randaug=data.randaug, erasing=data.erasing,
                          crop_scale=(data.min_crop_scale, 1.0), hflip=data.hflip, **common)
-    val = build_loader(paths["val"], train=False, **common)
+    val = build_loader(paths["val"], train=False, **dict(common, batch_size=eval_batch // world_size))
     return train, val

@@ -75,8 +75,8 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None, overrides
     if info.is_main:
         prepare_data(cfg.data)
     comm.barrier()
-    _, val = build_streams(cfg.data, max(cfg.train.batch_size // info.world_size, 1) * info.world_size,
-                           cfg.train.seed, info.rank, info.world_size, device=device)
+    batch = max((cfg.train.eval_batch_size or cfg.train.batch_size) // info.world_size, 1) * info.world_size
+    _, val = build_streams(cfg.data, batch, cfg.train.seed, info.rank, info.world_size, device=device)
     args = dict(cfg.model.args)
     args.setdefault("num_classes", val.num_classes)
     model = create_model(cfg.model.name, **args)

@@ -16,9 +16,20 @@ def folder_state_dict(folder: Path) -> Dict[str, torch.Tensor]:
     if not (folder / "complete.json").is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint folder (no complete.json); "
                               f"pass a step_* folder under <output_dir>/checkpoints or a .pth file")
-    local = folder / "model_optim.pt"
-    if local.is_file():
+    from .portable_checkpoint import portable_folder
+
+    portable, local = portable_folder(folder), folder / "model_optim.pt"
+    if portable is not None:  # fp32 weights by parameter name, whatever layout wrote them
+        from ..portable import PortableReader
+
+        reader = PortableReader(portable)
+        sd = {k[len("param/"):]: reader.full(k) for k in reader.tensors if k.startswith("param/")}
+        reader.close()
+    elif local.is_file():
         sd = torch.load(local, map_location="cpu", weights_only=True)["model"]
+    elif any(folder.glob("pipeline_stage*.pt")):
+        raise CheckpointError(f"{folder} is a pipeline checkpoint without its layout-free form: add it with "
+                              f"launchers/convert_checkpoint.py on the layout that wrote it")
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -133,7 +133,8 @@ class Trainer:
         self.replicas, self.replica = info.world_size // stages, info.rank // stages
         self.micro_batches = cfg.pipeline.micro_batches if stages > 1 else t.grad_accum
         self.train_stream, self.val_stream = build_streams(cfg.data, t.batch_size, t.seed, self.replica, self.replicas,
-                                                           device=self.device)  # on a GPU: uint8 crosses, finished there
+                                                           device=self.device,  # on a GPU: uint8 crosses, finished there
+                                                           eval_batch=t.eval_batch_size)
         self.steps_per_epoch = self.train_stream.order.batches_in_epoch(0)
         self.total = self.steps_per_epoch * t.epochs if t.max_steps is None else \
             min(self.steps_per_epoch * t.epochs, t.max_steps)
@@ -282,6 +283,8 @@ class Trainer:
         t = self.cfg.train
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total:
             self.save()
+        if t.eval_every_steps and self.step % t.eval_every_steps == 0 and self.step < self.total:
+            self.validate(f"step {self.step}")
         return applied
 
     def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, keys: SampleKeys) -> StepLoss:
@@ -367,6 +370,9 @@ class Trainer:
                 scalars[f"val{suffix}/{k}"] = r[k]
         self.board.add(tagged(scalars), self.step)  # top-1 on the first screen, the rest in 2_val
         self.say(f"{tag}: " + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()))
+        if self.info.is_main:  # every evaluation of the run, for scripts (a resumed run appends)
+            with open(self.out_dir / "val_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "tag": tag, **scalars}) + "\n")
         return scalars
 
     def save(self) -> Optional[Path]:

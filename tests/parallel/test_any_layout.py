@@ -1,32 +1,45 @@
 """The same run at any layout, and resumed on any layout (real gloo processes).
 
 With every stochastic part of the recipe on (drop path, mixup/cutmix, RandAugment, random
-erasing), one process, grad_accum, DDP x2, ZeRO-2 x2, ZeRO-3 x2 and the pipeline 2x1 follow the
-same losses; and a checkpoint of one layout continues on another from its layout-free form:
-the losses of the uninterrupted run, and its weights at the end."""
+erasing) and evaluation at step 3 and the end: one process, grad_accum, DDP x2, ZeRO-1/2/3 x2,
+ZeRO-3 + CPU offload x2 and the pipeline 2x1 and 2x2 follow the same losses. The resume matrix:
+a checkpoint of one layout continues on others from its layout-free form, on the losses and
+weights of the uninterrupted run, evaluates as it does, exports and exits 0. Each source
+checkpoint is written once; the resumes into one layout share a launch (scenario_worker.py).
+Fine-tuning and evaluation start from checkpoints of every layout."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from .launch_helpers import REPO, losses, run_single, run_torchrun, weights, worst_relative, write_config
+from .launch_helpers import (REPO, env, free_port, losses, run_single, run_torchrun, weights, worst_relative,
+                             write_config)
 
-STEPS, EVERY = 4, 2
+STEPS, EVERY, EVAL_EVERY = 4, 2, 3  # checkpoints at 2 (and 4); evaluations at 3 and at the end
 RECIPE = ["--set", "data.mixup=0.8", "--set", "data.cutmix=1.0", "--set", "data.randaug=true",
-          "--set", "data.erasing=0.25", "--set", "train.optimizer=adamw", "--set", "train.lr=2.0e-3"]
-DS = {f"zero{s}": ["--deepspeed_config", str(REPO / "ds_configs" / f"zero{s}.json")] for s in (2, 3)}
+          "--set", "data.erasing=0.25", "--set", "train.optimizer=adamw", "--set", "train.lr=2.0e-3",
+          "--set", f"train.eval_every_steps={EVAL_EVERY}", "--set", "train.eval_batch_size=64"]
+DS = {name: ["--deepspeed_config", str(REPO / "ds_configs" / f"{name}.json")]
+      for name in ("zero1", "zero2", "zero3", "zero3_offload")}
 PIPE = ["--set", "pipeline.stages=2", "--set", "pipeline.micro_batches=2"]
 # name: (ranks, launcher arguments)
 LAYOUTS = {"single": (1, []), "accum2": (1, ["--set", "train.grad_accum=2"]), "ddp2": (2, []),
-           "zero2x2": (2, DS["zero2"]), "zero3x2": (2, DS["zero3"]), "pipe2x1": (2, PIPE),
+           "zero1x2": (2, DS["zero1"]), "zero2x2": (2, DS["zero2"]), "zero3x2": (2, DS["zero3"]),
+           "zero3offx2": (2, DS["zero3_offload"]), "pipe2x1": (2, PIPE),
            "pipe2x2z1": (4, PIPE + ["--set", "pipeline.zero=1"]), "pipe2x2z2": (4, PIPE + ["--set", "pipeline.zero=2"])}
-# checkpoint of layout A at step 2 -> continued on layout B
-# ddp2 -> zero3x2 logs the alphas every step: a gather outside the forward must not change
-# ZeRO-3's fetch trace after a resume (the final validation died of it)
-PAIRS = [("zero2x2", "zero2x1", 1, DS["zero2"]), ("zero3x2", "single", 1, []),
-         ("ddp2", "zero3x2", 2, DS["zero3"] + ["--set", "train.log_every=1"]),
-         ("pipe2x1", "ddp2", 2, []), ("zero3x2", "pipe2x2", 4, PIPE),
-         ("pipe2x2z2", "pipe2x1z1", 2, PIPE + ["--set", "pipeline.zero=1"])]
+# The resume matrix: target <- sources (their step-2 checkpoints). Every target from one
+# process and from ZeRO-3 x2 (but itself) and more; every kind is the source of another.
+# Resumed into zero3x2, the alphas are logged every step: a gather outside the forward must
+# not change ZeRO-3's fetch trace after a resume (the final validation died of it).
+MATRIX = {"single": ["zero3x2", "pipe2x2z2"], "ddp2": ["single", "zero3x2"],
+          "zero1x2": ["single", "zero3x2", "zero2x2"], "zero2x2": ["single", "zero3x2"],
+          "zero3x2": ["single", "ddp2", "zero3offx2"], "zero3offx2": ["single", "zero3x2", "zero1x2"],
+          "pipe2x1": ["single", "zero3x2", "pipe2x2z2"], "pipe2x2z2": ["single", "zero3x2", "pipe2x1"]}
+TARGET_EXTRA = {"zero3x2": ["--set", "train.log_every=1"]}
+WORKER = REPO / "tests" / "parallel" / "scenario_worker.py"
+CHECKPOINT = f"checkpoints/step_{EVERY:08d}"
 
 
 def _run(tmp, data_root, name, ranks, extra, resume=None):
@@ -35,6 +48,17 @@ def _run(tmp, data_root, name, ranks, extra, resume=None):
     r = run_single(cfg, *args) if ranks == 1 and "--deepspeed_config" not in extra else run_torchrun(cfg, ranks, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / name, r
+
+
+def _scenarios(tmp, ranks, launcher, runs, name):
+    """Several runs of ``launcher`` in one launch of ``ranks`` processes (scenario_worker.py)."""
+    spec = tmp / f"{name}.json"
+    spec.write_text(json.dumps([[str(a) for a in argv] for argv in runs]))
+    head = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port())]
+    return subprocess.run([*head, str(WORKER), str(launcher), str(spec)], capture_output=True, text=True, env=env(),
+                          timeout=1200, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +70,24 @@ def runs(tmp_path_factory):
     prepare_digits(data_root)
     out = {name: _run(tmp, data_root, name, ranks, extra)[0] for name, (ranks, extra) in LAYOUTS.items()}
     return tmp, data_root, out
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    """Each target layout resumes its sources' step-2 checkpoints, one launch per target;
+    target -> {source: (output folder, the launch's stdout)}."""
+    tmp, data_root, out = runs
+    done = {}
+    for target, sources in MATRIX.items():
+        ranks, extra = LAYOUTS[target]
+        argvs = []
+        for source in sources:
+            cfg = write_config(tmp, f"{source}_to_{target}", data_root, steps=STEPS, every=EVERY)
+            argvs.append(["--config", cfg, *RECIPE, *extra, *TARGET_EXTRA.get(target, []),
+                          "--resume", out[source] / CHECKPOINT])
+        r = _scenarios(tmp, ranks, REPO / "launchers" / "pretrain.py", argvs, f"resume_into_{target}")
+        done[target] = {s: (tmp / f"{s}_to_{target}", r) for s in sources}
+    return done
 
 
 def _close(a, b, tol):
@@ -79,22 +121,75 @@ def test_stage_zero_halves_each_replica_optimizer_state(runs, layout):
         assert max(mine) <= 0.5 * whole[stage] * 1.15, (whole, shards)
 
 
+def _val_log(out_dir):
+    return [json.loads(line) for line in (out_dir / "val_log.jsonl").read_text().splitlines()]
+
+
+def _same_evaluations(ref, got):
+    """The same evaluations (step 3 and the end), top-1/top-5 equal, losses within 1e-5."""
+    assert [(e["step"], e["tag"]) for e in got] == [(e["step"], e["tag"]) for e in ref], (ref, got)
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.endswith(("top1", "top5")):
+                assert a[k] == b[k], (k, a, b)
+            elif k.endswith("loss"):
+                assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a, b)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("source,target,ranks,extra", PAIRS, ids=[f"{a}->{b}" for a, b, _, _ in PAIRS])
-def test_resume_on_another_layout(runs, source, target, ranks, extra):
+@pytest.mark.parametrize("target", list(MATRIX))
+def test_resume_matrix(runs, resumed, target):
+    """Every source of ``target`` continues there on the uninterrupted trajectory (losses 1e-5,
+    weights and EMA 1e-4), evaluates as the uninterrupted run of ``target`` does (at step 3 and
+    at the end), exports, and the launch exits 0."""
     tmp, data_root, out = runs
-    checkpoint = out[source] / "checkpoints" / f"step_{EVERY:08d}"
-    assert (checkpoint / "portable" / "portable.json").is_file()
-    resumed, r = _run(tmp, data_root, f"{source}_to_{target}", ranks, extra, resume=checkpoint)
-    assert f"resumed from {checkpoint} at step {EVERY}" in r.stdout and "layout-free form" in r.stdout
-    ref, got = losses(out["single"]), losses(resumed)
-    assert got.keys() == set(range(EVERY + 1, STEPS + 1))
-    assert _close({s: ref[s] for s in got}, got, 1e-5), (ref, got)
-    assert worst_relative(weights(out["single"]), weights(resumed)) < 1e-4
-    assert worst_relative(weights(out["single"], "state_dict_ema"), weights(resumed, "state_dict_ema")) < 1e-4
-    metrics = json.loads((resumed / "metrics.json").read_text())
-    assert metrics["world_size"] == ranks and metrics["steps"] == STEPS
+    ranks = LAYOUTS[target][0]
+    worst = {}
+    for source, (folder, r) in resumed[target].items():
+        assert r.returncode == 0, (source, r.stdout[-2000:], r.stderr[-3000:])
+        checkpoint = out[source] / CHECKPOINT
+        assert f"resumed from {checkpoint} at step {EVERY}" in r.stdout and "layout-free form" in r.stdout
+        ref, got = losses(out["single"]), losses(folder)
+        assert got.keys() == set(range(EVERY + 1, STEPS + 1))
+        assert _close({s: ref[s] for s in got}, got, 1e-5), (source, ref, got)
+        w = worst_relative(weights(out["single"]), weights(folder))
+        e = worst_relative(weights(out["single"], "state_dict_ema"), weights(folder, "state_dict_ema"))
+        assert w < 1e-4 and e < 1e-4, (source, w, e)
+        _same_evaluations([v for v in _val_log(out[target]) if v["step"] > EVERY], _val_log(folder))
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["world_size"] == ranks and metrics["steps"] == STEPS
+        worst[source] = {"loss": max(abs(ref[s] - got[s]) / abs(ref[s]) for s in got), "weights": w, "ema": e}
+    print(f"resumed into {target}: " + json.dumps(worst))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_finetune_and_evaluate_checkpoints_of_every_layout(runs):
+    """launchers/evaluate.py reproduces each layout's final validation from its last checkpoint
+    (one launch, every checkpoint); launchers/finetune.py starts from each layout's step-2
+    checkpoint (one launch): the same first loss from every one."""
+    tmp, data_root, out = runs
+    kinds = list(MATRIX)
+    last = [out[k] / "checkpoints" / f"step_{STEPS:08d}" for k in kinds]
+    res_path = tmp / "evaluated.json"
+    r = subprocess.run([sys.executable, str(REPO / "launchers" / "evaluate.py"),
+                        *[a for c in last for a in ("--checkpoint", str(c))], "--json", str(res_path)],
+                       capture_output=True, text=True, env=env(), timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for kind, res in zip(kinds, json.loads(res_path.read_text())):
+        final = _val_log(out[kind])[-1]
+        assert res["top1"] == final["val/top1"] and res["top5"] == final["val/top5"], (kind, res, final)
+    argvs = []
+    for kind in kinds:
+        cfg = write_config(tmp, f"ft_from_{kind}", data_root, steps=1)
+        argvs.append(["--config", cfg, "--pretrained", out[kind] / CHECKPOINT, "--set", "train.lr=1.0e-4"])
+    r = _scenarios(tmp, 1, REPO / "launchers" / "finetune.py", argvs, "finetune_every_layout")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("loaded ") == len(kinds), r.stdout[-3000:]
+    first = {k: losses(tmp / f"ft_from_{k}")[1] for k in kinds}
+    assert all(abs(first[k] - first["single"]) <= 1e-4 * abs(first["single"]) for k in kinds), first
 
 
 @pytest.mark.multiprocess
