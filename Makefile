@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# FFCV (optional: without it the data pipelines fall back to a torch DataLoader)
 	$(MAKE) --no-print-directory apt && $(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev,ffcv]" \
 	  || echo "warning: the ffcv extra did not install; data loading will use the torch DataLoader fallback"
+	# DeepSpeed compiles its NVMe-offload ops (ZeRO-Infinity) on first use, ~3 minutes on two cores,
+	# and again for every new .venv: once here, with the install, where libaio is present
+	$(PY) -c "from deepspeed.ops.op_builder import AsyncIOBuilder, PinMemoryBuilder as P; \
+	  [b.load() for b in (P(), AsyncIOBuilder()) if b.is_compatible(verbose=False)]" >/dev/null 2>&1 \
+	  || echo "warning: DeepSpeed's async_io op did not build (libaio-dev missing?); its tests will skip"
 	$(MAKE) --no-print-directory apt APT_PKGS="$(BROWSER_PKGS)" \
 	  || echo "warning: chromium did not install; the TensorBoard landing-page test will skip"
 	touch $(STAMP)
