@@ -435,7 +435,8 @@ def offloaders():
 
 def check_offload(s: Setting) -> dict:
     """Boundaries kept at every column, on the device or in host memory (pinned, copied on a
-    side stream on CUDA): the gradients must not change; a race shows as a large error."""
+    side stream on CUDA): offloading copies bytes, so the gradients must be bitwise equal (a
+    race, or a boundary fetched back in another memory layout, shows as a difference)."""
     model = grad_model(s)
     x, y = grad_inputs(s)
     got, peaks = {}, {}
@@ -446,7 +447,7 @@ def check_offload(s: Setting) -> dict:
     moved = sum(o.bytes_offloaded for o in made)
     max_abs = max((got[True][n] - g).abs().max().item() for n, g in got[False].items())
     rel = worst_relative(got[False], got[True])
-    return {"ok": rel <= 1e-6 and moved > 0, "max_abs_diff": max_abs, "worst_rel_diff": rel,
+    return {"ok": max_abs == 0.0 and moved > 0, "max_abs_diff": max_abs, "worst_rel_diff": rel,
             "bytes_offloaded": moved, "bytes_fetched": sum(o.bytes_fetched for o in made),
             "peak_bytes_on_device": peaks[False], "peak_bytes_offloaded": peaks[True]}
 
@@ -466,7 +467,7 @@ def planned_bytes(model, n: int, res: int) -> dict:
 
 def check_memory_vs_planner(s: Setting) -> dict:
     """RevCol-T as published (inter_supv, drop path 0.1), fp32, AdamW, one process: the peak of
-    the second step (the first creates Adam's moments) against the planner's total."""
+    the second step (the first creates Adam's moments) against the planner's total, within 15%."""
     if not s.gpu:
         return {"ok": True, "skipped": True, "reason": "needs CUDA memory statistics"}
     n, res = 64, 224
@@ -489,7 +490,7 @@ def check_memory_vs_planner(s: Setting) -> dict:
     resident = torch.cuda.memory_allocated(s.device) - base - inputs
     plan = planned_bytes(model, n, res)
     ratio = plan["total"] / measured
-    return {"ok": 0.5 <= ratio <= 1.5, "within_15_percent": 0.85 <= ratio <= 1.15, "batch": n, "res": res,
+    return {"ok": 0.85 <= ratio <= 1.15, "batch": n, "res": res,
             "measured_peak_bytes": measured, "planned_peak_bytes": plan["total"], "planned_over_measured": ratio,
             "measured_resident_after_step_bytes": resident,
             "planned_states_bytes": plan["parameters"] + plan["optimizer"], "planner_terms": plan}
@@ -565,10 +566,13 @@ def check_throughput(s: Setting) -> dict:
             **{k: v for k, v in t.items() if k != "models"}, **out}
 
 
+WARM_CALLS = 7
+
+
 def check_data_finish(s: Setting) -> dict:
     """The input pipeline's device half: a uint8 batch normalised and erased on the device in
     batched ops equals the CPU computation, and (CUDA) makes no host sync (sync debug mode
-    "error" raises on one)."""
+    "error" raises on one) and launches it in at most 1 ms of host time, warm."""
     import numpy as np
 
     from revcol_dist.data import draws
@@ -586,17 +590,21 @@ def check_data_finish(s: Setting) -> dict:
     if s.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     try:
-        t0 = time.perf_counter()
-        out = erase_batch(normalize(x), i, 3, 1, 0.25, b)
-        launch_ms = 1e3 * (time.perf_counter() - t0)
+        times = []
+        for _ in range(WARM_CALLS):  # the first call pays kernel loading and allocations: warm is the median
+            t0 = time.perf_counter()
+            out = erase_batch(normalize(x), i, 3, 1, 0.25, b)
+            times.append(1e3 * (time.perf_counter() - t0))
     finally:
         if s.device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     sync(s.device)
     diff = (out.cpu() - ref).abs().max().item()
     erased = int((ref != normalize(u8)).flatten(1).any(1).sum())
-    return {"ok": diff <= 1e-6 and 0 < erased < n, "max_abs_diff": diff, "erased": erased, "batch": n, "res": res,
-            "host_ms": launch_ms}
+    warm_ms = sorted(times[1:])[len(times[1:]) // 2]
+    fast = warm_ms <= 1.0 or s.device.type != "cuda"  # on a GPU the host only launches; a CPU computes
+    return {"ok": diff <= 1e-6 and 0 < erased < n and fast, "max_abs_diff": diff, "erased": erased, "batch": n,
+            "res": res, "host_ms_first": times[0], "host_ms_warm": warm_ms, "host_ms_limit": 1.0}
 
 
 CHECKS: Dict[str, Callable[[Setting], dict]] = {

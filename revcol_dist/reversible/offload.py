@@ -17,6 +17,13 @@ class _Stash:
     ready: Optional[object] = None  # the copy back is done (CUDA)
 
 
+def host_buffer(t: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """Host memory for ``t`` with its strides (channels-last stays channels-last): a boundary
+    fetched back in another layout sends the recomputation through other kernels, whose
+    rounding differs from the forward's (the gradients then differ by ~1e-6 instead of 0)."""
+    return torch.empty_like(t, device="cpu", pin_memory=pinned)
+
+
 class Offloader:
     """stash() moves a tensor to host memory, fetch() brings it back, once: later fetches
     return the same device copy. prefetch() starts the copy back early (the backward calls it
@@ -41,9 +48,10 @@ class Offloader:
         if not self.enabled:
             return t
         self.bytes_offloaded += t.numel() * t.element_size()
+        host = host_buffer(t, pinned=self.stream is not None)
         if self.stream is None:
-            return _Stash(t.detach().to("cpu", copy=True), t.device, None)
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            host.copy_(t)
+            return _Stash(host, t.device, None)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             host.copy_(t, non_blocking=True)
