@@ -18,6 +18,19 @@ def _gib(x: float) -> str:
     return f"{x / GIB:8.2f} GiB"
 
 
+def _peak(gpu, precision: str) -> float:
+    """The named GPU's dense peak at this precision (monitor/throughput.py's table); 989 (an
+    H100's bf16) without a name."""
+    from ..monitor.throughput import PEAK_TFLOPS
+
+    if gpu:
+        for key, (bf16, _tf32, fp32) in PEAK_TFLOPS.items():
+            if key.lower() in gpu.lower():
+                return bf16 if precision == "bf16" else fp32
+        raise ValueError(f"--gpu {gpu}: not in the peak table ({', '.join(PEAK_TFLOPS)}); give --gpu-tflops")
+    return 989.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m revcol_dist.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,17 +48,23 @@ def main(argv=None) -> int:
     ap.add_argument("--no-inter-supv", action="store_true", help="one head (fine-tuning / deploy)")
     ap.add_argument("--boundary-interval", type=int, default=2, help="0: keep only the last boundary")
     ap.add_argument("--offload-boundaries", action="store_true")
-    ap.add_argument("--gpu-tflops", type=float, default=989.0, help="peak dense TFLOPs per GPU (H100 bf16: 989)")
-    ap.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation")
+    ap.add_argument("--gpu", default=None, help="the GPU by name (H200, H100, A100, ...): its peak, and the "
+                                                "throughput measured on it (plan/measured_throughput.json)")
+    ap.add_argument("--gpu-tflops", type=float, default=None,
+                    help="peak dense TFLOPs per GPU (default: the --gpu's at --precision, else 989, an H100's bf16)")
+    ap.add_argument("--mfu", type=float, default=None,
+                    help="model-FLOPs utilisation to assume (default: measured on --gpu where the table has the "
+                         "model, else 0.35, said as assumed)")
     ap.add_argument("--net-gbps", type=float, default=400.0, help="network bandwidth per GPU, Gb/s")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     a = ap.parse_args(argv)
-    inp = PlanInput(model=a.model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem, zero=a.zero,
-                    pipeline=a.pipeline, offload=a.offload, batch=a.batch, res=a.res, precision=a.precision,
-                    num_classes=a.num_classes, inter_supv=not a.no_inter_supv,
-                    boundary_interval=a.boundary_interval or None, offload_boundaries=a.offload_boundaries,
-                    gpu_tflops=a.gpu_tflops, mfu=a.mfu, net_gbps=a.net_gbps)
     try:
+        inp = PlanInput(model=a.model, nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem,
+                        zero=a.zero, pipeline=a.pipeline, offload=a.offload, batch=a.batch, res=a.res,
+                        precision=a.precision, num_classes=a.num_classes, inter_supv=not a.no_inter_supv,
+                        boundary_interval=a.boundary_interval or None, offload_boundaries=a.offload_boundaries,
+                        gpu_tflops=a.gpu_tflops or _peak(a.gpu, a.precision), mfu=a.mfu, gpu=a.gpu,
+                        net_gbps=a.net_gbps)
         plan = make_plan(inp)
     except (ValueError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
@@ -65,9 +84,10 @@ def main(argv=None) -> int:
     print(f"  {'NVMe (offload)':<28}{_gib(plan['nvme_bytes_per_gpu'])}")
     print(f"  communication per step     {_gib(plan['comm_bytes_per_step'])} sent per GPU")
     print(f"  compute: {plan['forward_gmacs']:.1f} GMACs forward/image, {plan['train_tflops_per_image']:.3f} TFLOPs "
-          f"to train one; {plan['images_per_sec_per_gpu']:.0f} img/s per GPU at {inp.mfu:.0%} MFU of "
-          f"{inp.gpu_tflops:g} TFLOPs; step {plan['compute_s_per_step']:.2f} s compute, "
-          f"{plan['comm_s_per_step']:.2f} s communication at {inp.net_gbps:g} Gb/s")
+          f"to train one; {plan['images_per_sec_per_gpu']:.0f} img/s per GPU of {inp.gpu_tflops:g} TFLOPs; "
+          f"step {plan['compute_s_per_step']:.2f} s compute, {plan['comm_s_per_step']:.2f} s communication at "
+          f"{inp.net_gbps:g} Gb/s")
+    print(f"  throughput basis: {plan['throughput_basis']['note']}")
     print(f"  fits in {a.gpu_mem:g} GiB: {'yes' if plan['fits'] else 'NO'}; largest micro-batch: "
           f"{plan['largest_micro_batch']}")
     return 0

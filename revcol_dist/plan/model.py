@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 from ..models.flops import forward_macs, level_macs  # noqa: F401  (forward_macs: part of this module's API)
+from .speed import basis
 
 GIB = 2**30
 
@@ -50,7 +51,10 @@ class PlanInput:
     offload_boundaries: bool = False
     persistence_threshold: int = 100_000  # ZeRO-3 keeps smaller parameters whole on every rank
     gpu_tflops: float = 989.0  # dense bf16 peak of one H100 SXM
-    mfu: float = 0.35  # assumed model-FLOPs utilisation (not measured here: no GPU)
+    # Model-FLOPs utilisation: None takes it from a measurement of this GPU and model
+    # (plan/measured_throughput.json), else assumes 35%; the plan says which (throughput_basis)
+    mfu: Optional[float] = None
+    gpu: Optional[str] = None  # the GPU's name in the measured table, e.g. "H200"
     net_gbps: float = 400.0  # per-GPU network bandwidth (one NDR InfiniBand port per GPU)
     # ZeRO-Infinity swap buffers in host memory: optimizer buffers of one sub-group each (fp32),
     # parameter buffers of param_buffer_size elements (weight precision); DeepSpeed's defaults
@@ -135,6 +139,15 @@ def _kept_block_channels(cfg, inp: PlanInput, level: int) -> int:
     n = LEAN_BLOCK_SAVED_CHANNELS_NO_HIDDEN if level in cfg.recompute_hidden else LEAN_BLOCK_SAVED_CHANNELS
     tokens = inp.batch * math.ceil(inp.res / (4 * 2**level)) ** 2
     return n + (1 if tokens < 4 * cfg.channels[level] else 0)  # pwconv2's output kept where tokens < 4c
+
+
+def training_flops(cfg, res: int, kept_levels, plain_columns: int) -> float:
+    """FLOPs to train one image: forward + 2x backward + the reversible recompute of every
+    column but the plain ones, of every level but the kept ones."""
+    per_level = level_macs(cfg, res)
+    recomputed_share = 1 - sum(per_level[l] for l in kept_levels) / sum(per_level)
+    recompute = recomputed_share * (cfg.num_columns - min(plain_columns, cfg.num_columns)) / cfg.num_columns
+    return 2 * forward_macs(cfg, res) * (3 + recompute)
 
 
 def make_plan(inp: PlanInput) -> Dict:
@@ -264,11 +277,11 @@ def make_plan(inp: PlanInput) -> Dict:
     # --- compute: forward MACs (published FLOPs); training = forward + 2x backward + the
     # reversible recompute of every column but the plain ones, of every level but the kept ones
     macs = forward_macs(cfg, inp.res)
-    per_level = level_macs(cfg, inp.res)
-    recomputed_share = 1 - sum(per_level[l] for l in kept_levels) / sum(per_level)
-    recompute = recomputed_share * (cfg.num_columns - min(inp.plain_columns, cfg.num_columns)) / cfg.num_columns
-    train_flops = 2 * macs * (3 + recompute)
-    images_per_sec = inp.gpu_tflops * 1e12 * inp.mfu / train_flops
+    train_flops = training_flops(cfg, inp.res, kept_levels, inp.plain_columns)
+    speed = basis(inp.gpu, inp.model, inp.precision, inp.res, inp.mfu, inp.gpu_tflops,
+                  lambda res, reversible: training_flops(cfg, res, set(cfg.keep_levels),
+                                                         inp.plain_columns if reversible else cfg.num_columns))
+    images_per_sec = inp.gpu_tflops * 1e12 * speed.mfu / train_flops
     if S > 1:  # 1F1B bubble with M = 4S micro-batches
         images_per_sec *= 1 - (S - 1) / (4 * S + S - 1)
     comm_s = (comm + pipe_comm * 4 * S) / (inp.net_gbps / 8 * 1e9)
@@ -278,6 +291,7 @@ def make_plan(inp: PlanInput) -> Dict:
     return {
         "forward_gmacs": macs / 1e9, "train_tflops_per_image": train_flops / 1e12,
         "images_per_sec_per_gpu": images_per_sec, "compute_s_per_step": step_compute_s,
+        "throughput_basis": {"kind": speed.kind, "mfu": speed.mfu, "note": speed.note},
         "comm_s_per_step": comm_s,
         "input": {k2: v for k2, v in asdict(inp).items() if k2 != "model_args"},
         "world": world, "data_parallel": D, "stages": S,

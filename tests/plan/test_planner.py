@@ -103,3 +103,29 @@ def test_forward_macs_match_the_published_flops(name, res, published):
     from revcol_dist.models.flops import forward_macs
 
     assert forward_macs(get_variant(name), res) / 1e9 == pytest.approx(published, rel=0.01)
+
+
+def test_throughput_comes_from_the_measured_row_or_says_it_is_assumed():
+    """A plan of the measured configuration gives back the measured images/s (an MFU derived
+    against the planner's own FLOPs, not assumed); another batch or world keeps that MFU; a
+    GPU or model without a row assumes 35% and says so; --mfu is taken as given."""
+    from revcol_dist.plan.speed import TABLE, measured_rows
+
+    row = next(r for r in measured_rows() if r["model"] == "revcol_base" and r["gpu"] == "H200")
+    same = make_plan(PlanInput(model="revcol_base", gpus_per_node=1, zero=0, batch=row["batch"], res=row["res"],
+                               precision=row["precision"], gpu="h200", gpu_tflops=989.0))
+    assert same["throughput_basis"]["kind"] == "measured"
+    assert same["images_per_sec_per_gpu"] == pytest.approx(row["images_per_sec"], rel=1e-9)
+    wider = make_plan(PlanInput(model="revcol_base", nodes=2, gpus_per_node=8, zero=2, batch=32, res=row["res"],
+                                precision=row["precision"], gpu="H200", gpu_tflops=989.0))
+    assert wider["throughput_basis"]["mfu"] == pytest.approx(same["throughput_basis"]["mfu"])
+    assumed = make_plan(PlanInput(model="revcol_huge", gpu="H200"))
+    assert assumed["throughput_basis"]["kind"] == "assumed" and "ASSUMED" in assumed["throughput_basis"]["note"]
+    assert assumed["throughput_basis"]["mfu"] == 0.35
+    given = make_plan(PlanInput(model="revcol_base", gpu="H200", mfu=0.5))
+    assert given["throughput_basis"] == {"kind": "given", "mfu": 0.5, "note": "MFU 50.0% as given (--mfu)"}
+    r = subprocess.run([sys.executable, "-m", "revcol_dist.plan", "--model", "revcol_base", "--gpus-per-node", "1",
+                        "--zero", "0", "--batch", "128", "--gpu", "H200"], capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 0 and f"{row['images_per_sec']:.0f} img/s per GPU" in r.stdout, r.stdout
+    assert f"measured: {row['images_per_sec']:g} img/s" in r.stdout and TABLE.is_file()
