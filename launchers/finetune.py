@@ -31,12 +31,14 @@ def main(argv=None) -> int:
     def body():
         from revcol_dist.config import ConfigError, load_config
         from revcol_dist.engine.train import train
+        from revcol_dist.plan.policy import resolve_memory_policy
 
         overrides = list(args.overrides) + ([f"train.pretrained={args.pretrained}"] if args.pretrained else [])
         cfg = load_config(args.config, overrides)
         if not cfg.train.pretrained:
             raise ConfigError("fine-tuning needs pre-trained weights: pass --pretrained PATH "
                               "(a .pth file or a checkpoint folder)")
+        cfg = resolve_memory_policy(cfg, getattr(args, "deepspeed_config", None))  # auto: the planner decides
         train(cfg, ds_config=getattr(args, "deepspeed_config", None), resume=args.resume)
 
     return run_cli(body)

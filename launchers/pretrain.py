@@ -28,8 +28,10 @@ def main(argv=None) -> int:
     def body():
         from revcol_dist.config import load_config
         from revcol_dist.engine.train import train
+        from revcol_dist.plan.policy import resolve_memory_policy
 
         cfg = load_config(args.config, args.overrides)
+        cfg = resolve_memory_policy(cfg, getattr(args, "deepspeed_config", None))  # auto: the planner decides
         train(cfg, ds_config=getattr(args, "deepspeed_config", None), resume=args.resume)
 
     return run_cli(body)

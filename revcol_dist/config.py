@@ -30,6 +30,11 @@ class ModelSection:
     # Fields of RevColConfig to override (channels, layers, num_columns, num_classes, ...);
     # num_classes defaults to the data set's.
     args: Dict[str, Any] = field(default_factory=dict)
+    # reversible (columns reconstructed in backward: memory independent of the column count) |
+    # plain (autograd keeps every activation: the fastest step, where it fits) | auto (the
+    # launchers ask the planner at the configured micro-batch against the GPU's memory and
+    # print the choice and why; reversible on CPUs)
+    memory_policy: str = "reversible"
 
 
 @dataclass
@@ -252,6 +257,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model: {msg}") from None
     t = cfg.train
     problems: List[str] = []
+    if cfg.model.memory_policy not in ("reversible", "plain", "auto"):
+        problems.append(f"model.memory_policy must be reversible, plain or auto, got {cfg.model.memory_policy!r}")
     if t.epochs < 1:
         problems.append(f"train.epochs must be >= 1, got {t.epochs}")
     if t.batch_size < 1:

@@ -181,6 +181,11 @@ class Trainer:
         cfg, seed = self.cfg, self.cfg.train.seed
         args = dict(cfg.model.args)
         args.setdefault("num_classes", self.train_stream.num_classes)
+        if cfg.model.memory_policy == "auto":
+            raise ConfigError("model.memory_policy=auto is decided by the launchers (revcol_dist.plan.policy."
+                              "resolve_memory_policy, before the Trainer): call it first, or set reversible or plain")
+        if cfg.model.memory_policy == "plain":
+            args["reversible"] = False
         if cfg.pipeline.stages > 1:
             with torch.device("meta"):
                 return create_model(cfg.model.name, **args)  # pretrained weights: per stage, in _build_backend
