@@ -1,0 +1,243 @@
+"""Training-step speed on a GPU: the trainer's path for RevCol-T, -B and -L against timm's
+ConvNeXt of similar FLOPs, in one process (issue 25's table).
+
+Each row is one JSON line: the trainer's step (``LocalBackend``, bf16 autocast, ``RevColLoss``
+with inter_supv, keyed drop path, AdamW over the layer-decay groups, clipping and the finite
+check, the EMA) at the variant's published batch, with the memory policy reversible, plain, or
+auto (the planner's choice for this GPU, ``plan/policy.py``); then the baseline a user would
+pick instead: timm's ``convnext_tiny/base/large`` (eager, bf16 autocast, fused AdamW, cross
+entropy), or where timm does not import, a ConvNeXt of the same stages built from this
+project's blocks. Each row: images/s (timed steps after warm-up), MFU (model FLOPs, as the
+trainer's monitor counts them, against the device's dense peak), peak memory, and kernels per
+step (CUDA kernels in the profiler; on a CPU the aten ops dispatched, the proxy of
+``ops_per_step.py``). The last line compares each RevCol row with its baseline (a ratio).
+
+  python3 benchmarks/gpu_step.py                        # GPU: T at 64, B at 128, L at 64, 224 px
+  python3 benchmarks/gpu_step.py --models revcol_base --policies reversible
+  .venv/bin/python benchmarks/gpu_step.py --mode cpu    # tiny sizes on a CPU (CI's smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ops_per_step as ops  # noqa: E402  (the trainer step's pieces; puts the project on sys.path)
+
+from revcol_dist.models.flops import train_flops_per_image  # noqa: E402
+from revcol_dist.models.layers import ConvNeXtBlock, LayerNorm  # noqa: E402
+from revcol_dist.monitor.throughput import peak_tflops  # noqa: E402
+
+# variant -> (batch on a GPU, timm's counterpart, its stages: depths, widths; its GMACs at 224 px)
+VARIANTS = {"revcol_tiny": (64, "convnext_tiny", (3, 3, 9, 3), (96, 192, 384, 768), 4.5),
+            "revcol_small": (64, "convnext_small", (3, 3, 27, 3), (96, 192, 384, 768), 8.7),
+            "revcol_base": (128, "convnext_base", (3, 3, 27, 3), (128, 256, 512, 1024), 15.4),
+            "revcol_large": (64, "convnext_large", (3, 3, 27, 3), (192, 384, 768, 1536), 34.4)}
+CPU_ARGS = dict(channels=[8, 16, 24, 32], layers=[1, 1, 1, 1])  # --mode cpu: a tiny RevCol
+CPU_STAGES = ((1, 1, 1, 1), (8, 16, 24, 32))
+
+
+@dataclass
+class Setting:
+    device: torch.device
+    batch: int
+    res: int
+    warmup: int
+    steps: int
+    cpu: bool
+
+
+# ---- the two kinds of step ------------------------------------------------------------------
+
+def revcol_step(name: str, policy: str, s: Setting):
+    """The trainer's step (as ops_per_step builds it); returns (step, model config, chosen policy)."""
+    torch.manual_seed(0)
+    args = CPU_ARGS if s.cpu else {}
+    reason = None
+    if policy == "auto":
+        policy, reason = auto_policy(name, s, args)
+    model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).train()
+    model.reversible = policy == "reversible"
+    opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
+    backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, s.device, "bf16", ops.CLIP)
+    ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]
+    x, y = inputs(s)
+    ids = torch.arange(s.batch, device=s.device)
+
+    def step():
+        backend.forward_backward([(x, y, ops.SampleKeys(0, i[0], ids, streams))], ops.LOSS)
+        backend.step(lr=1e-4)
+        ema.update()
+        i[0] += 1
+    return step, model.config, policy, reason
+
+
+def auto_policy(name: str, s: Setting, args: dict):
+    from revcol_dist.plan.model import GIB, PlanInput
+    from revcol_dist.plan.policy import choose_memory_policy
+
+    if s.device.type != "cuda":
+        return "reversible", "no GPU memory to plan against (CPU)"
+    mem = torch.cuda.get_device_properties(s.device).total_memory / GIB
+    return choose_memory_policy(PlanInput(model=name, gpus_per_node=1, zero=0, batch=s.batch, res=s.res,
+                                          gpu_mem_gib=mem, model_args=args))
+
+
+class ConvNeXtFromBlocks(nn.Module):
+    """ConvNeXt's stages (stem 4x4/4, LayerNorm + 2x2/2 downsampling) from this project's
+    block: the baseline where timm is not installed."""
+
+    def __init__(self, depths, widths, classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 4, 4), ChannelsFirstNorm(widths[0]))
+        self.stages = nn.ModuleList()
+        for i, (d, w) in enumerate(zip(depths, widths)):
+            down = [] if i == 0 else [ChannelsFirstNorm(widths[i - 1]), nn.Conv2d(widths[i - 1], w, 2, 2)]
+            self.stages.append(nn.Sequential(*down, *[ConvNeXtBlock(w, 4 * w, kernel_size=7) for _ in range(d)]))
+        self.norm, self.head = nn.LayerNorm(widths[-1]), nn.Linear(widths[-1], classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+class ChannelsFirstNorm(LayerNorm):
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def baseline_step(name: str, s: Setting):
+    """timm's ConvNeXt (or the same stages from this project's blocks); (step, label)."""
+    _, timm_name, depths, widths, _ = VARIANTS[name]
+    torch.manual_seed(0)
+    try:
+        if s.cpu:
+            raise ImportError("tiny sizes")
+        import timm
+
+        model, label = timm.create_model(timm_name, num_classes=ops.CLASSES), f"timm {timm_name}"
+    except ImportError:
+        depths, widths = CPU_STAGES if s.cpu else (depths, widths)
+        model, label = ConvNeXtFromBlocks(depths, widths, ops.CLASSES), f"{timm_name} stages from this project's blocks"
+    model = model.to(s.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=s.device.type == "cuda")
+    x, y = inputs(s)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        with torch.autocast(s.device.type, dtype=torch.bfloat16):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, label
+
+
+def inputs(s: Setting):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(s.batch, 3, s.res, s.res, generator=g)
+    y = torch.randint(0, ops.CLASSES, (s.batch,), generator=g)
+    return x.to(s.device), y.to(s.device)
+
+
+# ---- measuring one step ---------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, s: Setting) -> dict:
+    for _ in range(s.warmup):
+        step()
+    sync(s.device)
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+    t0 = time.perf_counter()
+    for _ in range(s.steps):
+        step()
+    sync(s.device)
+    seconds = (time.perf_counter() - t0) / s.steps
+    peak = torch.cuda.max_memory_allocated(s.device) if s.device.type == "cuda" else None
+    return {"ms_per_step": 1e3 * seconds, "images_per_sec": s.batch / seconds, "peak_gib": peak and peak / 2**30,
+            **kernels_per_step(step, s)}
+
+
+def kernels_per_step(step, s: Setting) -> dict:
+    if s.device.type != "cuda":
+        with ops.OpCounter() as c:
+            step()
+        return {"kernels_per_step": c.summary()["kernels"], "kernels_counted": "aten ops dispatched (CPU proxy)"}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(s.device)
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"kernels_per_step": n, "kernels_counted": "CUDA kernels (profiler)"}
+
+
+def row(kind: str, name: str, s: Setting, extra: dict, measured: dict, flops_per_image: float) -> dict:
+    peak = peak_tflops(s.device, "bf16", True)
+    mfu = measured["images_per_sec"] * flops_per_image / (peak * 1e12) if peak else None
+    return {"benchmark": "gpu_step", "kind": kind, "model": name, "batch": s.batch, "res": s.res,
+            "device": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, **extra, **measured, "mfu": mfu}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["gpu", "cpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="default: revcol_tiny, revcol_base, revcol_large (--mode cpu: revcol_tiny)")
+    ap.add_argument("--policies", nargs="+", default=["reversible", "plain", "auto"])
+    ap.add_argument("--steps", type=int, default=None)
+    a = ap.parse_args(argv)
+    cpu = a.mode == "cpu"
+    a.models = a.models or (["revcol_tiny"] if cpu else ["revcol_tiny", "revcol_base", "revcol_large"])
+    if not cpu and not torch.cuda.is_available():
+        print("error: --mode gpu needs CUDA; use --mode cpu for the tiny smoke run", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if cpu else "cuda")
+    if not cpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ratios = {}
+    for name in a.models:
+        s = Setting(device, 4 if cpu else VARIANTS[name][0], 64 if cpu else 224, 1 if cpu else 3,
+                    a.steps or (2 if cpu else 10), cpu)
+        for policy in a.policies:
+            step, config, chosen, reason = revcol_step(name, policy, s)
+            r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason},
+                    measure(step, s), train_flops_per_image(config, s.res))
+            print(json.dumps(r), flush=True)
+            ratios[(name, policy)] = r["images_per_sec"]
+            del step
+            if not cpu:
+                torch.cuda.empty_cache()
+        step, label = baseline_step(name, s)
+        flops = 6e9 * VARIANTS[name][4] * (s.res / 224) ** 2  # ConvNeXt's published GMACs
+        b = row("baseline", name, s, {"baseline": label}, measure(step, s), flops)
+        print(json.dumps(b), flush=True)
+        for policy in a.policies:
+            ratios[(name, policy)] /= b["images_per_sec"]
+        del step
+    print(json.dumps({"benchmark": "gpu_step", "summary": "images/s of the trainer's step over the baseline's",
+                      "ratios": {f"{n}:{p}": round(v, 4) for (n, p), v in ratios.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""benchmarks/gpu_step.py in its CPU mode (tiny sizes): one JSON line per row, the baseline in
+the same run, and the ratios; the plain step dispatches fewer ops than the reversible one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_step_cpu_mode_prints_its_rows():
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--mode", "cpu", "--steps", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    revcol = {x["memory_policy"]: x for x in rows if x.get("kind") == "revcol"}
+    base = [x for x in rows if x.get("kind") == "baseline"]
+    assert set(revcol) == {"reversible", "plain", "auto"} and len(base) == 1
+    assert revcol["auto"]["ran"] == "reversible" and "CPU" in revcol["auto"]["reason"]
+    assert revcol["plain"]["kernels_per_step"] < revcol["reversible"]["kernels_per_step"]  # no recomputation
+    assert all(x["images_per_sec"] > 0 and x["kernels_per_step"] > 0 for x in rows[:-1])
+    ratios = rows[-1]["ratios"]
+    assert ratios["revcol_tiny:plain"] == pytest.approx(revcol["plain"]["images_per_sec"] / base[0]["images_per_sec"],
+                                                        rel=1e-3)
