@@ -13,7 +13,7 @@ step (CUDA kernels in the profiler; on a CPU the aten ops dispatched, the proxy 
 ``ops_per_step.py``). The last line compares each RevCol row with its baseline (a ratio).
 
   python3 benchmarks/gpu_step.py                        # GPU: T at 64, B at 128, L at 64, 224 px
-  python3 benchmarks/gpu_step.py --models revcol_base --policies reversible
+  python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on
   .venv/bin/python benchmarks/gpu_step.py --mode cpu    # tiny sizes on a CPU (CI's smoke test)
 """
 
@@ -37,6 +37,7 @@ import ops_per_step as ops  # noqa: E402  (the trainer step's pieces; puts the p
 from revcol_dist.models.flops import train_flops_per_image  # noqa: E402
 from revcol_dist.models.layers import ConvNeXtBlock, LayerNorm  # noqa: E402
 from revcol_dist.monitor.throughput import peak_tflops  # noqa: E402
+from revcol_dist.parallel.compile import apply_compile  # noqa: E402
 
 # variant -> (batch on a GPU, timm's counterpart, its stages: depths, widths; its GMACs at 224 px)
 VARIANTS = {"revcol_tiny": (64, "convnext_tiny", (3, 3, 9, 3), (96, 192, 384, 768), 4.5),
@@ -59,8 +60,9 @@ class Setting:
 
 # ---- the two kinds of step ------------------------------------------------------------------
 
-def revcol_step(name: str, policy: str, s: Setting):
-    """The trainer's step (as ops_per_step builds it); returns (step, model config, chosen policy)."""
+def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False):
+    """The trainer's step (as ops_per_step builds it), its blocks compiled or eager
+    (``train.compile``); returns (step, model config, chosen policy, reason)."""
     torch.manual_seed(0)
     args = CPU_ARGS if s.cpu else {}
     reason = None
@@ -68,6 +70,7 @@ def revcol_step(name: str, policy: str, s: Setting):
         policy, reason = auto_policy(name, s, args)
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).train()
     model.reversible = policy == "reversible"
+    apply_compile(model, compiled, s.device)
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, s.device, "bf16", ops.CLIP)
     ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]
@@ -204,8 +207,12 @@ def main(argv=None) -> int:
                     help="default: revcol_tiny, revcol_base, revcol_large (--mode cpu: revcol_tiny)")
     ap.add_argument("--policies", nargs="+", default=["reversible", "plain", "auto"])
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--compile", choices=["off", "on", "both"], default=None,
+                    help="the blocks eager, compiled (train.compile), or a row each (default: both on a GPU, "
+                         "off on a CPU, where compiling costs minutes)")
     a = ap.parse_args(argv)
     cpu = a.mode == "cpu"
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile or ("off" if cpu else "both")]
     a.models = a.models or (["revcol_tiny"] if cpu else ["revcol_tiny", "revcol_base", "revcol_large"])
     if not cpu and not torch.cuda.is_available():
         print("error: --mode gpu needs CUDA; use --mode cpu for the tiny smoke run", file=sys.stderr)
@@ -219,20 +226,22 @@ def main(argv=None) -> int:
         s = Setting(device, 4 if cpu else VARIANTS[name][0], 64 if cpu else 224, 1 if cpu else 3,
                     a.steps or (2 if cpu else 10), cpu)
         for policy in a.policies:
-            step, config, chosen, reason = revcol_step(name, policy, s)
-            r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason},
-                    measure(step, s), train_flops_per_image(config, s.res))
-            print(json.dumps(r), flush=True)
-            ratios[(name, policy)] = r["images_per_sec"]
-            del step
-            if not cpu:
-                torch.cuda.empty_cache()
+            for compiled in compiles:
+                step, config, chosen, reason = revcol_step(name, policy, s, compiled)
+                r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason,
+                                            "compiled": compiled}, measure(step, s), train_flops_per_image(config, s.res))
+                print(json.dumps(r), flush=True)
+                ratios[(name, policy + (":compiled" if compiled else ""))] = r["images_per_sec"]
+                del step
+                if not cpu:
+                    torch.cuda.empty_cache()
+        apply_compile(torch.nn.Module(), False, device)  # the baseline's blocks (ConvNeXtFromBlocks) eager
         step, label = baseline_step(name, s)
         flops = 6e9 * VARIANTS[name][4] * (s.res / 224) ** 2  # ConvNeXt's published GMACs
         b = row("baseline", name, s, {"baseline": label}, measure(step, s), flops)
         print(json.dumps(b), flush=True)
-        for policy in a.policies:
-            ratios[(name, policy)] /= b["images_per_sec"]
+        for key in [k for k in ratios if k[0] == name]:
+            ratios[key] /= b["images_per_sec"]
         del step
     print(json.dumps({"benchmark": "gpu_step", "summary": "images/s of the trainer's step over the baseline's",
                       "ratios": {f"{n}:{p}": round(v, 4) for (n, p), v in ratios.items()}}))

@@ -14,6 +14,10 @@ GPU) and the per-parameter loop (its default on a CPU).
 
   .venv/bin/python benchmarks/ops_per_step.py                       # RevCol-B, batch 2, 64 px
   BENCH_MODEL=revcol_tiny .venv/bin/python benchmarks/ops_per_step.py
+
+With ``train.compile`` (the ``*_compiled`` rows) the blocks' graphs cannot run under the
+counting dispatch mode: each compiled call is counted from the profiler instead, one per
+generated kernel and per aten op the graph calls (``graph_kernels``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,8 +41,10 @@ from revcol_dist.engine.optim import make_optimizer, param_groups  # noqa: E402
 from revcol_dist.models import create_model  # noqa: E402
 from revcol_dist.models.layers import random_streams  # noqa: E402
 from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
+from revcol_dist.parallel.compile import apply_compile  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys  # noqa: E402
+from revcol_dist.reversible import lean_block  # noqa: E402
 
 MODEL = os.environ.get("BENCH_MODEL", "revcol_base")
 BATCH = int(os.environ.get("BENCH_BATCH", "2"))
@@ -73,8 +80,50 @@ class OpCounter(TorchDispatchMode):
             self.kernels += 1
         return out
 
+    def __enter__(self):
+        _COUNTING.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _COUNTING.pop()
+        return super().__exit__(*exc)
+
+    def add_compiled(self, kernels: int) -> None:
+        self.kernels += kernels
+        self.by_name["compiled block graphs' kernels"] += kernels
+
     def summary(self) -> dict:
         return {"kernels": self.kernels, "views": self.views, "host_reads": self.host_reads}
+
+
+_COUNTING: list = []  # the OpCounters in effect, innermost last
+# what a compiled graph calls that launches nothing (allocation, views)
+_METADATA = {"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::reshape", "aten::permute",
+             "aten::t", "aten::transpose", "aten::expand", "aten::alias", "aten::detach", "aten::resolve_conj",
+             "aten::resolve_neg", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select"}
+
+
+def graph_kernels(prof) -> int:
+    """Kernels run by the compiled graphs in a profile: each generated kernel (one GPU kernel
+    each there) and each aten op the graph calls (matmuls, convolutions)."""
+    return sum(1 for e in prof.events() if e.name.startswith("## Call CompiledFxGraph")
+               for c in e.cpu_children if c.name not in _METADATA)
+
+
+def counted(kernels: lean_block.Kernels) -> lean_block.Kernels:
+    """The compiled block kernels (``train.compile``), counted: dynamo refuses to run under a
+    dispatch mode (the blocks would fall back to eager), so each call made while an OpCounter
+    counts steps out of its mode and is counted from the profiler (``graph_kernels``)."""
+    def wrap(fn):
+        def run(*args):
+            if not _COUNTING:
+                return fn(*args)
+            with _disable_current_modes(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = fn(*args)
+            _COUNTING[-1].add_compiled(graph_kernels(prof))
+            return out
+        return run
+    return lean_block.Kernels(*(wrap(f) for f in kernels))
 
 
 def baseline_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.Optimizer:
@@ -85,10 +134,14 @@ def baseline_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, foreach=foreach)
 
 
-def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool = True) -> dict:
+def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool = True,
+               compiled: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model(MODEL, num_classes=CLASSES, inter_supv=True).train()
     model.reversible = reversible
+    apply_compile(model, compiled, torch.device("cpu"))
+    if compiled:
+        lean_block.use_kernels(counted(lean_block.use_kernels(None)))
     backend = LocalBackend(model, DistInfo(0, 1, 0), optimizer_factory, torch.device("cpu"), "bf16", CLIP)
     ema = ModelEMA(model, 0.9999)
     streams = random_streams(model) if declare_streams else ()  # the Trainer declares them: drawn at once
@@ -118,6 +171,7 @@ def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool
     out["top"] = total.most_common(8)
     out["param_groups"] = len(backend.optimizer.param_groups)
     out["params"] = sum(1 for _ in model.parameters())
+    apply_compile(model, False, torch.device("cpu"))
     return out
 
 
@@ -127,10 +181,15 @@ def main() -> None:
     foreach = count_step(partial(baseline_adamw, foreach=True), declare_streams=False)
     loop = count_step(partial(baseline_adamw, foreach=False), declare_streams=False)
     plain = count_step(partial(baseline_adamw, foreach=True), reversible=False, declare_streams=False)
+    ours_opt = partial(make_optimizer, name="adamw", weight_decay=WEIGHT_DECAY, layer_decay=LAYER_DECAY)
+    compiled = count_step(ours_opt, compiled=True)  # train.compile: the blocks as compiled graphs
+    compiled_plain = count_step(ours_opt, reversible=False, compiled=True)
+    ours_plain = count_step(ours_opt, reversible=False)
     k = lambda r, p: r[p]["kernels"]  # noqa: E731
     print(json.dumps({
         "benchmark": "ops_per_step", "model": MODEL, "batch": BATCH, "res": RES, "precision": "bf16",
-        "ours": ours, "torch_adamw_foreach": foreach, "torch_adamw_loop": loop, "plain_torch_adamw_foreach": plain,
+        "ours": ours, "ours_compiled": compiled, "ours_plain": ours_plain, "ours_plain_compiled": compiled_plain,
+        "torch_adamw_foreach": foreach, "torch_adamw_loop": loop, "plain_torch_adamw_foreach": plain,
         "reversible_vs_plain_kernels": round(k(foreach, "step") / k(plain, "step"), 4),
         "forward_backward_kernels_vs_foreach": round(k(ours, "forward_backward") / k(foreach, "forward_backward"), 4),
         "optimizer_kernels_vs_foreach": round(k(ours, "optimizer") / k(foreach, "optimizer"), 4),
@@ -138,6 +197,9 @@ def main() -> None:
         "step_kernels_vs_foreach": round(k(ours, "step") / k(foreach, "step"), 4),
         "step_kernels_vs_loop": round(k(ours, "step") / k(loop, "step"), 4),
         "optimizer_host_reads": ours["optimizer"]["host_reads"],
+        "compiled_vs_eager_step_kernels": round(k(compiled, "step") / k(ours, "step"), 4),
+        "compiled_vs_eager_forward_backward_kernels": round(k(compiled, "forward_backward") / k(ours, "forward_backward"), 4),
+        "plain_compiled_vs_eager_step_kernels": round(k(compiled_plain, "step") / k(ours_plain, "step"), 4),
     }))
 
 

@@ -90,6 +90,10 @@ class TrainSection:
     cudnn_benchmark: bool = True
     tf32: bool = True
     channels_last: bool = False
+    # Run the ConvNeXt blocks (forward, reversible recomputation, hand-written backward) as
+    # compiled graphs (torch.compile, parallel/compile.py): auto | true | false. auto compiles on
+    # CUDA devices; a CPU run would wait minutes for C++ compilation it never earns back.
+    compile: Any = "auto"
     seed: int = 0
     log_every: int = 20
     max_steps: Optional[int] = None  # stop early (smoke runs)
@@ -265,6 +269,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"train.batch_size must be >= 1, got {t.batch_size}")
     if t.lr <= 0:
         problems.append(f"train.lr must be > 0, got {t.lr}")
+    if not any(t.compile is v for v in (True, False)) and t.compile != "auto":
+        problems.append(f"train.compile must be auto, true or false, got {t.compile!r}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
     if t.optimizer not in ("adamw", "sgd"):

@@ -33,8 +33,10 @@ from ..monitor.throughput import Throughput, missing_peak, peak_tflops
 from ..monitor.tensorboard import RECONSTRUCTIONS, Board, alpha_histograms, front_page, reconstruction_grid, tagged
 from ..parallel import comm
 from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
+from ..parallel.compile import apply_compile
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
 from ..parallel.ds_config import resolve_ds_config, zero_stage
+from ..parallel.zero3_params import local_partitions
 from ..randomness import SampleKeys
 from .checkpoint import CheckpointManager, read_marker, rng_state, set_rng_state
 from .ema import ModelEMA
@@ -150,6 +152,9 @@ class Trainer:
         self.meta = _model_meta(cfg, self.model)
         self.streams = random_streams(self.model)  # drop path's draws, all at once per micro-batch
         self.backend = self._build_backend()
+        compiled = apply_compile(self.model, t.compile, self.device)
+        if compiled:
+            self.say(compiled)
         self.model.train()
         self.ema = ModelEMA(self.backend.model, t.ema_decay) if t.ema_decay > 0 else None
         mixer = Mixup(self.train_stream.num_classes, cfg.data.mixup, cfg.data.cutmix, cfg.data.mixup_prob,
@@ -194,7 +199,7 @@ class Trainer:
 
             with deepspeed.zero.Init(config_dict_or_path=self.ds):
                 model = create_model(cfg.model.name, **args)
-            initialize(model, seed, gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0))
+            initialize(model, seed, gather=local_partitions)  # the same keyed values on every rank: no broadcast
         else:
             model = create_model(cfg.model.name, **args)
             initialize(model, seed)

@@ -61,6 +61,10 @@ class RevCol(nn.Module):
             self.decoders = nn.ModuleList()
         self.reversible = config.reversible
         self.policy = config.policy()
+        # How blocks run outside the reversible engine (evaluation, model.reversible=False):
+        # None is each block's own forward; an execution engine may set one runner per level
+        # (``Column.forward``'s run_block), e.g. the compiled lean blocks (parallel/compile.py).
+        self.block_runner = None
         name_random_streams(self)
         self.drift = DriftStats()
 
@@ -94,7 +98,7 @@ class RevCol(nn.Module):
         else:
             state, tapped = initial, {}
             for j, col in enumerate(cols):
-                state = col(x, state)
+                state = col(x, state, run_block=self.block_runner)
                 if j in taps:
                     tapped[j] = state[3]
         return state, {j + start: t for j, t in tapped.items()}

@@ -24,6 +24,7 @@ from ..models.official import rename_to_official, to_official_key, to_official_s
 from . import comm
 from .distributed import DistInfo
 from .ds_config import zero_stage
+from .zero3_params import coalesce_persistent_gather
 
 # (images, targets) or (images, targets, SampleKeys): the keys make drop path layout-free
 MicroBatch = Tuple[torch.Tensor, ...]
@@ -275,6 +276,7 @@ class DeepSpeedBackend(Backend):
             # resume (which gathers the persistent ones) or logging left gathered.
             for p in _alphas(model).values():
                 deepspeed.zero.register_external_parameter(model, p)
+            coalesce_persistent_gather(self.engine.optimizer)  # one all-gather per step, not one per parameter
 
     def forward(self, x, **kw):
         return self.engine(x, **kw)

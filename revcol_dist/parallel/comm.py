@@ -28,8 +28,9 @@ def world_size(group=None) -> int:
     return dist.get_world_size(group) if initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if initialized() else 0
+def rank(group=None) -> int:
+    """This process's rank (in ``group``, default the world)."""
+    return dist.get_rank(group) if initialized() else 0
 
 
 def device() -> torch.device:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from torch import nn
 
+from . import block_kernels
+
 # Token chunk of the hand-written MLP backward, in elements of (tokens x 4C): its
 # hidden-sized transients are about three chunks. Small where h is recomputed (the
 # memory-first "block" mode), large where h was kept (speed first). Tuned on a CPU, where
@@ -55,6 +57,30 @@ class Saved(NamedTuple):
     o: Optional[torch.Tensor] = None  # pwconv2 output (tokens x C), kept where smaller than its weight
     a: Optional[torch.Tensor] = None  # GELU output (tokens x 4C), kept only on request (speed over memory)
     n: Optional[torch.Tensor] = None  # LN output (tokens x C), only while a backward that recomputed h runs
+
+
+class Kernels(NamedTuple):
+    """The functions of ``block_kernels``, compiled (``parallel/compile.py``): used in place of
+    the op-by-op code wherever a block runs whole."""
+    forward_full: object
+    hidden: object
+    tail_grads: object
+    body_grads: object
+
+
+_KERNELS: Optional[Kernels] = None
+
+
+def use_kernels(kernels: Optional[Kernels]) -> Optional[Kernels]:
+    """Run whole blocks through ``kernels`` (None: op by op, bitwise the module's forward);
+    returns the previous setting. Forward and recomputation then share the compiled graphs."""
+    global _KERNELS
+    previous, _KERNELS = _KERNELS, kernels
+    return previous
+
+
+def kernels_in_use() -> bool:
+    return _KERNELS is not None
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -107,6 +133,8 @@ def forward(block: nn.Module, x: torch.Tensor, keep: bool = False, keep_gelu: bo
     """The block's output, computed as its module does; with keep, also what ``backward`` needs
     (with keep_gelu also the GELU output, saving its recomputation: for transient graphs;
     without keep_hidden not even h, which ``with_hidden`` recomputes before backward)."""
+    if _KERNELS is not None:
+        return _forward_kernels(block, x, keep, keep_gelu, keep_hidden)
     d = _conv(block, x)
     n, mean, rstd = _layer_norm(block, d)
     h = F.linear(n, block.pwconv1.weight, block.pwconv1.bias)
@@ -123,11 +151,43 @@ def forward(block: nn.Module, x: torch.Tensor, keep: bool = False, keep_gelu: bo
                       a.flatten(0, 2) if keep_gelu else None)
 
 
+def _tensors(block: nn.Module) -> Tuple[torch.Tensor, ...]:
+    """The block's tensors in ``block_kernels.forward_full``'s order."""
+    return (block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias, block.pwconv1.weight,
+            block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias, block.gamma)
+
+
+def _conv_args(block: nn.Module) -> block_kernels.Conv:
+    c = block.dwconv
+    return tuple(c.stride), tuple(c.padding), tuple(c.dilation), c.groups
+
+
+def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: bool, keep_hidden: bool):
+    """``forward`` through the compiled kernels: the drop-path mask is drawn here (same draw,
+    dtype and shape as the module's), the rest is one compiled call."""
+    dev = x.device.type
+    conv_dt = torch.promote_types(x.dtype, block.dwconv.weight.dtype)
+    cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+           else torch.promote_types(conv_dt, block.norm.weight.dtype))
+    mask = _drop_mask(block, x.shape[0], torch.promote_types(block.gamma.dtype, cdt), x.device)
+    out, d, mean, rstd, h, a, o = _KERNELS.forward_full(x, *_tensors(block), mask, _conv_args(block),
+                                                        block.norm.eps)
+    if not keep:
+        return out, None
+    small = o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1]
+    return out, Saved(x, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype,
+                      o.flatten(0, 2) if small else None, a.flatten(0, 2) if keep_gelu else None)
+
+
 @torch.no_grad()
 def with_hidden(block: nn.Module, s: Saved) -> Saved:
     """s with pwconv1's output recomputed whole (one matmul), for a backward that runs at speed."""
     if s.h is not None:
         return s
+    if _KERNELS is not None:
+        n, h = _KERNELS.hidden(s.d, block.norm.weight, block.norm.bias, block.pwconv1.weight, block.pwconv1.bias,
+                               block.norm.eps, s.cdt)
+        return s._replace(h=h, n=n)
     n = _normalized(block, s).flatten(0, 2)
     return s._replace(h=_hidden(block, s, n, 0, n.shape[0]), n=n)
 
@@ -210,6 +270,9 @@ def _chunk(block: nn.Module, s: Saved) -> int:
 def backward_tail(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """Gradients of TAIL in order: layer scale and pwconv2 (their own autograd node, so that
     the block's two large weight gradients need not be alive together)."""
+    if _KERNELS is not None and s.h is not None:
+        return _KERNELS.tail_grads(g, s.mask, s.h, s.a, s.o, block.pwconv2.weight, block.pwconv2.bias, block.gamma,
+                                   s.cdt)
     w2, b2, gamma = block.pwconv2.weight, block.pwconv2.bias, block.gamma
     gy = _tokens(block, s, g)
     T, C = gy.shape
@@ -244,6 +307,9 @@ def backward_tail(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
 @torch.no_grad()
 def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """(gradient of the block input, gradients of BODY in order)."""
+    if _KERNELS is not None and s.h is not None:
+        return _KERNELS.body_grads(g, s.x, s.d, s.mean, s.rstd, s.h, s.n, s.mask, *body_params(block),
+                                   block.pwconv2.weight, block.gamma, s.cdt, _conv_args(block), block.norm.eps)
     N, C, H, W = g.shape
     w1, b1, w2 = block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight
     cdt = s.cdt

@@ -26,8 +26,11 @@ WORKER = textwrap.dedent(
     rank = torch.distributed.get_rank()
     out_dir = sys.argv[1]
     x_all = torch.load(out_dir + "/data.pt")
-    for mode in ("ddp", 1, 2, 3, "3off"):
-        stage = 3 if mode == "3off" else mode
+    from torch.profiler import profile
+    from revcol_dist.parallel.zero3_params import coalesce_persistent_gather
+    gathers = {{}}
+    for mode in ("ddp", 1, 2, 3, "3off", "3coalesced"):
+        stage = 3 if mode in ("3off", "3coalesced") else mode
         torch.manual_seed(0)
         zero = {{"stage": stage}}
         if mode == "3off":
@@ -49,6 +52,8 @@ WORKER = textwrap.dedent(
                                                optimizer=torch.optim.SGD(model.parameters(), lr={LR}))
             else:
                 net, *_ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+                if mode == "3coalesced":
+                    assert coalesce_persistent_gather(net.optimizer)
         for step in range({STEPS}):
             x, y = x_all["x"][step][2 * rank:2 * rank + 2], x_all["y"][step][2 * rank:2 * rank + 2]
             out = net(x)
@@ -60,11 +65,19 @@ WORKER = textwrap.dedent(
                 opt.step()
             else:
                 net.backward(loss)
-                net.step()
+                with profile() as prof:  # the all-gathers of the step (ZeRO-3: the persistent parameters)
+                    net.step()
+                gathers[str(mode)] = sum(1 for e in prof.events() if e.name.startswith("c10d::_allgather"))
         full = {{n: safe_get_full_fp32_param(p).clone() if stage == 3 else p.detach().clone()
                 for n, p in model.named_parameters()}}
         if rank == 0:
             torch.save(full, f"{{out_dir}}/{{mode}}.pt")
+            persistent = [p for p in model.parameters() if getattr(p, "ds_persist", False)]
+            if mode in (3, "3coalesced"):  # the values the forward reads: the gathered ones
+                torch.save({{n: p.data.clone() for n, p in model.named_parameters() if p.ds_persist}},
+                           f"{{out_dir}}/{{mode}}_persistent.pt")
+    if rank == 0:
+        torch.save(gathers, f"{{out_dir}}/gathers.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     # gloo/DeepSpeed threads torn down by interpreter exit can abort the process after its
@@ -107,7 +120,7 @@ def test_zero_stages_match_single_process(tmp_path):
         _loss(ref(data["x"][step]), data["y"][step]).backward()
         opt.step()
     init = create_model("revcol_tiny", **CFG)  # to check that training moved every parameter
-    for stage in ("ddp", 1, 2, 3, "3off"):
+    for stage in ("ddp", 1, 2, 3, "3off", "3coalesced"):
         got = torch.load(tmp_path / f"{stage}.pt")
         errs = {}
         moved = sum(not torch.equal(p.detach(), init.state_dict()[n]) for n, p in ref.named_parameters())
@@ -116,3 +129,12 @@ def test_zero_stages_match_single_process(tmp_path):
             errs[n] = ((got[n] - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)).item()
         worst = max(errs, key=errs.get)
         assert errs[worst] < 1e-5, (stage, worst, errs[worst])
+    # ZeRO-3's persistent parameters gathered in one collective per step (parallel/zero3_params.py):
+    # the same bits as DeepSpeed's own gather, one parameter at a time
+    own, coalesced = torch.load(tmp_path / "3_persistent.pt"), torch.load(tmp_path / "3coalesced_persistent.pt")
+    assert own.keys() == coalesced.keys() and len(own) > 50
+    assert all(torch.equal(own[n], coalesced[n]) for n in own)
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(tmp_path / "3.pt").values(),
+                                                 torch.load(tmp_path / "3coalesced.pt").values()))
+    gathers = torch.load(tmp_path / "gathers.pt")
+    assert gathers["3coalesced"] == 1 and gathers["3"] >= len(own), gathers

@@ -1,0 +1,104 @@
+"""A ConvNeXt block's lean forward and backward as functions of tensors, for ``torch.compile``.
+
+``lean_block``'s eager functions read a block module and run op by op (about twenty kernels
+per block forward on a GPU, most of them casts, permutes and elementwise passes). These take
+the block's tensors and a few constants instead, so that
+
+- one compiled graph per shape serves every block of a level (guards on shapes and dtypes,
+  never on a module), with the elementwise chains between the matmuls fused;
+- the forward and the reversible recomputation call the same graph, so they run the same
+  generated kernels and the recomputed level output is bitwise the forward's (reconstruction
+  stays exact, as in eager mode).
+
+The arithmetic is ``lean_block``'s, whole (no token chunks: a GPU wants few large GEMMs).
+``parallel/compile.py`` compiles them; uncompiled they run as ordinary eager code (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Conv = Tuple[tuple, tuple, tuple, int]  # stride, padding, dilation, groups
+
+
+def _to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _norm(d: torch.Tensor, lw: torch.Tensor, lb: torch.Tensor, eps: float):
+    """LayerNorm over the channels of the NCHW conv output, in its promoted dtype (fp32 under
+    autocast, as CUDA autocast runs layer_norm): (n NHWC, mean, rstd)."""
+    dt = torch.promote_types(d.dtype, lw.dtype)
+    return torch.native_layer_norm(_to(d.permute(0, 2, 3, 1), dt), [d.shape[1]], _to(lw, dt), _to(lb, dt), eps)
+
+
+def forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask: Optional[torch.Tensor], conv: Conv, eps: float):
+    """(out, conv output d, mean, rstd, h, a = gelu(h), o): the block's output and everything
+    its backward may need. The forward keeps none of it; returning it costs no extra kernel
+    (each is the output of a matmul, a convolution or a fused reduction anyway)."""
+    d = F.conv2d(x, cw, cb, *conv)
+    n, mean, rstd = _norm(d, lw, lb, eps)
+    h = F.linear(n, w1, b1)
+    a = F.gelu(h)
+    o = F.linear(a, w2, b2)
+    y = (gamma * o).permute(0, 3, 1, 2)
+    out = x + (y * mask if mask is not None else y)
+    return out, d, mean, rstd, h, a, o
+
+
+def hidden(d, lw, lb, w1, b1, eps: float, cdt: torch.dtype):
+    """(LN output, pwconv1 output), tokens first: h again for a backward that did not keep it."""
+    n = _norm(d, lw, lb, eps)[0].flatten(0, 2)
+    return n, F.linear(_to(n, cdt), _to(w1, cdt), _to(b1, cdt))
+
+
+def _tokens(g: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    gy = g if mask is None else g * mask
+    return gy.permute(0, 2, 3, 1).flatten(0, 2)
+
+
+def tail_grads(g, mask, h, a, o, w2, b2, gamma, cdt: torch.dtype):
+    """Gradients of (gamma, pwconv2.weight, pwconv2.bias), as ``lean_block.backward_tail``."""
+    acc = torch.promote_types(cdt, torch.float32)
+    gy = _tokens(g, mask)
+    a = a if a is not None else F.gelu(h)
+    lhs = gy if o is None else gy * gamma
+    m = _to(_to(lhs, cdt).t() @ a, acc)
+    gy_sum = gy.sum(0)
+    if o is not None:
+        g_gamma, gw2 = (gy * o).sum(0), m
+    else:  # sum_t gy*o = sum_k W2[c,k] M[c,k] + b2[c] sum_t gy: o itself is not needed
+        g_gamma = (m * _to(w2, acc)).sum(1)
+        if b2 is not None:
+            g_gamma = g_gamma + b2 * gy_sum
+        gw2 = m * gamma[:, None]
+    return _to(g_gamma, gamma.dtype), _to(gw2, w2.dtype), _to(gamma * gy_sum, b2.dtype)
+
+
+def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamma, cdt: torch.dtype,
+               conv: Conv, eps: float):
+    """(gradient of the block input, gradients of dwconv.weight, dwconv.bias, norm.weight,
+    norm.bias, pwconv1.weight, pwconv1.bias), as ``lean_block.backward_body``."""
+    N, C, H, W = g.shape
+    acc = torch.promote_types(cdt, torch.float32)
+    g_o = _to(_tokens(g, mask) * gamma, cdt)
+    if n is None:
+        n = _norm(d, lw, lb, eps)[0].flatten(0, 2)
+    g_h = torch.ops.aten.gelu_backward(g_o @ _to(w2, cdt), h)
+    gw1 = _to(g_h.t() @ _to(n, cdt), acc)
+    gb1 = _to(g_h.sum(0), acc)
+    g_n = g_h @ _to(w1, cdt)
+    ln_dt = torch.promote_types(d.dtype, lw.dtype)
+    g_dp, g_lw, g_lb = torch.ops.aten.native_layer_norm_backward(
+        _to(g_n.view(N, H, W, C), ln_dt), _to(d.permute(0, 2, 3, 1), ln_dt), [C], mean, rstd,
+        _to(lw, ln_dt), _to(lb, ln_dt), [True, True, True])
+    stride, padding, dilation, groups = conv
+    g_x, g_cw, g_cb = torch.ops.aten.convolution_backward(
+        _to(g_dp.permute(0, 3, 1, 2), d.dtype), _to(x, d.dtype), _to(cw, d.dtype), [C],
+        stride, padding, dilation, False, [0, 0], groups, [True, True, cb is not None])
+    grads = (_to(g_cw, cw.dtype), _to(g_cb, cb.dtype) if cb is not None else None, _to(g_lw, lw.dtype),
+             _to(g_lb, lb.dtype), _to(gw1, w1.dtype), _to(gb1, b1.dtype))
+    return _to(g_x, g.dtype) + g, grads
