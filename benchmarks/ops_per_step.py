@@ -168,7 +168,7 @@ def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool
     total = sum((c.by_name for c in phases.values()), Counter())
     out = {p: c.summary() for p, c in phases.items()}
     out["step"] = {k: sum(c.summary()[k] for c in phases.values()) for k in ("kernels", "views", "host_reads")}
-    out["top"] = total.most_common(8)
+    out["top"] = total.most_common(int(os.environ.get("BENCH_TOP", "8")))
     out["param_groups"] = len(backend.optimizer.param_groups)
     out["params"] = sum(1 for _ in model.parameters())
     apply_compile(model, False, torch.device("cpu"))

@@ -98,7 +98,7 @@ class DropPath(nn.Module):
         if keys.ids.shape[0] != batch:
             raise ValueError(f"drop path got {batch} samples but the keyed batch has {keys.ids.shape[0]}: "
                              f"split the SampleKeys with the batch")
-        return (keys.uniform(self.stream) < keep).to(dtype).div_(keep).view(shape)
+        return keys.scaled_mask(self.stream, keep, dtype).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:

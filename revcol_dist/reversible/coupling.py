@@ -11,6 +11,20 @@ ALPHA_MIN = 1e-3
 ALPHA_INIT = 0.5
 
 
+class _ClampAlpha(torch.autograd.Function):
+    """The clamped value forward, the gradient unchanged backward (straight through): four
+    kernels and no backward work, where sign * max(|alpha|, m) + (alpha - alpha.detach()) took
+    nine (RevCol-B reads its 64 alphas several times a step)."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, min_abs: float) -> torch.Tensor:
+        return torch.where(alpha < 0, alpha.clamp_max(-min_abs), alpha.clamp_min(min_abs))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None
+
+
 def clamp_alpha(alpha: torch.Tensor, min_abs: float = ALPHA_MIN) -> torch.Tensor:
     """sign(alpha) * max(|alpha|, min_abs), computed functionally.
 
@@ -19,10 +33,7 @@ def clamp_alpha(alpha: torch.Tensor, min_abs: float = ALPHA_MIN) -> torch.Tensor
     the gradient passes straight through (identity), which is what the published update
     sees after its in-place clamp. Zero counts as positive.
     """
-    sign = torch.where(alpha < 0, -1.0, 1.0).to(alpha.dtype)
-    clamped = sign * alpha.abs().clamp_min(min_abs)
-    # exactly the clamped value (alpha - alpha is exactly 0), gradient exactly 1
-    return clamped.detach() + (alpha - alpha.detach())
+    return _ClampAlpha.apply(alpha, min_abs)
 
 
 def _stream(t: torch.Tensor) -> torch.Tensor:
