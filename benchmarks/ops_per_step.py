@@ -15,9 +15,10 @@ GPU) and the per-parameter loop (its default on a CPU).
   .venv/bin/python benchmarks/ops_per_step.py                       # RevCol-B, batch 2, 64 px
   BENCH_MODEL=revcol_tiny .venv/bin/python benchmarks/ops_per_step.py
 
-With ``train.compile`` (the ``*_compiled`` rows) the blocks' graphs cannot run under the
-counting dispatch mode: each compiled call is counted from the profiler instead, one per
-generated kernel and per aten op the graph calls (``graph_kernels``).
+With ``train.compile`` (the ``*_compiled`` rows) the compiled graphs cannot run under the
+counting dispatch mode: each compiled call steps out of it, and a profiler over the phase
+counts what the graphs ran, one per generated kernel and per aten op a graph called outside
+the mode (``graph_kernels``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +46,8 @@ from revcol_dist.parallel.compile import apply_compile  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys  # noqa: E402
 from revcol_dist.reversible import lean_block  # noqa: E402
+
+torch._inductor.config.cpp.enable_kernel_profile = True  # generated kernels appear in the profiler
 
 MODEL = os.environ.get("BENCH_MODEL", "revcol_base")
 BATCH = int(os.environ.get("BENCH_BATCH", "2"))
@@ -82,48 +85,72 @@ class OpCounter(TorchDispatchMode):
 
     def __enter__(self):
         _COUNTING.append(self)
+        self._profile = None
+        if lean_block.kernels_in_use():  # compiled graphs run in this phase: count their kernels too
+            self._profile = profile(activities=[ProfilerActivity.CPU])
+            self._profile.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
+        out = super().__exit__(*exc)
         _COUNTING.pop()
-        return super().__exit__(*exc)
-
-    def add_compiled(self, kernels: int) -> None:
-        self.kernels += kernels
-        self.by_name["compiled block graphs' kernels"] += kernels
+        if self._profile is not None:
+            self._profile.__exit__(*exc)
+            n = graph_kernels(self._profile)
+            self.kernels += n
+            self.by_name["compiled graphs' kernels"] += n
+        return out
 
     def summary(self) -> dict:
         return {"kernels": self.kernels, "views": self.views, "host_reads": self.host_reads}
 
 
 _COUNTING: list = []  # the OpCounters in effect, innermost last
+_OUTSIDE = "compiled call, outside the counting mode"
 # what a compiled graph calls that launches nothing (allocation, views)
 _METADATA = {"aten::empty", "aten::empty_strided", "aten::as_strided", "aten::view", "aten::reshape", "aten::permute",
              "aten::t", "aten::transpose", "aten::expand", "aten::alias", "aten::detach", "aten::resolve_conj",
              "aten::resolve_neg", "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select"}
 
 
+def _inside(event, name: str) -> bool:
+    while event is not None:
+        if event.name == name:
+            return True
+        event = event.cpu_parent
+    return False
+
+
 def graph_kernels(prof) -> int:
-    """Kernels run by the compiled graphs in a profile: each generated kernel (one GPU kernel
-    each there) and each aten op the graph calls (matmuls, convolutions)."""
-    return sum(1 for e in prof.events() if e.name.startswith("## Call CompiledFxGraph")
-               for c in e.cpu_children if c.name not in _METADATA)
+    """Kernels run by compiled graphs in a profile that the dispatch mode did not see: each
+    generated kernel (one GPU kernel each there), and each aten op (a matmul, a convolution) of
+    a graph called outside the mode (``counted``). A graph's backward runs under the mode,
+    which counts its aten ops itself."""
+    n = 0
+    for e in prof.events():
+        if not e.name.startswith("## Call CompiledFxGraph"):
+            continue
+        outside = _inside(e, _OUTSIDE)
+        for c in e.cpu_children:
+            if c.name in _METADATA:
+                continue
+            if not c.name.startswith("aten::") or outside:
+                n += 1
+    return n
 
 
 def counted(kernels: lean_block.Kernels) -> lean_block.Kernels:
-    """The compiled block kernels (``train.compile``), counted: dynamo refuses to run under a
-    dispatch mode (the blocks would fall back to eager), so each call made while an OpCounter
-    counts steps out of its mode and is counted from the profiler (``graph_kernels``)."""
+    """The compiled kernels (``train.compile``), callable while an OpCounter counts: dynamo
+    refuses to run under a dispatch mode (the graphs would fall back to eager), so each call
+    steps out of the mode, and the OpCounter's profile counts what it ran (``graph_kernels``)."""
     def wrap(fn):
         def run(*args):
             if not _COUNTING:
                 return fn(*args)
-            with _disable_current_modes(), profile(activities=[ProfilerActivity.CPU]) as prof:
-                out = fn(*args)
-            _COUNTING[-1].add_compiled(graph_kernels(prof))
-            return out
+            with _disable_current_modes(), record_function(_OUTSIDE):
+                return fn(*args)
         return run
-    return lean_block.Kernels(*(wrap(f) for f in kernels))
+    return lean_block.Kernels(*(wrap(f) if f is not None else None for f in kernels))
 
 
 def baseline_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.Optimizer:

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..reversible import block_kernels, lean_block
+from ..reversible import block_kernels, fusion_kernels, lean_block
 
 # Graphs per compiled function: 4 levels x (drop path on/off) x (training, evaluation) x
 # (h kept, recomputed) and precision changes stay well below this.
@@ -47,7 +47,8 @@ def compiled_kernels() -> lean_block.Kernels:
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         compile_ = partial(torch.compile, dynamic=False, fullgraph=True)
         _COMPILED = lean_block.Kernels(*(compile_(f) for f in (
-            block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads)))
+            block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
+            fusion_kernels.fusion_forward)))
     return _COMPILED
 
 

@@ -36,7 +36,14 @@ from . import comm
 def local_partitions(params: Sequence[torch.nn.Parameter]):
     """ZeRO-3 parameters made whole (uninitialised) for the block, then this rank's slice of
     each written to its partition: for code that writes every element (an initialisation) and
-    computes the same values on every rank. No collective."""
+    computes the same values on every rank. No collective. Partitions not in memory (NVMe
+    offload swaps them out) go through DeepSpeed's gather and rank 0's broadcast instead."""
+    if not _coalescible(params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
+            yield
+        return
     held = [(p, p.data) for p in params]
     for p in params:
         p.data = torch.empty(p.ds_shape, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
@@ -59,7 +66,7 @@ def _coalescible(params: Sequence[torch.nn.Parameter]) -> bool:
         t = getattr(p, "ds_tensor", None)
         if t is None or getattr(p, "ds_secondary_tensor", None) is not None or hasattr(t, "ds_quant_scale"):
             return False
-        if t.numel() != t.ds_numel:  # a swapped-out partition keeps an empty tensor
+        if t.dim() == 0 or t.numel() != t.ds_numel:  # a swapped-out partition keeps an empty tensor
             return False
     return True
 

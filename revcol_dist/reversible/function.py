@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .coupling import clamp_alpha, invert_shortcut, shortcut
-from . import lean_block
+from . import fusion_kernels, lean_block
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy
 from .replay import AutocastState, RNGState
@@ -123,13 +123,41 @@ class _Recompute:
         self.saved = saved  # "level" mode, lean blocks: what each block's hand-written backward needs
 
 
+def _compiled_fusion(st: "_StepState", fusion: torch.nn.Module):
+    """The compiled fusion where kernels are set and the level recomputes whole (level mode,
+    lean blocks), else None (the module's own forward)."""
+    k = lean_block.kernels()
+    if k is None or k.fusion is None or not st.lean or st.block_mode or not fusion_kernels.fits(fusion):
+        return None
+    return k.fusion
+
+
+def _run_fusion(st: "_StepState", fusion: torch.nn.Module, ins: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The fusion on the level's inputs ``ins`` (down, then up and up2 where the level has them),
+    with autograd as the caller has it. Compiled: the same training graph in the forward and
+    the recomputation (so the same kernels), its backward AOTAutograd's."""
+    compiled = _compiled_fusion(st, fusion)
+    if compiled is None:
+        return fusion(*ins)
+    up = ins[1] if fusion.up is not None else None
+    up2 = ins[-1] if fusion.up2 is not None else None
+    return compiled(ins[0], up, up2, *fusion_kernels.fusion_arguments(fusion))
+
+
 class _Fusion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, st: _StepState, j: int, l: int, down, up, up2, *params):
         ctx.st, ctx.j, ctx.l = st, j, l
         ctx.has = (up is not None, up2 is not None)
         ctx.save_for_backward(*params)
-        return getattr(st.columns[j], f"level{l}").fusion(down, up, up2)
+        fusion = getattr(st.columns[j], f"level{l}").fusion
+        ins = [t for t in (down, up, up2) if t is not None]
+        if _compiled_fusion(st, fusion) is None:
+            return fusion(*ins)
+        # as the recomputation will call it: autograd on, the inputs' requires_grad as there
+        ins = [t.detach().requires_grad_(n) for t, n in zip(ins, st.fusion_needs[(j, l)])]
+        with torch.enable_grad():
+            return _run_fusion(st, fusion, ins).detach()
 
     @staticmethod
     def backward(ctx, g):
@@ -259,7 +287,7 @@ class _Shortcut(torch.autograd.Function):
         device = st.x.device
         if not st.block_mode and st.lean:
             with torch.enable_grad(), st.autocast.context():
-                y0 = level.fusion(*ins)
+                y0 = _run_fusion(st, level.fusion, ins)
             saved, y = [], y0.detach()
             with st.autocast.context():
                 for b, block in enumerate(level.blocks):

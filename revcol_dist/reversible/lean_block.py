@@ -66,6 +66,7 @@ class Kernels(NamedTuple):
     hidden: object
     tail_grads: object
     body_grads: object
+    fusion: object = None  # fusion_kernels.fusion_forward, for the reversible engine's levels
 
 
 _KERNELS: Optional[Kernels] = None
@@ -81,6 +82,11 @@ def use_kernels(kernels: Optional[Kernels]) -> Optional[Kernels]:
 
 def kernels_in_use() -> bool:
     return _KERNELS is not None
+
+
+def kernels() -> Optional[Kernels]:
+    """The kernels in use (None: eager)."""
+    return _KERNELS
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -84,7 +84,8 @@ def test_compiled_blocks_under_bf16_autocast_round_no_worse_than_eager(model, ba
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, monkeypatch, autocast):
     """Each level output the forward hands to the coupling, and each the backward recomputes to
-    invert it, is the output of the compiled block kernel (so the two run the same generated
+    invert it, is the output of the compiled block kernel (and each level's fusion the compiled
+    fusion's) (so the two run the same generated
     kernels: on a CPU eager and generated kernels often agree bitwise, so equality alone would
     not show it), and the recomputed one equals the forward's bit for bit. Every boundary is
     kept here, so each recomputation starts from the forward's own inputs (between kept
@@ -99,7 +100,14 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
         latest["ptr"] = out[0].data_ptr()
         return out
 
-    lean_block.use_kernels(compiled._replace(forward_full=forward_full))
+    fusion_out = []
+
+    def fusion(*args):
+        out = compiled.fusion(*args)
+        fusion_out.append(out.detach().clone())
+        return out
+
+    lean_block.use_kernels(compiled._replace(forward_full=forward_full, fusion=fusion))
     forward_f, recomputed_f = [], []
     shortcut, invert = function.shortcut, function.invert_shortcut
 
@@ -120,6 +128,11 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
     assert all(from_kernel for _, from_kernel in forward_f + recomputed_f)
     for f, _ in recomputed_f:
         assert any(f.shape == g.shape and torch.equal(f, g) for g, _ in forward_f)
+    # the fusions too: each of the 9 reversible levels (3 columns x levels 0-2) in the forward
+    # and again in the recomputation, through the compiled graph, bit for bit the same twice
+    assert len(fusion_out) == 18
+    for f in fusion_out:
+        assert sum(f.shape == g.shape and torch.equal(f, g) for g in fusion_out) >= 2
 
 
 def test_trainer_applies_the_switch(tmp_path):
