@@ -1,4 +1,4 @@
-"""Compiled ConvNeXt blocks (``train.compile``), applied from outside the model.
+"""Compiled ConvNeXt blocks and fusions (``train.compile``), applied from outside the model.
 
 Compiling each block module on its own measured slower on the H200 than eager (286 against
 240 ms per RevCol-B step): a compiled call per module costs host time of its own, and graphs
@@ -9,6 +9,11 @@ variant (drop path on or off, h kept or not), each serving every block and colum
 level. The reversible recomputation calls the very graph the forward called, so the level it
 recomputes is bitwise the forward's and reconstruction stays exact.
 
+The fusions (``reversible/fusion_kernels.py``) compile as one function too: the engine calls
+it itself in the reversible levels; elsewhere (plain columns, evaluation, ``memory_policy:
+plain``) each ``Fusion`` module's ``forward`` is pointed at it (an instance attribute, so that a
+deep copy, the EMA's, points at its own copy's tensors).
+
 Where blocks do not run through the lean functions (ZeRO-3's partitioned parameters, the
 memory-first ``recompute: block`` mode), they stay eager: the switch changes speed, never what
 is computed beyond rounding.
@@ -17,9 +22,12 @@ is computed beyond rounding.
 from __future__ import annotations
 
 from functools import partial
+from types import MethodType
 from typing import Optional, Union
 
 import torch
+
+from ..models.column import Fusion
 
 from ..reversible import block_kernels, fusion_kernels, lean_block
 
@@ -62,6 +70,20 @@ def _plain_runner(keep_hidden: bool):
     return run
 
 
+def _compiled_fusion_forward(self: Fusion, down_in, up_in=None, up2_in=None):
+    """``Fusion.forward`` through the compiled fusion function."""
+    return lean_block.kernels().fusion(down_in, up_in, up2_in, *fusion_kernels.fusion_arguments(self))
+
+
+def _set_fusions(model: torch.nn.Module, compiled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, Fusion):
+            if compiled and fusion_kernels.fits(m):
+                m.forward = MethodType(_compiled_fusion_forward, m)
+            elif "forward" in m.__dict__:
+                del m.forward  # the class's own again
+
+
 def _partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
@@ -71,6 +93,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
     back to eager where not); returns a line for the log, or None when nothing is compiled."""
     if not wants_compile(setting, device):
         lean_block.use_kernels(None)
+        _set_fusions(model, False)
         if hasattr(model, "block_runner"):
             model.block_runner = None
         return None
@@ -79,11 +102,12 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         return ("train.compile: not applied under ZeRO-3 (its partitioned parameters run the blocks' own "
                 "forward under DeepSpeed's hooks); blocks run eagerly")
     lean_block.use_kernels(compiled_kernels())
+    _set_fusions(model, True)
     policy = getattr(model, "policy", None)
     if hasattr(model, "block_runner"):
         hidden_recomputed = set(policy.recompute_hidden) if policy is not None else set()
         model.block_runner = [_plain_runner(keep_hidden=l not in hidden_recomputed) for l in range(4)]
     mode = "" if policy is None or policy.recompute == "level" else (
-        " (recompute: block keeps its reversible columns eager: their chunked recomputation is not compiled)")
-    return ("train.compile: ConvNeXt blocks run as compiled graphs (forward, recomputation and backward; "
-            "the first steps wait for compilation)" + mode)
+        " (recompute: block: the reversible columns' blocks stay eager, their chunked recomputation is not compiled)")
+    return ("train.compile: ConvNeXt blocks and fusions run as compiled graphs (forward, recomputation and "
+            "backward; the first steps wait for compilation)" + mode)

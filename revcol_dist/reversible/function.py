@@ -124,10 +124,11 @@ class _Recompute:
 
 
 def _compiled_fusion(st: "_StepState", fusion: torch.nn.Module):
-    """The compiled fusion where kernels are set and the level recomputes whole (level mode,
-    lean blocks), else None (the module's own forward)."""
+    """The compiled fusion where kernels are set and the level recomputes whole with autograd
+    (level mode; not ZeRO-3), else None (the module's forward: in block mode, compiled or not,
+    the forward and the recomputation both call it without autograd)."""
     k = lean_block.kernels()
-    if k is None or k.fusion is None or not st.lean or st.block_mode or not fusion_kernels.fits(fusion):
+    if k is None or k.fusion is None or st.accumulate or st.block_mode or not fusion_kernels.fits(fusion):
         return None
     return k.fusion
 
@@ -298,7 +299,7 @@ class _Shortcut(torch.autograd.Function):
             st.recomputes[(j, l)] = _Recompute(ins, ys=[y0], saved=saved)
         elif not st.block_mode:
             with torch.enable_grad(), st.autocast.context():
-                ys = [level.fusion(*ins)]
+                ys = [_run_fusion(st, level.fusion, ins)]
                 for b, block in enumerate(level.blocks):
                     with st.replay((j, l, b)):
                         ys.append(block(ys[-1]))

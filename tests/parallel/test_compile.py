@@ -129,10 +129,39 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
     for f, _ in recomputed_f:
         assert any(f.shape == g.shape and torch.equal(f, g) for g, _ in forward_f)
     # the fusions too: each of the 9 reversible levels (3 columns x levels 0-2) in the forward
-    # and again in the recomputation, through the compiled graph, bit for bit the same twice
-    assert len(fusion_out) == 18
-    for f in fusion_out:
-        assert sum(f.shape == g.shape and torch.equal(f, g) for g in fusion_out) >= 2
+    # and again in the recomputation, through the compiled graph, bit for bit the same twice;
+    # the 7 levels under plain autograd (the plain column's 4, the kept level 3 of the others)
+    # once, through the same compiled function (the modules' forward points at it)
+    assert len(fusion_out) == 25
+    twinned = [sum(f.shape == g.shape and torch.equal(f, g) for g in fusion_out) >= 2 for f in fusion_out]
+    assert sum(twinned) == 18
+
+
+@pytest.mark.parametrize("change", [dict(lean_blocks=False), dict(recompute="block")], ids=["autograd_blocks", "block_mode"])
+def test_other_recomputation_modes_compiled(model, batch, monkeypatch, change):
+    """Blocks by autograd, and the memory-first block mode: compiled gradients within 1e-5 of
+    eager (fp32), and each fusion the forward computed is computed again, bit for bit, by the
+    recomputation (the same compiled graph: with autograd in the first mode, without in the
+    second)."""
+    monkeypatch.setattr(model, "policy", dataclasses.replace(model.policy, boundary_interval=1, **change))
+    eager = step(model, batch, False, True)[1]
+    apply_compile(model, True, CPU)
+    compiled = lean_block.use_kernels(None)
+    outputs = []
+
+    def fusion(*args):
+        out = compiled.fusion(*args)
+        outputs.append((torch.is_grad_enabled(), out.detach().clone()))
+        return out
+
+    lean_block.use_kernels(compiled._replace(fusion=fusion))
+    comp = step(model, batch, None, True)[1]
+    assert worst(eager, comp) < 1e-5
+    # 9 reversible levels, in the forward and the recomputation (block mode: a third time, with
+    # autograd, for the gradients only: a different graph, so not compared)
+    twins = [f for grad, f in outputs if grad == (change.get("recompute") != "block")]
+    twinned = [sum(f.shape == g.shape and torch.equal(f, g) for g in twins) >= 2 for f in twins]
+    assert sum(twinned) == 18  # (plus, with autograd, the 7 plain levels' fusions, once each)
 
 
 def test_trainer_applies_the_switch(tmp_path):
@@ -144,7 +173,7 @@ def test_trainer_applies_the_switch(tmp_path):
     lines = []
     trainer = Trainer(load_config(None, base + ["train.compile=true"]), log=lines.append)
     assert lean_block.kernels_in_use() and trainer.model.block_runner is not None
-    assert any(line.startswith("train.compile: ConvNeXt blocks run as compiled graphs") for line in lines)
+    assert any(line.startswith("train.compile: ConvNeXt blocks and fusions run as compiled graphs") for line in lines)
     Trainer(load_config(None, base), log=lines.append)  # auto, on a CPU
     assert not lean_block.kernels_in_use() and not wants_compile("auto", CPU)
     with pytest.raises(ConfigError, match="train.compile must be auto, true or false, got 'fast'"):
