@@ -74,11 +74,12 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False):
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, s.device, "bf16", ops.CLIP)
     ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]
+    keeps = ops.stream_keeps(model, streams)
     x, y = inputs(s)
     ids = torch.arange(s.batch, device=s.device)
 
     def step():
-        backend.forward_backward([(x, y, ops.SampleKeys(0, i[0], ids, streams))], ops.LOSS)
+        backend.forward_backward([(x, y, ops.SampleKeys(0, i[0], ids, streams, keeps))], ops.LOSS)
         backend.step(lr=1e-4)
         ema.update()
         i[0] += 1

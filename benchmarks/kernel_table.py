@@ -126,12 +126,13 @@ def build_step():
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, DEV, "bf16", ops.CLIP)
     ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]
+    keeps = ops.stream_keeps(model, streams)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(BATCH, 3, RES, RES, generator=g), torch.randint(0, ops.CLASSES, (BATCH,), generator=g)
     x, y, ids = x.to(DEV), y.to(DEV), torch.arange(BATCH, device=DEV)
 
     def step():
-        backend.forward_backward([(x, y, ops.SampleKeys(0, i[0], ids, streams))], ops.LOSS)
+        backend.forward_backward([(x, y, ops.SampleKeys(0, i[0], ids, streams, keeps))], ops.LOSS)
         backend.step(lr=1e-4)
         ema.update()
         i[0] += 1

@@ -40,8 +40,9 @@ from revcol_dist.engine.ema import ModelEMA  # noqa: E402
 from revcol_dist.engine.losses import RevColLoss  # noqa: E402
 from revcol_dist.engine.optim import make_optimizer, param_groups  # noqa: E402
 from revcol_dist.models import create_model  # noqa: E402
-from revcol_dist.models.layers import random_streams  # noqa: E402
+from revcol_dist.models.layers import random_streams, stream_keeps  # noqa: E402
 from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
+from revcol_dist.parallel import compile as compile_setting  # noqa: E402
 from revcol_dist.parallel.compile import apply_compile  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys  # noqa: E402
@@ -139,18 +140,28 @@ def graph_kernels(prof) -> int:
     return n
 
 
+def _outside_mode(fn):
+    """``fn`` callable while an OpCounter counts: dynamo refuses to run under a dispatch mode
+    (the graphs would fall back to eager), so each call steps out of the mode, and the
+    OpCounter's profile counts what it ran (``graph_kernels``)."""
+    def run(*args):
+        if not _COUNTING:
+            return fn(*args)
+        with _disable_current_modes(), record_function(_OUTSIDE):
+            return fn(*args)
+    return run
+
+
 def counted(kernels: lean_block.Kernels) -> lean_block.Kernels:
-    """The compiled kernels (``train.compile``), callable while an OpCounter counts: dynamo
-    refuses to run under a dispatch mode (the graphs would fall back to eager), so each call
-    steps out of the mode, and the OpCounter's profile counts what it ran (``graph_kernels``)."""
-    def wrap(fn):
-        def run(*args):
-            if not _COUNTING:
-                return fn(*args)
-            with _disable_current_modes(), record_function(_OUTSIDE):
-                return fn(*args)
-        return run
-    return lean_block.Kernels(*(wrap(f) if f is not None else None for f in kernels))
+    """The compiled kernels (``train.compile``), callable while an OpCounter counts."""
+    return lean_block.Kernels(*(_outside_mode(f) if f is not None else None for f in kernels))
+
+
+def count_compiled() -> None:
+    """Every compiled function ``train.compile`` set (blocks, fusions, decoders) callable while
+    an OpCounter counts (after ``apply_compile``)."""
+    lean_block.use_kernels(counted(lean_block.use_kernels(None)))
+    compile_setting._DECODER = tuple(_outside_mode(f) for f in compile_setting.compiled_decoder())
 
 
 def baseline_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.Optimizer:
@@ -168,17 +179,18 @@ def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool
     model.reversible = reversible
     apply_compile(model, compiled, torch.device("cpu"))
     if compiled:
-        lean_block.use_kernels(counted(lean_block.use_kernels(None)))
+        count_compiled()
     backend = LocalBackend(model, DistInfo(0, 1, 0), optimizer_factory, torch.device("cpu"), "bf16", CLIP)
     ema = ModelEMA(model, 0.9999)
     streams = random_streams(model) if declare_streams else ()  # the Trainer declares them: drawn at once
+    keeps = stream_keeps(model, streams)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(BATCH, 3, RES, RES, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
 
     def step(i: int, counters=None):
         phases = {}
         for phase, run in (("forward_backward", lambda: backend.forward_backward(
-                               [(x, y, SampleKeys(0, i, torch.arange(BATCH), streams))], LOSS)),
+                               [(x, y, SampleKeys(0, i, torch.arange(BATCH), streams, keeps))], LOSS)),
                            ("optimizer", lambda: backend.step(lr=1e-4)),
                            ("ema", ema.update)):
             if counters is None:

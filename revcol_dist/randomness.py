@@ -84,6 +84,17 @@ def uniform_streams(seed: int, step: int, ids: torch.Tensor, streams: Tuple[int,
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+_FLOAT_TENSORS: Dict[Tuple[Tuple[float, ...], torch.device], torch.Tensor] = {}
+
+
+def _float_tensor(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float32 ``values`` on ``device``, made once."""
+    key = (values, device)
+    if key not in _FLOAT_TENSORS:
+        _FLOAT_TENSORS[key] = torch.tensor(values, dtype=torch.float32).to(device)
+    return _FLOAT_TENSORS[key]
+
+
 @dataclass
 class SampleKeys:
     """Whose samples a forward computes: the run's seed, the optimizer step, and each
@@ -93,14 +104,17 @@ class SampleKeys:
     step: int
     ids: torch.Tensor
     streams: Tuple[int, ...] = ()
+    keeps: Tuple[float, ...] = ()  # drop path's keep probability per declared stream, if known
     _cache: Dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _masks: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _draws: Optional[torch.Tensor] = field(default=None, repr=False)  # the declared streams' draws, a row each
 
     def uniform(self, stream: int) -> torch.Tensor:
         """Cached per stream: a recomputation reuses the forward's draw."""
         if stream not in self._cache:
             if stream in self.streams:
-                self._cache.update(zip(self.streams, uniform_streams(self.seed, self.step, self.ids, self.streams)))
+                self._draws = uniform_streams(self.seed, self.step, self.ids, self.streams)
+                self._cache.update(zip(self.streams, self._draws))
             else:
                 self._cache[stream] = uniform(self.seed, self.step, self.ids, stream)
         return self._cache[stream]
@@ -110,12 +124,23 @@ class SampleKeys:
         recomputation reuses the forward's (the same values, three kernels fewer per block)."""
         key = (stream, keep, dtype)
         if key not in self._masks:
-            self._masks[key] = (self.uniform(stream) < keep).to(dtype).div_(keep)
+            if self.keeps and stream in self.streams and self.keeps[self.streams.index(stream)] == keep:
+                self._declared_masks(dtype)
+            else:
+                self._masks[key] = (self.uniform(stream) < keep).to(dtype).div_(keep)
         return self._masks[key]
+
+    def _declared_masks(self, dtype: torch.dtype) -> None:
+        """The masks of every declared stream at once (four kernels, not three per block),
+        bitwise those made one at a time: compared and divided in fp32, as a scalar keep is."""
+        self.uniform(self.streams[0])  # draws every declared stream (rows of self._draws)
+        keeps = _float_tensor(self.keeps, self._draws.device)[:, None]
+        masks = (self._draws < keeps).to(torch.float32).div_(keeps).to(dtype)
+        self._masks.update(((s, k, dtype), m) for s, k, m in zip(self.streams, self.keeps, masks))
 
     def split(self, parts: int):
         """The keys of ``tensor_split(parts)`` micro-batches."""
-        return [SampleKeys(self.seed, self.step, ids, self.streams) for ids in self.ids.tensor_split(parts)]
+        return [SampleKeys(self.seed, self.step, ids, self.streams, self.keeps) for ids in self.ids.tensor_split(parts)]
 
 
 _CURRENT: Optional[SampleKeys] = None  # a plain global: autograd runs CUDA backward on its own thread

@@ -50,6 +50,35 @@ def test_all_streams_at_once_draw_the_same_bits_as_one_at_a_time():
     assert random_streams(create_model("revcol_tiny", **dict(SMALL, drop_path=0.0))) == ()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_declared_masks_made_together_equal_one_at_a_time(dtype):
+    """With the streams' keep probabilities declared (the Trainer's), every mask is made in one
+    pass: bitwise the mask of one stream at a time, for every rate of the recipe's linear
+    schedule, draws at the boundary included, and in every dtype a block asks for."""
+    from revcol_dist.models.layers import random_streams, stream_keeps
+
+    model = create_model("revcol_tiny", **dict(SMALL, drop_path=0.3))
+    streams = random_streams(model)
+    keeps = stream_keeps(model, streams)
+    assert len(set(keeps)) > 2 and all(0.5 < k < 1.0 for k in keeps)
+    ids = torch.arange(5000, dtype=torch.int64)
+    together, alone = SampleKeys(3, 8, ids, streams, keeps), SampleKeys(3, 8, ids, streams)
+    for s, k in zip(streams, keeps):
+        assert torch.equal(together.scaled_mask(s, k, dtype), alone.scaled_mask(s, k, dtype))
+    assert together.scaled_mask(streams[0], 0.5, dtype).unique().tolist() == [0.0, 2.0]  # another rate: alone
+    # draws exactly at a keep probability and one float step either side
+    k = keeps[-1]
+    at = torch.tensor(k, dtype=torch.float32)
+    edge = torch.stack([at.nextafter(torch.tensor(0.0)), at, at.nextafter(torch.tensor(1.0))])
+    together, alone = (SampleKeys(0, 0, torch.arange(3), (7,), (k,)), SampleKeys(0, 0, torch.arange(3), (7,)))
+    for keys in (together, alone):
+        keys.uniform(7)
+        keys._cache[7] = edge
+        keys._draws = edge[None]
+    assert torch.equal(together.scaled_mask(7, k, dtype), alone.scaled_mask(7, k, dtype))
+    assert together.split(2)[0].keeps == (k,)
+
+
 def _model(p=0.5):
     torch.manual_seed(0)
     model = create_model("revcol_tiny", **dict(SMALL, drop_path=p)).double().train()

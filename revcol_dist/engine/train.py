@@ -24,7 +24,7 @@ from ..data.sources import build_streams, prepare_data
 from ..files import atomic_save
 from ..models import create_model
 from ..models.init import initialize
-from ..models.layers import random_streams
+from ..models.layers import random_streams, stream_keeps
 from ..models.flops import train_flops_per_image
 from ..models.official import rename_to_official
 from ..monitor.console import Console
@@ -151,6 +151,7 @@ class Trainer:
         self.model = self._build_model()
         self.meta = _model_meta(cfg, self.model)
         self.streams = random_streams(self.model)  # drop path's draws, all at once per micro-batch
+        self.keeps = stream_keeps(self.model, self.streams)  # and its masks
         self.backend = self._build_backend()
         compiled = apply_compile(self.model, t.compile, self.device)
         if compiled:
@@ -279,7 +280,8 @@ class Trainer:
             images, targets = self.mixer(images, targets, self.step)
         _maybe_hang(self.step + 1, self.info)
         self.watchdog.reached(self.step + 1)  # the step's first collective follows
-        keys = SampleKeys(self.cfg.train.seed, self.step, indices.to(self.device, non_blocking=True), self.streams)
+        keys = SampleKeys(self.cfg.train.seed, self.step, indices.to(self.device, non_blocking=True), self.streams,
+                          self.keeps)
         result = self.forward_backward(images, targets, keys)
         applied = self.backend.step(lr)
         self.step += 1

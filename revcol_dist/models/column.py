@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reversible.coupling import ALPHA_INIT, clamp_alpha, shortcut
+from ..reversible.coupling import ALPHA_INIT, clamp_alphas, shortcut
 from .layers import ConvNeXtBlock, Conv2d, LayerNorm, LayerNorm2d, Linear
 
 class UpSample(nn.Module):
@@ -120,7 +120,7 @@ class Column(nn.Module):
 
     def alphas(self) -> List[torch.Tensor]:
         """Clamped alphas, the values both the forward and the inverse use."""
-        return [clamp_alpha(getattr(self, f"alpha{l}")) for l in range(4)]
+        return list(clamp_alphas([getattr(self, f"alpha{l}") for l in range(4)]))
 
     def level_inputs(self, l: int, x: torch.Tensor, cur: Sequence[torch.Tensor], prev: Sequence[Optional[torch.Tensor]]):
         """Arguments of level l: this column's level l-1 (or x), the previous column's l+1 (and 3 for H)."""

@@ -123,6 +123,13 @@ def random_streams(model: nn.Module) -> Tuple[int, ...]:
     return tuple(sorted({m.stream for m in model.modules() if isinstance(m, DropPath) and m.p > 0}))
 
 
+def stream_keeps(model: nn.Module, streams: Tuple[int, ...]) -> Tuple[float, ...]:
+    """Each stream's keep probability (1 - drop path's rate), so that ``SampleKeys`` makes the
+    masks of all of them at once too."""
+    keep = {m.stream: 1.0 - m.p for m in model.modules() if isinstance(m, DropPath) and m.p > 0}
+    return tuple(keep[s] for s in streams)
+
+
 class ConvNeXtBlock(nn.Module):
     """dwconv -> LN -> Linear(C, hidden) -> GELU -> Linear(hidden, C) -> layer scale -> drop path,
     residual. Parameter names follow the released checkpoints."""

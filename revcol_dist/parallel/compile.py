@@ -1,4 +1,4 @@
-"""Compiled ConvNeXt blocks and fusions (``train.compile``), applied from outside the model.
+"""Compiled ConvNeXt blocks, fusions and decoders (``train.compile``), applied from outside the model.
 
 Compiling each block module on its own measured slower on the H200 than eager (286 against
 240 ms per RevCol-B step): a compiled call per module costs host time of its own, and graphs
@@ -14,6 +14,10 @@ it itself in the reversible levels; elsewhere (plain columns, evaluation, ``memo
 plain``) each ``Fusion`` module's ``forward`` is pointed at it (an instance attribute, so that a
 deep copy, the EMA's, points at its own copy's tensors).
 
+The decoders of intermediate supervision (``decoder_kernels.py``) likewise: each stage and the
+output as one compiled function, pointed at by the ``Decoder``'s ``stage`` and ``output``;
+a checkpointed stage recomputes through the same graph.
+
 Where blocks do not run through the lean functions (ZeRO-3's partitioned parameters, the
 memory-first ``recompute: block`` mode), they stay eager: the switch changes speed, never what
 is computed beyond rounding.
@@ -28,14 +32,17 @@ from typing import Optional, Union
 import torch
 
 from ..models.column import Fusion
+from ..models.heads import Decoder
 
 from ..reversible import block_kernels, fusion_kernels, lean_block
+from . import decoder_kernels
 
 # Graphs per compiled function: 4 levels x (drop path on/off) x (training, evaluation) x
 # (h kept, recomputed) and precision changes stay well below this.
 RECOMPILE_LIMIT = 64
 
 _COMPILED: Optional[lean_block.Kernels] = None
+_DECODER: Optional[tuple] = None
 
 
 def wants_compile(setting: Union[str, bool], device: torch.device) -> bool:
@@ -58,6 +65,35 @@ def compiled_kernels() -> lean_block.Kernels:
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
             fusion_kernels.fusion_forward)))
     return _COMPILED
+
+
+def compiled_decoder() -> tuple:
+    """(stage, output) of ``decoder_kernels`` under ``torch.compile``, built once per process."""
+    global _DECODER
+    if _DECODER is None:
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True)
+        _DECODER = (compile_(decoder_kernels.stage_forward), compile_(decoder_kernels.output_forward))
+    return _DECODER
+
+
+def _compiled_stage(self: Decoder, i: int, x: torch.Tensor, size) -> torch.Tensor:
+    """``Decoder.stage`` through the compiled stage function."""
+    return compiled_decoder()[0](x, decoder_kernels.sizes(size), *decoder_kernels.stage_arguments(self, i))
+
+
+def _compiled_output(self: Decoder, x: torch.Tensor, image_size) -> torch.Tensor:
+    """``Decoder.output`` through the compiled output function."""
+    return compiled_decoder()[1](x, decoder_kernels.sizes(image_size), *decoder_kernels.output_arguments(self))
+
+
+def _set_decoders(model: torch.nn.Module, compiled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, Decoder):
+            for name, fn in (("stage", _compiled_stage), ("output", _compiled_output)):
+                if compiled and decoder_kernels.fits(m):
+                    setattr(m, name, MethodType(fn, m))
+                elif name in m.__dict__:
+                    delattr(m, name)  # the class's own again
 
 
 def _plain_runner(keep_hidden: bool):
@@ -94,6 +130,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
     if not wants_compile(setting, device):
         lean_block.use_kernels(None)
         _set_fusions(model, False)
+        _set_decoders(model, False)
         if hasattr(model, "block_runner"):
             model.block_runner = None
         return None
@@ -103,11 +140,12 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
                 "forward under DeepSpeed's hooks); blocks run eagerly")
     lean_block.use_kernels(compiled_kernels())
     _set_fusions(model, True)
+    _set_decoders(model, True)
     policy = getattr(model, "policy", None)
     if hasattr(model, "block_runner"):
         hidden_recomputed = set(policy.recompute_hidden) if policy is not None else set()
         model.block_runner = [_plain_runner(keep_hidden=l not in hidden_recomputed) for l in range(4)]
     mode = "" if policy is None or policy.recompute == "level" else (
         " (recompute: block: the reversible columns' blocks stay eager, their chunked recomputation is not compiled)")
-    return ("train.compile: ConvNeXt blocks and fusions run as compiled graphs (forward, recomputation and "
+    return ("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs (forward, recomputation and "
             "backward; the first steps wait for compilation)" + mode)

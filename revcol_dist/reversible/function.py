@@ -27,10 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .coupling import clamp_alpha, invert_shortcut, shortcut
+from .coupling import clamp_alpha, clamp_alphas, invert_shortcut, shortcut
 from . import fusion_kernels, lean_block
 from .offload import Offloader
-from .policy import DriftStats, ReversiblePolicy
+from .policy import DriftStats, ReversiblePolicy, drift_of
 from .replay import AutocastState, RNGState
 
 Key = Tuple[int, int]
@@ -59,11 +59,12 @@ class _StepState:
         self.offloader = Offloader(policy.offload_boundaries, x.device)
         self.values: Dict[Key, object] = {}
         self.kept: set = set()
-        self.drift: Optional[torch.Tensor] = None
+        self.checks: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (max |error|, max |kept|) per kept map
         self.checked = 0
         self.rng: Dict[Tuple[int, int, int], RNGState] = {}
         self.recomputes: Dict[Key, "_Recompute"] = {}
         self.fusion_needs: Dict[Key, List[bool]] = {}
+        self.alphas: Dict[Key, torch.Tensor] = {}  # clamped, detached (``_alpha_pass``)
 
     def replay(self, key, keep: bool = False):
         """Run a block with the RNG state its forward saw (drop path masks)."""
@@ -105,12 +106,17 @@ class _StepState:
             self.values[key] = rec
             return rec
         kept = self.get(key)
-        err = (rec - kept).abs().max() / kept.abs().max().clamp_min(torch.finfo(kept.dtype).tiny)
-        self.drift = err if self.drift is None else torch.maximum(self.drift, err)
+        inf = float("inf")
+        self.checks.append((torch.linalg.vector_norm(rec - kept, inf), torch.linalg.vector_norm(kept, inf)))
         self.checked += 1
         if self.stats is not None:
-            self.stats.record(self.drift.detach(), self.checked)
+            self.stats.record(self.checks, self.checked)
         return kept
+
+    @property
+    def drift(self) -> Optional[torch.Tensor]:
+        """The largest relative reconstruction error of the checks so far (None before any)."""
+        return drift_of(self.checks) if self.checks else None
 
 
 class _Recompute:
@@ -271,7 +277,7 @@ class _Shortcut(torch.autograd.Function):
             with _gathered([alpha]):
                 return shortcut(clamp_alpha(alpha), prev, f)
         ctx.save_for_backward(alpha)
-        ctx.a = clamp_alpha(alpha).detach()  # the clamped value the backward inverts with
+        ctx.a = st.alphas[(j, l)]  # the clamped value the backward inverts with
         return shortcut(ctx.a, prev, f)
 
     @staticmethod
@@ -414,13 +420,22 @@ def _block_runners(policy: ReversiblePolicy) -> list:
 _LAG_MARGIN = 1.5
 
 
-def _alpha_mins(columns: Sequence[torch.nn.Module], threshold: float) -> List[List[bool]]:
-    """Per column and level: is min |alpha_l| below ``threshold`` (keep that level's input
-    instead of reconstructing it)? On a CPU, exact. On a GPU, from the previous forward's minima
+def _alpha_pass(columns: Sequence[torch.nn.Module], threshold: float) -> Tuple[Dict[Key, torch.Tensor], List[List[bool]]]:
+    """Every alpha of the segment clamped, and per column and level whether min |alpha_l| is
+    below ``threshold`` (keep that level's input instead of reconstructing it), in one pass of
+    a dozen kernels for all columns (RevCol-B: was ~600, four per clamp and two per minimum).
+
+    The clamped values serve the forward and its backward (the parameters do not change in
+    between). The minima: on a CPU, exact. On a GPU, from the previous forward's minima
     (copied to the host in the background: no sync in the step), against ``threshold`` x 1.5,
     since one optimizer step moves an alpha by far less than half; the first forward syncs once."""
     with torch.no_grad():
-        mins = torch.stack([a.detach().abs().min().float() for col in columns for a in col.alphas()])
+        raw = [getattr(col, f"alpha{l}").detach() for col in columns for l in range(4)]
+        clamped = clamp_alphas(raw)
+        flat = torch.cat([a.reshape(-1) for a in clamped]).abs().view(len(columns), -1)  # columns alike
+        widths = [a.numel() for a in clamped[:4]]
+        mins = torch.stack([part.amin(dim=1) for part in flat.split(widths, dim=1)], dim=1).reshape(-1).float()
+    table = {(j, l): clamped[4 * j + l] for j in range(len(columns)) for l in range(4)}
     holder = columns[0]
     if mins.device.type != "cuda":
         flat = [v < threshold for v in mins.tolist()]
@@ -437,7 +452,7 @@ def _alpha_mins(columns: Sequence[torch.nn.Module], threshold: float) -> List[Li
         done = torch.cuda.Event()
         done.record()
         object.__setattr__(holder, "_revcol_alpha_mins", (host, done))  # not a module attribute
-    return [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
+    return table, [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
 
 
 class Segment:
@@ -503,7 +518,7 @@ def run_reversible(
     st = _StepState(seg, policy, stats, x, partitioned)
     k = policy.boundary_interval
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
-        small_alpha = _alpha_mins(seg, policy.min_reconstruct_alpha)
+        st.alphas, small_alpha = _alpha_pass(seg, policy.min_reconstruct_alpha)
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
     if segment is not None:

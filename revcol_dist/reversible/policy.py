@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,15 +74,23 @@ class ReversiblePolicy:
 @dataclass
 class DriftStats:
     """Largest relative reconstruction error seen at a kept boundary in the last backward
-    (max |reconstructed - kept| / max |kept|). Stays a tensor until read: no sync in backward."""
+    (max |reconstructed - kept| / max |kept|). Kept as the checks' tensors until read: no sync
+    in backward, and no division or running maximum per check (computed once, when read)."""
 
-    _last: Optional[torch.Tensor] = field(default=None, repr=False)
+    _last: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = field(default=None, repr=False)
     boundaries_checked: int = 0
 
-    def record(self, drift: torch.Tensor, checked: int) -> None:
-        self._last = drift
+    def record(self, checks: List[Tuple[torch.Tensor, torch.Tensor]], checked: int) -> None:
+        """``checks``: (max |error|, max |kept|) per boundary, the list the backward appends to."""
+        self._last = checks
         self.boundaries_checked = checked
 
     @property
     def last_drift(self) -> Optional[float]:
-        return None if self._last is None else float(self._last)
+        return None if not self._last else float(drift_of(self._last))
+
+
+def drift_of(checks: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """max over the checks of error / scale (0-d tensor, on the checks' device)."""
+    errors, scales = torch.stack([e for e, _ in checks]), torch.stack([s for _, s in checks])
+    return (errors / scales.clamp_min(torch.finfo(scales.dtype).tiny)).max()

@@ -25,3 +25,19 @@ def test_model_forward_uses_clamped_alpha_and_leaves_parameter():
         m.columns[1].alpha2.fill_(1e-5)
     assert torch.equal(out_small[2], out_clamp[2])
     assert torch.all(m.columns[1].alpha2 == 1e-5)
+
+
+def test_alphas_clamped_together_equal_each_clamped_alone():
+    """``clamp_alphas`` (one pass for a column's four, or all of a segment's) is bitwise
+    ``clamp_alpha`` of each, shapes kept, each gradient straight through to its own alpha."""
+    from revcol_dist.reversible.coupling import clamp_alphas
+
+    g = torch.Generator().manual_seed(0)
+    alphas = [(torch.randn(1, c, 1, 1, generator=g) * 2e-3).requires_grad_() for c in (3, 5, 7, 2)]
+    together = clamp_alphas(alphas)
+    for a, t in zip(alphas, together):
+        assert t.shape == a.shape and torch.equal(t, clamp_alpha(a))
+    weights = [torch.randn(a.shape, generator=g) for a in alphas]
+    sum((t * w).sum() for t, w in zip(together, weights)).backward()
+    for a, w in zip(alphas, weights):
+        assert torch.equal(a.grad, w)

@@ -164,6 +164,42 @@ def test_other_recomputation_modes_compiled(model, batch, monkeypatch, change):
     assert sum(twinned) == 18  # (plus, with autograd, the 7 plain levels' fusions, once each)
 
 
+def test_decoders_compiled_and_recomputed_through_the_same_graph():
+    """Each decoder's stages and output run as compiled functions (pointed at by the module,
+    undone by the switch); one decoder's image and gradients match eager within fp32's
+    rounding, and checkpointed stage by stage (as a training step runs them) the gradients
+    are bitwise those of the uncheckpointed compiled decoder: the recomputation ran the
+    forward's graph."""
+    from revcol_dist.models.heads import Decoder
+    from revcol_dist.models.revcol import _staged_decoder
+
+    torch.manual_seed(0)
+    model = create_model("revcol_tiny", inter_supv=True, **SMALL).train()
+    apply_compile(model, True, CPU)
+    decoders = [m for m in model.modules() if isinstance(m, Decoder)]
+    assert decoders and all({"stage", "output"} <= m.__dict__.keys() for m in decoders)
+    dec = decoders[0]
+    c3 = torch.randn(2, SMALL["channels"][3], 2, 2, generator=torch.Generator().manual_seed(5))
+    sizes, image = [(4, 4), (8, 8), (16, 16)], (64, 64)
+
+    def run(fn):
+        x = c3.clone().requires_grad_()
+        dec.zero_grad(set_to_none=True)
+        out = fn(dec, x, sizes, image)
+        out.square().mean().backward()
+        return out.detach(), [x.grad] + [p.grad.clone() for p in dec.parameters()]
+
+    plain = run(lambda d, *a: d(*a))
+    checkpointed = run(_staged_decoder)
+    assert torch.equal(plain[0], checkpointed[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], checkpointed[1]))
+    apply_compile(model, False, CPU)
+    assert not any({"stage", "output"} & m.__dict__.keys() for m in decoders)
+    eager = run(_staged_decoder)
+    assert (eager[0] - plain[0]).abs().max() <= 1e-5 * eager[0].abs().max()
+    assert max(float((a - b).norm() / a.norm()) for a, b in zip(eager[1], plain[1])) < 1e-5
+
+
 def test_trainer_applies_the_switch(tmp_path):
     """``train.compile`` reaches the model: blocks through the compiled kernels, evaluation's
     too (``block_runner``); auto stays eager on a CPU; a wrong value is a one-line error."""
@@ -173,7 +209,7 @@ def test_trainer_applies_the_switch(tmp_path):
     lines = []
     trainer = Trainer(load_config(None, base + ["train.compile=true"]), log=lines.append)
     assert lean_block.kernels_in_use() and trainer.model.block_runner is not None
-    assert any(line.startswith("train.compile: ConvNeXt blocks and fusions run as compiled graphs") for line in lines)
+    assert any(line.startswith("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs") for line in lines)
     Trainer(load_config(None, base), log=lines.append)  # auto, on a CPU
     assert not lean_block.kernels_in_use() and not wants_compile("auto", CPU)
     with pytest.raises(ConfigError, match="train.compile must be auto, true or false, got 'fast'"):
