@@ -80,7 +80,27 @@ def shortcut(alpha: torch.Tensor, prev: Optional[torch.Tensor], f: torch.Tensor)
     """
     if prev is None:
         return _stream(f) + _stream(alpha) * 0.0
-    return torch.addcmul(f, _stream(alpha), _stream(prev))  # one pass over the map, not two
+    return _Coupling.apply(_stream(alpha), _stream(prev), f)
+
+
+class _Coupling(torch.autograd.Function):
+    """alpha * prev + f in one pass over the map (addcmul), and a backward of three kernels
+    (alpha's gradient a product and a sum, prev's a product; f's is g) where addcmul's own
+    runs five (it multiplies by its scalar factor as well)."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, prev: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(alpha, prev)
+        ctx.f_dtype = f.dtype
+        return torch.addcmul(f, alpha, prev)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        alpha, prev = ctx.saved_tensors
+        need_alpha, need_prev, need_f = ctx.needs_input_grad
+        g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True) if need_alpha else None
+        g_prev = g * alpha if need_prev else None
+        return g_alpha, g_prev, g.to(ctx.f_dtype) if need_f else None
 
 
 def invert_shortcut(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
