@@ -79,9 +79,10 @@ def tail_grads(g, mask, h, a, o, w2, b2, gamma, cdt: torch.dtype):
 
 
 def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamma, cdt: torch.dtype,
-               conv: Conv, eps: float):
+               conv: Conv, eps: float, pdt: Optional[torch.dtype] = None):
     """(gradient of the block input, gradients of dwconv.weight, dwconv.bias, norm.weight,
-    norm.bias, pwconv1.weight, pwconv1.bias), as ``lean_block.backward_body``."""
+    norm.bias, pwconv1.weight, pwconv1.bias), as ``lean_block.backward_body``. ``pdt``: the
+    parameters' dtype where cw, cb, w1, b1, w2 come as copies in the compute dtype."""
     N, C, H, W = g.shape
     acc = torch.promote_types(cdt, torch.float32)
     g_o = _to(_tokens(g, mask) * gamma, cdt)
@@ -99,6 +100,6 @@ def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamm
     g_x, g_cw, g_cb = torch.ops.aten.convolution_backward(
         _to(g_dp.permute(0, 3, 1, 2), d.dtype), _to(x, d.dtype), _to(cw, d.dtype), [C],
         stride, padding, dilation, False, [0, 0], groups, [True, True, cb is not None])
-    grads = (_to(g_cw, cw.dtype), _to(g_cb, cb.dtype) if cb is not None else None, _to(g_lw, lw.dtype),
-             _to(g_lb, lb.dtype), _to(gw1, w1.dtype), _to(gb1, b1.dtype))
+    grads = (_to(g_cw, pdt or cw.dtype), _to(g_cb, pdt or cb.dtype) if cb is not None else None,
+             _to(g_lw, lw.dtype), _to(g_lb, lb.dtype), _to(gw1, pdt or w1.dtype), _to(gb1, pdt or b1.dtype))
     return _to(g_x, g.dtype) + g, grads

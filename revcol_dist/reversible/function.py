@@ -65,6 +65,9 @@ class _StepState:
         self.recomputes: Dict[Key, "_Recompute"] = {}
         self.fusion_needs: Dict[Key, List[bool]] = {}
         self.alphas: Dict[Key, torch.Tensor] = {}  # clamped, detached (``_alpha_pass``)
+        # the blocks' weights in the compute dtype, cast once for the forward, recomputation and
+        # backward of compiled blocks (``lean_block.weight_casts``), gone with the step
+        self.casts: dict = {}
 
     def replay(self, key, keep: bool = False):
         """Run a block with the RNG state its forward saw (drop path masks)."""
@@ -203,7 +206,8 @@ class _Block(torch.autograd.Function):
         if st.lean and st.block_mode:
             return lean_block.forward_chunked(block, y)
         if st.lean and lean_block.kernels_in_use():  # the compiled graph the recomputation runs too
-            return lean_block.forward(block, y)[0]
+            with lean_block.weight_casts(st.casts):
+                return lean_block.forward(block, y)[0]
         return block(y)
 
     @staticmethod
@@ -222,7 +226,9 @@ class _Block(torch.autograd.Function):
             if st.block_mode:
                 g_x, grads = lean_block.backward_body(block, saved, g)
             else:
-                g_x, grads = lean_block.backward_both(block, saved, g)
+                with lean_block.weight_casts(st.casts):
+                    g_x, grads = lean_block.backward_both(block, saved, g)
+                lean_block.release_casts(st.casts, block, saved.cdt)
             del saved
             return (None, None, None, None, g_x, *[lean_block.like_param(gp, p) for gp, p in zip(grads, params)])
         if rec.ys is not None:  # backprop through this block's part of the recomputed graph
@@ -296,7 +302,7 @@ class _Shortcut(torch.autograd.Function):
             with torch.enable_grad(), st.autocast.context():
                 y0 = _run_fusion(st, level.fusion, ins)
             saved, y = [], y0.detach()
-            with st.autocast.context():
+            with st.autocast.context(), lean_block.weight_casts(st.casts):
                 for b, block in enumerate(level.blocks):
                     with st.replay((j, l, b)):
                         y, kept = lean_block.forward(block, y, keep=True, keep_gelu=True)
@@ -519,6 +525,10 @@ def run_reversible(
     k = policy.boundary_interval
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
         st.alphas, small_alpha = _alpha_pass(seg, policy.min_reconstruct_alpha)
+    if st.lean and not st.block_mode and lean_block.kernels_in_use() and st.autocast.enabled:
+        # every block weight in the compute dtype at once, for the forward, recomputation and backward
+        lean_block.cast_weights(st.casts, [b for c in seg for l in range(4) for b in getattr(c, f"level{l}").blocks],
+                                st.autocast.dtype)
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
     if segment is not None:

@@ -18,6 +18,7 @@ the output is bitwise the module's and reconstruction stays exact.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -87,6 +88,72 @@ def kernels_in_use() -> bool:
 def kernels() -> Optional[Kernels]:
     """The kernels in use (None: eager)."""
     return _KERNELS
+
+
+_CASTS: Optional[dict] = None  # (id(parameter), dtype) -> the parameter in that dtype (``weight_casts``)
+
+
+@contextmanager
+def weight_casts(cache: Optional[dict]):
+    """Within, the compiled kernels take the blocks' conv and matmul weights in the compute
+    dtype from ``cache``, cast once per cache (the reversible engine's: once per forward and
+    backward) instead of inside every graph call: under autocast a compiled forward, its
+    recomputation and its backward each cast them again (on a GPU, a kernel per weight each)."""
+    global _CASTS
+    previous, _CASTS = _CASTS, cache
+    try:
+        yield
+    finally:
+        _CASTS = previous
+
+
+def _cast(p: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """p in dtype, from the cache where one is set (bitwise what a cast in the graph gives)."""
+    if _CASTS is None or p is None or p.dtype == dtype:
+        return p
+    key = (id(p), dtype)
+    cast = _CASTS.get(key)
+    if cast is None:
+        cast = _CASTS[key] = p.detach().to(dtype)
+    return cast
+
+
+_ALIGN = 64  # elements: each cast weight starts 128-byte aligned in bf16 (generated kernels assume 16)
+
+
+def cast_weights(cache: dict, blocks, dtype: torch.dtype) -> None:
+    """The conv and matmul weights of ``blocks`` in ``dtype``, into ``cache`` at once: one
+    concatenation into an aligned flat buffer (on a GPU a kernel per ~hundred tensors) instead
+    of a cast per weight; each cached weight is a view of that buffer."""
+    ps = [p for b in blocks for p in _cast_targets(b)
+          if p is not None and p.dtype != dtype and (id(p), dtype) not in cache]
+    if not ps:
+        return
+    pieces, offsets, at = [], [], 0
+    pad = torch.zeros(_ALIGN, dtype=ps[0].dtype, device=ps[0].device)
+    for p in ps:
+        offsets.append(at)
+        pieces.append(p.detach().reshape(-1))
+        at += p.numel()
+        if at % _ALIGN:
+            pieces.append(pad[: _ALIGN - at % _ALIGN])
+            at += _ALIGN - at % _ALIGN
+    flat = torch.empty(at, dtype=dtype, device=ps[0].device)
+    torch.cat(pieces, out=flat)
+    for p, o in zip(ps, offsets):
+        cache[(id(p), dtype)] = flat[o : o + p.numel()].view(p.shape)
+
+
+def _cast_targets(block: nn.Module) -> Tuple[torch.Tensor, ...]:
+    """What autocast casts in a block: the conv and the two Linears (not LayerNorm, not gamma)."""
+    return (block.dwconv.weight, block.dwconv.bias, block.pwconv1.weight, block.pwconv1.bias,
+            block.pwconv2.weight, block.pwconv2.bias)
+
+
+def release_casts(cache: dict, block: nn.Module, dtype: torch.dtype) -> None:
+    """Drop a block's casts from ``cache`` once its backward is done (the step's last use)."""
+    for p in (*body_params(block), *tail_params(block)):
+        cache.pop((id(p), dtype), None)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -176,8 +243,11 @@ def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: b
     cdt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
            else torch.promote_types(conv_dt, block.norm.weight.dtype))
     mask = _drop_mask(block, x.shape[0], torch.promote_types(block.gamma.dtype, cdt), x.device)
-    out, d, mean, rstd, h, a, o = _KERNELS.forward_full(x, *_tensors(block), mask, _conv_args(block),
-                                                        block.norm.eps)
+    cw, cb, lw, lb, w1, b1, w2, b2, gamma = _tensors(block)
+    if _CASTS is not None and torch.is_autocast_enabled(dev):  # what autocast would cast in the graph
+        cw, cb, w1, b1, w2, b2 = (_cast(t, cdt) for t in (cw, cb, w1, b1, w2, b2))
+    out, d, mean, rstd, h, a, o = _KERNELS.forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
+                                                        _conv_args(block), block.norm.eps)
     if not keep:
         return out, None
     small = o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1]
@@ -191,8 +261,8 @@ def with_hidden(block: nn.Module, s: Saved) -> Saved:
     if s.h is not None:
         return s
     if _KERNELS is not None:
-        n, h = _KERNELS.hidden(s.d, block.norm.weight, block.norm.bias, block.pwconv1.weight, block.pwconv1.bias,
-                               block.norm.eps, s.cdt)
+        n, h = _KERNELS.hidden(s.d, block.norm.weight, block.norm.bias, _cast(block.pwconv1.weight, s.cdt),
+                               _cast(block.pwconv1.bias, s.cdt), block.norm.eps, s.cdt)
         return s._replace(h=h, n=n)
     n = _normalized(block, s).flatten(0, 2)
     return s._replace(h=_hidden(block, s, n, 0, n.shape[0]), n=n)
@@ -314,8 +384,12 @@ def backward_tail(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
 def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """(gradient of the block input, gradients of BODY in order)."""
     if _KERNELS is not None and s.h is not None:
-        return _KERNELS.body_grads(g, s.x, s.d, s.mean, s.rstd, s.h, s.n, s.mask, *body_params(block),
-                                   block.pwconv2.weight, block.gamma, s.cdt, _conv_args(block), block.norm.eps)
+        cw, cb, lw, lb, w1, b1 = body_params(block)
+        pdt = w1.dtype
+        return _KERNELS.body_grads(g, s.x, s.d, s.mean, s.rstd, s.h, s.n, s.mask, _cast(cw, s.d.dtype),
+                                   _cast(cb, s.d.dtype), lw, lb, _cast(w1, s.cdt), _cast(b1, s.cdt),
+                                   _cast(block.pwconv2.weight, s.cdt), block.gamma, s.cdt, _conv_args(block),
+                                   block.norm.eps, pdt)
     N, C, H, W = g.shape
     w1, b1, w2 = block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight
     cdt = s.cdt

@@ -164,6 +164,33 @@ def test_other_recomputation_modes_compiled(model, batch, monkeypatch, change):
     assert sum(twinned) == 18  # (plus, with autograd, the 7 plain levels' fusions, once each)
 
 
+def test_weights_cast_once_for_forward_recomputation_and_backward(model, batch, monkeypatch):
+    """Under bf16 autocast the compiled block kernels get their conv and matmul weights already
+    in bf16, from one buffer cast once per step (not a cast inside every graph call: forward,
+    recomputation and backward); the gradients are those of casting inside the graphs."""
+    monkeypatch.setattr(model, "policy", dataclasses.replace(model.policy, plain_columns=0, keep_levels=()))  # all reversible
+    apply_compile(model, True, CPU)
+    compiled = lean_block.use_kernels(None)
+    seen = []
+
+    def forward_full(*args):
+        seen.append(args[5])  # pwconv1.weight as the graph receives it
+        return compiled.forward_full(*args)
+
+    lean_block.use_kernels(compiled._replace(forward_full=forward_full))
+    cast_once = step(model, batch, None, True, autocast=True)
+    assert seen and all(w.dtype == torch.bfloat16 for w in seen)
+    assert len({w.untyped_storage().data_ptr() for w in seen}) == 1  # views of one buffer
+    assert len({w.data_ptr() for w in seen}) * 2 == len(seen)  # each block's: forward and recomputation
+    monkeypatch.setattr(lean_block, "cast_weights", lambda *a: None)
+    monkeypatch.setattr(function.lean_block, "weight_casts", lambda cache, _w=lean_block.weight_casts: _w(None))
+    seen.clear()
+    in_graph = step(model, batch, None, True, autocast=True)
+    assert seen and all(w.dtype == torch.float32 for w in seen)
+    assert abs(cast_once[0] - in_graph[0]) <= 1e-6 * abs(in_graph[0])
+    assert worst(in_graph[1], cast_once[1]) < 1e-5
+
+
 def test_decoders_compiled_and_recomputed_through_the_same_graph():
     """Each decoder's stages and output run as compiled functions (pointed at by the module,
     undone by the switch); one decoder's image and gradients match eager within fp32's
