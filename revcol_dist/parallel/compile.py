@@ -25,6 +25,7 @@ is computed beyond rounding.
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 from types import MethodType
 from typing import Optional, Union
@@ -98,12 +99,48 @@ def _set_decoders(model: torch.nn.Module, compiled: bool) -> None:
 
 def _plain_runner(keep_hidden: bool):
     """A block outside the reversible engine: lean (compiled forward, hand-written backward)
-    under autograd, the compiled forward alone without it."""
+    under autograd, the compiled forward alone without it; weights from the forward's casts."""
     def run(block, y):
-        if torch.is_grad_enabled():
-            return lean_block.lean_block(block, y, keep_hidden=keep_hidden)
-        return lean_block.forward(block, y)[0]
+        with lean_block.weight_casts(_FORWARD_CASTS):
+            if torch.is_grad_enabled():
+                return lean_block.lean_block(block, y, keep_hidden=keep_hidden)
+            return lean_block.forward(block, y)[0]
     return run
+
+
+_FORWARD_CASTS: Optional[dict] = None  # the plain training forward's weight casts, while it runs
+_CAST_HOOKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _column_blocks(model: torch.nn.Module) -> list:
+    return [b for col in model.columns for l in range(4) for b in getattr(col, f"level{l}").blocks]
+
+
+def _cast_before_forward(model: torch.nn.Module, args) -> None:
+    """A plain training forward under autocast (``memory_policy: plain``): every column block's
+    weights cast once, for the forward and (held by each block's node) its backward. The
+    reversible engine casts its own."""
+    global _FORWARD_CASTS
+    x = args[0] if args else None
+    _FORWARD_CASTS = None
+    if (getattr(model, "reversible", True) or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor)
+            or not torch.is_autocast_enabled(x.device.type)):
+        return
+    _FORWARD_CASTS = {}
+    lean_block.cast_weights(_FORWARD_CASTS, _column_blocks(model), torch.get_autocast_dtype(x.device.type))
+
+
+def _cast_after_forward(model: torch.nn.Module, args, output) -> None:
+    global _FORWARD_CASTS
+    _FORWARD_CASTS = None  # the blocks' backward nodes hold what they need
+
+
+def _set_cast_hooks(model: torch.nn.Module, on: bool) -> None:
+    for handle in _CAST_HOOKS.pop(model, ()):
+        handle.remove()
+    if on and hasattr(model, "columns"):
+        _CAST_HOOKS[model] = (model.register_forward_pre_hook(_cast_before_forward),
+                              model.register_forward_hook(_cast_after_forward))
 
 
 def _compiled_fusion_forward(self: Fusion, down_in, up_in=None, up2_in=None):
@@ -133,6 +170,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         _set_decoders(model, False)
         if hasattr(model, "block_runner"):
             model.block_runner = None
+        _set_cast_hooks(model, False)
         return None
     if _partitioned(model):
         lean_block.use_kernels(None)
@@ -145,6 +183,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
     if hasattr(model, "block_runner"):
         hidden_recomputed = set(policy.recompute_hidden) if policy is not None else set()
         model.block_runner = [_plain_runner(keep_hidden=l not in hidden_recomputed) for l in range(4)]
+        _set_cast_hooks(model, True)
     mode = "" if policy is None or policy.recompute == "level" else (
         " (recompute: block: the reversible columns' blocks stay eager, their chunked recomputation is not compiled)")
     return ("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs (forward, recomputation and "

@@ -527,7 +527,7 @@ def run_reversible(
         st.alphas, small_alpha = _alpha_pass(seg, policy.min_reconstruct_alpha)
     if st.lean and not st.block_mode and lean_block.kernels_in_use() and st.autocast.enabled:
         # every block weight in the compute dtype at once, for the forward, recomputation and backward
-        lean_block.cast_weights(st.casts, [b for c in seg for l in range(4) for b in getattr(c, f"level{l}").blocks],
+        lean_block.cast_weights(st.casts, [b for c in columns for l in range(4) for b in getattr(c, f"level{l}").blocks],
                                 st.autocast.dtype)
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
@@ -544,7 +544,8 @@ def run_reversible(
             p = None if prev is None else prev[l]
             if l in plain_levels:
                 ins = col.level_inputs(l, x, cur, prev or [None] * 4)
-                f = col.level_forward(l, *ins, run_block=run_block[l])
+                with lean_block.weight_casts(st.casts):
+                    f = col.level_forward(l, *ins, run_block=run_block[l])
                 out = shortcut(clamp_alpha(getattr(col, f"alpha{l}")), p, f)
                 st.keep((j, l), out, offload=False)  # read by the neighbouring levels, never reconstructed
                 cur.append(out)
@@ -578,7 +579,8 @@ def run_reversible(
     if len(seg) - 1 in tapped:
         tapped[len(seg) - 1] = state[3]
     for i in range(len(seg), n):
-        state = columns[i](x, state, run_block=run_block)
+        with lean_block.weight_casts(st.casts):
+            state = columns[i](x, state, run_block=run_block)
         if i in taps:
             tapped[i] = state[3]
     return state, tapped

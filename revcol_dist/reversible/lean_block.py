@@ -475,6 +475,7 @@ class _Holder:
 
     def __init__(self, block: nn.Module, keep_hidden: bool) -> None:
         self.block, self.keep_hidden, self.saved = block, keep_hidden, None
+        self.casts = _CASTS  # the forward's weight casts, for the backward too (``weight_casts``)
 
 
 def _freed(holder: Optional[_Holder]) -> _Holder:
@@ -497,8 +498,9 @@ class _LeanBody(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         holder = _freed(ctx.holder)
-        g_x, grads = backward_body(holder.block, holder.saved, g)
-        holder.saved = ctx.holder = None
+        with weight_casts(holder.casts):
+            g_x, grads = backward_body(holder.block, holder.saved, g)
+        holder.saved = ctx.holder = holder.casts = None
         return (None, g_x, *[like_param(gp, p) for gp, p in zip(grads, body_params(holder.block))])
 
 
@@ -513,7 +515,8 @@ class _LeanTail(torch.autograd.Function):
         holder = _freed(ctx.holder)
         ctx.holder = None
         # h not kept: recomputed once here, used by both nodes, gone after the body's backward
-        holder.saved = with_hidden(holder.block, holder.saved)
+        with weight_casts(holder.casts):
+            holder.saved = with_hidden(holder.block, holder.saved)
         grads = backward_tail(holder.block, holder.saved, g)
         return (None, g, *[like_param(gp, p) for gp, p in zip(grads, tail_params(holder.block))])
 

@@ -164,28 +164,33 @@ def test_other_recomputation_modes_compiled(model, batch, monkeypatch, change):
     assert sum(twinned) == 18  # (plus, with autograd, the 7 plain levels' fusions, once each)
 
 
-def test_weights_cast_once_for_forward_recomputation_and_backward(model, batch, monkeypatch):
+@pytest.mark.parametrize("reversible", [True, False], ids=["reversible", "plain"])
+def test_weights_cast_once_per_step(model, batch, monkeypatch, reversible):
     """Under bf16 autocast the compiled block kernels get their conv and matmul weights already
     in bf16, from one buffer cast once per step (not a cast inside every graph call: forward,
-    recomputation and backward); the gradients are those of casting inside the graphs."""
-    monkeypatch.setattr(model, "policy", dataclasses.replace(model.policy, plain_columns=0, keep_levels=()))  # all reversible
+    recomputation and backward), in the reversible engine (its kept levels and plain column
+    too) and in a plain forward; the gradients are those of casting inside the graphs."""
     apply_compile(model, True, CPU)
     compiled = lean_block.use_kernels(None)
     seen = []
 
-    def forward_full(*args):
-        seen.append(args[5])  # pwconv1.weight as the graph receives it
-        return compiled.forward_full(*args)
+    def record(i, fn):
+        def run(*args):
+            seen.append(args[i])  # pwconv1.weight as the graph receives it
+            return fn(*args)
+        return run
 
-    lean_block.use_kernels(compiled._replace(forward_full=forward_full))
-    cast_once = step(model, batch, None, True, autocast=True)
+    lean_block.use_kernels(compiled._replace(forward_full=record(5, compiled.forward_full),
+                                             body_grads=record(12, compiled.body_grads)))
+    cast_once = step(model, batch, None, reversible, autocast=True)
     assert seen and all(w.dtype == torch.bfloat16 for w in seen)
     assert len({w.untyped_storage().data_ptr() for w in seen}) == 1  # views of one buffer
-    assert len({w.data_ptr() for w in seen}) * 2 == len(seen)  # each block's: forward and recomputation
+    blocks = sum(1 for n, _ in model.named_parameters() if n.startswith("columns.") and n.endswith("pwconv1.weight"))
+    assert len({w.data_ptr() for w in seen}) == blocks  # each block's one tensor, whatever reads it
     monkeypatch.setattr(lean_block, "cast_weights", lambda *a: None)
-    monkeypatch.setattr(function.lean_block, "weight_casts", lambda cache, _w=lean_block.weight_casts: _w(None))
+    monkeypatch.setattr(lean_block, "weight_casts", lambda cache, _w=lean_block.weight_casts: _w(None))
     seen.clear()
-    in_graph = step(model, batch, None, True, autocast=True)
+    in_graph = step(model, batch, None, reversible, autocast=True)
     assert seen and all(w.dtype == torch.float32 for w in seen)
     assert abs(cast_once[0] - in_graph[0]) <= 1e-6 * abs(in_graph[0])
     assert worst(in_graph[1], cast_once[1]) < 1e-5
