@@ -64,35 +64,24 @@ def uniform(seed: int, step: int, ids: torch.Tensor, stream: int) -> torch.Tenso
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-_STREAM_TENSORS: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+_CONSTANTS: Dict[tuple, torch.Tensor] = {}
 
 
-def _stream_tensor(streams: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The stream ids as an int64 tensor on ``device``, made once (its copy is the only transfer)."""
-    key = (streams, device)
-    if key not in _STREAM_TENSORS:
-        _STREAM_TENSORS[key] = torch.tensor(streams, dtype=torch.int64).to(device)
-    return _STREAM_TENSORS[key]
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, made once (its copy is the only transfer)."""
+    key = (values, dtype, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
+    return _CONSTANTS[key]
 
 
 def uniform_streams(seed: int, step: int, ids: torch.Tensor, streams: Tuple[int, ...]) -> torch.Tensor:
     """``uniform`` of every stream at once, bit for bit: (len(streams), len(ids)) float32, in a
     fixed few dozen integer kernels instead of ~30 per stream (a step of RevCol-B asks for ~100)."""
-    base = _mix(_stream_tensor(streams, ids.device) ^ _mix_int(_mix_int(seed) ^ step))[:, None]  # _base, per stream
+    base = _mix(_constant(streams, torch.int64, ids.device) ^ _mix_int(_mix_int(seed) ^ step))[:, None]  # _base, per stream
     h = _mix((ids & _M32)[None, :] ^ base)
     h = _mix(h ^ ((ids >> 32) & _M32)[None, :] ^ _mix((base + 1) & _M32))
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
-
-
-_FLOAT_TENSORS: Dict[Tuple[Tuple[float, ...], torch.device], torch.Tensor] = {}
-
-
-def _float_tensor(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """float32 ``values`` on ``device``, made once."""
-    key = (values, device)
-    if key not in _FLOAT_TENSORS:
-        _FLOAT_TENSORS[key] = torch.tensor(values, dtype=torch.float32).to(device)
-    return _FLOAT_TENSORS[key]
 
 
 @dataclass
@@ -134,7 +123,7 @@ class SampleKeys:
         """The masks of every declared stream at once (four kernels, not three per block),
         bitwise those made one at a time: compared and divided in fp32, as a scalar keep is."""
         self.uniform(self.streams[0])  # draws every declared stream (rows of self._draws)
-        keeps = _float_tensor(self.keeps, self._draws.device)[:, None]
+        keeps = _constant(self.keeps, torch.float32, self._draws.device)[:, None]
         masks = (self._draws < keeps).to(torch.float32).div_(keeps).to(dtype)
         self._masks.update(((s, k, dtype), m) for s, k, m in zip(self.streams, self.keeps, masks))
 
