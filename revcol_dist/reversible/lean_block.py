@@ -123,8 +123,8 @@ _ALIGN = 64  # elements: each cast weight starts 128-byte aligned in bf16 (gener
 
 def cast_weights(cache: dict, blocks, dtype: torch.dtype) -> None:
     """The conv and matmul weights of ``blocks`` in ``dtype``, into ``cache`` at once: one
-    concatenation into an aligned flat buffer (on a GPU a kernel per ~hundred tensors) instead
-    of a cast per weight; each cached weight is a view of that buffer."""
+    concatenation into an aligned flat buffer (on a GPU a kernel per ~hundred tensors) and one
+    cast, instead of a cast per weight; each cached weight is a view of that buffer."""
     ps = [p for b in blocks for p in _cast_targets(b)
           if p is not None and p.dtype != dtype and (id(p), dtype) not in cache]
     if not ps:
@@ -138,8 +138,9 @@ def cast_weights(cache: dict, blocks, dtype: torch.dtype) -> None:
         if at % _ALIGN:
             pieces.append(pad[: _ALIGN - at % _ALIGN])
             at += _ALIGN - at % _ALIGN
-    flat = torch.empty(at, dtype=dtype, device=ps[0].device)
-    torch.cat(pieces, out=flat)
+    # concatenated in the weights' own dtype, then cast: CUDA's batched concatenation needs one
+    # dtype in and out (else it copies tensor by tensor)
+    flat = torch.cat(pieces).to(dtype)
     for p, o in zip(ps, offsets):
         cache[(id(p), dtype)] = flat[o : o + p.numel()].view(p.shape)
 
