@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 NO_TESTS = 5  # pytest's exit status when a selection is empty
 
 PHASES = [
-    ("single-process", ["-m", "not multiprocess", "-n", os.environ.get("REVCOL_TEST_WORKERS", "2")]),
+    # loadgroup: a module marked xdist_group (test_compile.py) stays on one worker, which
+    # compiles each inductor graph once instead of both workers compiling it
+    ("single-process", ["-m", "not multiprocess", "-n", os.environ.get("REVCOL_TEST_WORKERS", "2"), "--dist", "loadgroup"]),
     ("multi-process", ["-m", "multiprocess", "-p", "no:xdist"]),
 ]
 
