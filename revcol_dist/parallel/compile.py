@@ -35,7 +35,7 @@ import torch
 from ..models.column import Fusion
 from ..models.heads import Decoder
 
-from ..reversible import block_kernels, fusion_kernels, lean_block
+from ..reversible import block_kernels, coupling, fusion_kernels, lean_block
 from . import decoder_kernels
 
 # Graphs per compiled function: 4 levels x (drop path on/off) x (training, evaluation) x
@@ -64,7 +64,7 @@ def compiled_kernels() -> lean_block.Kernels:
         compile_ = partial(torch.compile, dynamic=False, fullgraph=True)
         _COMPILED = lean_block.Kernels(*(compile_(f) for f in (
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
-            fusion_kernels.fusion_forward)))
+            fusion_kernels.fusion_forward, coupling.shortcut_backward)))
     return _COMPILED
 
 

@@ -106,3 +106,24 @@ class _Coupling(torch.autograd.Function):
 def invert_shortcut(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """prev = (cur - f) / alpha, the inverse of ``shortcut`` (in the stream's precision)."""
     return (_stream(cur) - f) / _stream(alpha)
+
+
+def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+                      kept: Optional[torch.Tensor], want_prev: bool, want_alpha: bool):
+    """The reversible backward of c = alpha * prev + f, given c's gradient ``g``: prev
+    reconstructed (``invert_shortcut``), or where prev was ``kept`` the kept value and the
+    reconstruction's drift against it (max |error|, max |kept|); prev's gradient alpha * g and
+    alpha's sum(g * prev) over batch and space, where wanted.
+
+    One function of tensors, so that ``train.compile`` runs it as one graph (a pointwise pass
+    and a reduction over the map, where it took six to nine kernels); eager, the same ops as
+    written out in the engine before. Returns (prev, g_prev, g_alpha, error, scale)."""
+    rec = invert_shortcut(alpha, cur, f)
+    error = scale = None
+    if kept is not None:
+        error = torch.linalg.vector_norm(rec - kept, float("inf"))
+        scale = torch.linalg.vector_norm(kept, float("inf"))
+        rec = kept
+    g_prev = alpha * g if want_prev else None
+    g_alpha = (g * rec).sum(dim=(0, 2, 3), keepdim=True) if want_alpha else None
+    return rec, g_prev, g_alpha, error, scale

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .coupling import clamp_alpha, clamp_alphas, invert_shortcut, shortcut
+from .coupling import clamp_alpha, clamp_alphas, shortcut, shortcut_backward
 from . import fusion_kernels, lean_block
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy, drift_of
@@ -103,14 +103,19 @@ class _StepState:
         del self.values[key]
         return v
 
-    def reconstructed(self, key: Key, rec: torch.Tensor) -> torch.Tensor:
-        """Store a reconstruction; at a kept map, measure the drift and use the kept value."""
+    def reconstructed(self, key: Key, rec: torch.Tensor, check=None) -> torch.Tensor:
+        """Store a reconstruction; at a kept map, measure the drift and use the kept value
+        (``check``: the drift's (max |error|, max |kept|), where the caller measured it against
+        the kept value it fetched and passes as ``rec``)."""
         if key not in self.kept:
             self.values[key] = rec
             return rec
-        kept = self.get(key)
-        inf = float("inf")
-        self.checks.append((torch.linalg.vector_norm(rec - kept, inf), torch.linalg.vector_norm(kept, inf)))
+        if check is None:
+            kept, inf = self.get(key), float("inf")
+            check = (torch.linalg.vector_norm(rec - kept, inf), torch.linalg.vector_norm(kept, inf))
+        else:
+            kept = rec
+        self.checks.append(check)
         self.checked += 1
         if self.stats is not None:
             self.stats.record(self.checks, self.checked)
@@ -152,6 +157,12 @@ def _run_fusion(st: "_StepState", fusion: torch.nn.Module, ins: Sequence[torch.T
     up = ins[1] if fusion.up is not None else None
     up2 = ins[-1] if fusion.up2 is not None else None
     return compiled(ins[0], up, up2, *fusion_kernels.fusion_arguments(fusion))
+
+
+def _shortcut_backward(st: "_StepState"):
+    """``coupling.shortcut_backward``, compiled where kernels are set (not under ZeRO-3)."""
+    k = lean_block.kernels()
+    return shortcut_backward if k is None or k.shortcut is None or st.accumulate else k.shortcut
 
 
 class _Fusion(torch.autograd.Function):
@@ -335,11 +346,13 @@ class _Shortcut(torch.autograd.Function):
             a = ctx.a if not st.accumulate else clamp_alpha(alpha.detach())
             with torch.no_grad():
                 if ctx.has_prev:
-                    prev = st.reconstructed((j - 1, l), invert_shortcut(a, out, f))
-                    if needs[4]:
-                        g_prev = a * g
-                    if want_alpha:
-                        g_alpha = (g * prev).sum(dim=(0, 2, 3), keepdim=True).to(alpha.dtype)
+                    key = (j - 1, l)
+                    kept = st.get(key) if key in st.kept else None
+                    prev, g_prev, g_alpha, error, scale = _shortcut_backward(st)(
+                        a, out, f, g, kept, bool(needs[4]), bool(want_alpha))
+                    st.reconstructed(key, prev, (error, scale))
+                    if g_alpha is not None:
+                        g_alpha = g_alpha.to(alpha.dtype)
                 elif want_alpha:
                     g_alpha = torch.zeros_like(a)
             if st.accumulate and g_alpha is not None:

@@ -68,6 +68,7 @@ class Kernels(NamedTuple):
     tail_grads: object
     body_grads: object
     fusion: object = None  # fusion_kernels.fusion_forward, for the reversible engine's levels
+    shortcut: object = None  # coupling.shortcut_backward, for the reversible engine's shortcut nodes
 
 
 _KERNELS: Optional[Kernels] = None

@@ -108,20 +108,19 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
         fusion_out.append(out.detach().clone())
         return out
 
-    lean_block.use_kernels(compiled._replace(forward_full=forward_full, fusion=fusion))
     forward_f, recomputed_f = [], []
-    shortcut, invert = function.shortcut, function.invert_shortcut
+    shortcut = function.shortcut
 
     def recording_shortcut(alpha, prev, f):
         forward_f.append((f.detach().clone(), f.data_ptr() == latest.get("ptr")))
         return shortcut(alpha, prev, f)
 
-    def recording_invert(alpha, out, f):
+    def recording_invert(alpha, out, f, *rest):  # the shortcut node's compiled backward
         recomputed_f.append((f.detach().clone(), f.data_ptr() == latest.get("ptr")))
-        return invert(alpha, out, f)
+        return compiled.shortcut(alpha, out, f, *rest)
 
+    lean_block.use_kernels(compiled._replace(forward_full=forward_full, fusion=fusion, shortcut=recording_invert))
     monkeypatch.setattr(function, "shortcut", recording_shortcut)
-    monkeypatch.setattr(function, "invert_shortcut", recording_invert)
     step(model, batch, None, True, autocast=autocast)
     # columns 1-2 of the three reversible ones (column 0 has nothing to invert) x levels 0-2
     # (RevCol-T keeps level 3 with ordinary autograd)
@@ -195,6 +194,34 @@ def test_weights_cast_once_per_step(model, batch, monkeypatch, reversible):
     assert seen and all(w.dtype == torch.float32 for w in seen)
     assert abs(cast_once[0] - in_graph[0]) <= 1e-6 * abs(in_graph[0])
     assert worst(in_graph[1], cast_once[1]) < 1e-5
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["reconstructed", "kept"])
+def test_shortcut_backward_compiled_matches_eager(kept):
+    """The shortcut node's backward as one compiled graph (prev = (c - f) / alpha, the drift
+    against a kept prev, prev's and alpha's gradients) gives eager's values within fp32
+    rounding, and at a kept map hands back the kept values."""
+    from revcol_dist.parallel.compile import compiled_kernels
+    from revcol_dist.reversible.coupling import shortcut_backward
+
+    g = torch.Generator().manual_seed(5)
+    alpha = torch.rand(1, 24, 1, 1, generator=g) + 0.1
+    prev = torch.randn(2, 24, 16, 16, generator=g)
+    f = torch.randn(2, 24, 16, 16, generator=g).bfloat16()  # a level's output under autocast
+    cur = torch.addcmul(f.float(), alpha, prev)
+    grad = torch.randn(2, 24, 16, 16, generator=g)
+    held = prev + 1e-4 * torch.randn(prev.shape, generator=g) if kept else None
+    for want_prev, want_alpha in ((True, True), (False, True), (True, False)):
+        eager = shortcut_backward(alpha, cur, f, grad, held, want_prev, want_alpha)
+        comp = compiled_kernels().shortcut(alpha, cur, f, grad, held, want_prev, want_alpha)
+        for e, c in zip(eager, comp):
+            assert (e is None) == (c is None)
+            if e is not None:
+                assert ((e - c).norm() / e.norm()).item() < 1e-6, (e - c).abs().max()  # fp32 rounding
+        assert (eager[1] is None) != want_prev and (eager[2] is None) != want_alpha
+        assert torch.equal(comp[0], held) if kept else torch.allclose(comp[0], prev, rtol=1e-4, atol=1e-5)
+        if kept:  # the drift: the reconstruction's distance from the kept map, ~1e-4 here
+            assert 1e-5 < (comp[3] / comp[4]).item() < 1e-3
 
 
 def test_decoders_compiled_and_recomputed_through_the_same_graph():
