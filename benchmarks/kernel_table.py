@@ -18,7 +18,8 @@ otherwise the inputs' broadcast. A TensorList's tensors count as fp32.
   BENCH_MODEL=revcol_tiny .venv/bin/python benchmarks/kernel_table.py
   python3 benchmarks/kernel_table.py                         # GPU machine: batch 128, 224 px
 Also BENCH_BATCH, BENCH_RES, BENCH_ROWS (30), BENCH_PEAK_GBS (4000: the H200's copy bandwidth),
-BENCH_PEAK_TFLOPS (790: its bf16 matmul). Table on stderr, one JSON line on stdout.
+BENCH_PEAK_TFLOPS (790: its bf16 matmul), BENCH_MODEL_ARGS (JSON: the model's arguments changed,
+e.g. '{"num_columns": 2}' for the test's smoke run). Table on stderr, one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import ops_per_step as ops  # noqa: E402  (the step's pieces; puts the project o
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 MODEL = os.environ.get("BENCH_MODEL", "revcol_base")
+MODEL_ARGS = json.loads(os.environ.get("BENCH_MODEL_ARGS", "{}"))
 BATCH = int(os.environ.get("BENCH_BATCH", "128" if CUDA else "2"))
 RES = int(os.environ.get("BENCH_RES", "224" if CUDA else "64"))
 ROWS = int(os.environ.get("BENCH_ROWS", "30"))
@@ -122,7 +124,7 @@ def op_flops(e, op: str, args: list) -> int:
 
 def build_step():
     torch.manual_seed(0)
-    model = ops.create_model(MODEL, num_classes=ops.CLASSES, inter_supv=True).train()
+    model = ops.create_model(MODEL, num_classes=ops.CLASSES, inter_supv=True, **MODEL_ARGS).train()
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, DEV, "bf16", ops.CLIP)
     ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]
@@ -225,8 +227,8 @@ def main() -> None:
         f"memory-bound ops {share['memory_bound_share']:.1%}; {unsized_ms:.2f} ms in ops of no known size")
     print(json.dumps({
         "benchmark": "kernel_table", "device": torch.cuda.get_device_name() if CUDA else "cpu", "timing": timing,
-        "torch": torch.__version__, "model": MODEL, "batch": BATCH, "res": RES, "precision": "bf16",
-        "step_ms": round(step_ms, 3), "busy_ms": round(busy_ms, 3), "ops_per_step": worker_calls / n_prof,
+        "torch": torch.__version__, "model": MODEL, "model_args": MODEL_ARGS, "batch": BATCH, "res": RES,
+        "precision": "bf16", "step_ms": round(step_ms, 3), "busy_ms": round(busy_ms, 3), "ops_per_step": worker_calls / n_prof,
         "kernels_per_step": kernels, **share, "unsized_ms": round(unsized_ms, 3),
         "unsized": {k: round(v, 3) for k, v in sorted(unsized.items(), key=lambda kv: -kv[1])[:10]},
         "ideal_ms": round(ideal_ms, 4), "ideal_vs_busy": round(ideal_ms / busy_ms, 5), "peak_gbs": PEAK_GBS,

@@ -1,14 +1,22 @@
-"""The whole test suite in two phases, each using both cores of a small machine (`make test`).
+"""The whole test suite on a small machine (`make test`): the multi-process tests own the cores,
+the single-process ones fill what they leave idle.
 
-1. Single-process tests (not marked ``multiprocess``) on two pytest-xdist workers: each test
-   process runs one intra-op thread (conftest.py), so two workers keep two cores busy.
-2. Multi-process tests one at a time: each starts 2-4 real processes (gloo), which fill the
-   cores on their own; two at once would compete for them and for ports.
+1. Multi-process tests (marked ``multiprocess``) one at a time, at normal priority: each starts
+   2-4 real processes (gloo) that fill the cores on their own; two at once would compete for
+   them and for ports. Their launches leave a core idle for about a quarter of the time
+   (start-up, rendezvous, a rank waiting for the other, a watchdog's wait).
+2. Beside them, the single-process tests on two pytest-xdist workers (one intra-op thread each,
+   conftest.py) under Linux's idle scheduling class (SCHED_IDLE): they run only on a core
+   nothing else wants, so the multi-process tests see the machine as if alone, and the
+   single-process ones finish in the time the others leave (or at full speed once they end).
+3. Then the few single-process tests marked ``alone`` (they wait on a server or a browser with
+   time limits, which a starved process could miss), at normal priority.
 
-Arguments go to both phases (``python tests/suite.py -k official``); ``REVCOL_TEST_WORKERS``
-sets phase 1's workers (default 2). The last line counts both phases together, so a reader of
-the log (CI) sees the whole suite's result; each phase lists its 15 slowest tests. The exit
-status is non-zero if either phase failed, or if neither ran a test.
+Arguments go to every phase (``python tests/suite.py -k official``); ``REVCOL_TEST_WORKERS``
+sets the single-process workers (default 2); ``REVCOL_TEST_SERIAL=1`` runs the phases one after
+the other instead. The output of the single-process phase is printed when it ends; the last line
+counts every phase together, so a reader of the log (CI) sees the whole suite's result. The exit
+status is non-zero if any phase failed, or if none ran a test.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -24,12 +33,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NO_TESTS = 5  # pytest's exit status when a selection is empty
 
-PHASES = [
-    # loadgroup: a module marked xdist_group (test_compile.py) stays on one worker, which
-    # compiles each inductor graph once instead of both workers compiling it
-    ("single-process", ["-m", "not multiprocess", "-n", os.environ.get("REVCOL_TEST_WORKERS", "2"), "--dist", "loadgroup"]),
-    ("multi-process", ["-m", "multiprocess", "-p", "no:xdist"]),
-]
+WORKERS = os.environ.get("REVCOL_TEST_WORKERS", "2")
+# loadgroup: a module marked xdist_group (test_compile.py) stays on one worker, which compiles
+# each inductor graph once instead of both workers compiling it
+SINGLE = ("single-process", ["-m", "not multiprocess and not alone", "-n", WORKERS, "--dist", "loadgroup"])
+MULTI = ("multi-process", ["-m", "multiprocess", "-n", "0"])
+ALONE = ("alone", ["-m", "alone and not multiprocess", "-n", "0"])
 
 
 def counts(junit: Path) -> dict:
@@ -46,22 +55,78 @@ def counts(junit: Path) -> dict:
     return out
 
 
+def _idle_priority() -> None:
+    """In the child before exec: run only on otherwise idle cores (inherited by its workers)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: the lowest nice value at least
+        os.nice(19)
+
+
+class Phase:
+    def __init__(self, name: str, selection: list, args: list, tmp: Path) -> None:
+        self.name, self.junit = name, tmp / f"{name}.xml"
+        self.cmd = [sys.executable, "-m", "pytest", "-q", "--durations=15", *selection, f"--junitxml={self.junit}",
+                    f"--basetemp={tmp / name}", *args]  # its own temporary tree: phases may run at once
+        self.log = tmp / f"{name}.log"
+        self.status: int = NO_TESTS
+        self.seconds = 0.0
+
+    def run(self) -> int:
+        """In the foreground, its output as it comes."""
+        print(f"\n=== {self.name} tests ===", flush=True)
+        t0 = time.time()
+        self.status = subprocess.call(self.cmd, cwd=REPO)
+        self.seconds = time.time() - t0
+        return self.status
+
+    def start_idle(self) -> threading.Thread:
+        """In the background at idle priority, its output to a file (printed by ``finish``)."""
+        t0, self._out = time.time(), open(self.log, "w")
+        proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
+                                preexec_fn=_idle_priority)
+
+        def wait() -> None:
+            self.status = proc.wait()
+            self.seconds = time.time() - t0
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        return waiter
+
+    def finish(self, waiter: threading.Thread) -> int:
+        waiter.join()
+        self._out.close()
+        print(f"\n=== {self.name} tests (beside the multi-process ones, on idle cores) ===", flush=True)
+        sys.stdout.write(self.log.read_text())
+        sys.stdout.flush()
+        return self.status
+
+
 def main(args: list) -> int:
-    total = {"passed": 0, "failed": 0, "skipped": 0}
-    statuses = []
+    serial = os.environ.get("REVCOL_TEST_SERIAL", "0") == "1"
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, selection in PHASES:
-            junit = Path(tmp) / f"{name}.xml"
-            print(f"\n=== {name} tests ===", flush=True)
-            cmd = [sys.executable, "-m", "pytest", "-q", "--durations=15", *selection, f"--junitxml={junit}", *args]
-            status = subprocess.call(cmd, cwd=REPO)
-            statuses.append(status)
-            for k, v in counts(junit).items():
+        single, multi, alone = (Phase(n, s, args, Path(tmp)) for n, s in (SINGLE, MULTI, ALONE))
+        if serial:
+            single.run()
+            multi.run()
+        else:
+            waiter = single.start_idle()
+            try:
+                multi.run()
+            finally:
+                single.finish(waiter)
+        alone.run()
+        phases = (single, multi, alone)
+        total = {"passed": 0, "failed": 0, "skipped": 0}
+        for phase in phases:
+            for k, v in counts(phase.junit).items():
                 total[k] += v
-    ran = [s for s in statuses if s != NO_TESTS]
+    ran = [p.status for p in phases if p.status != NO_TESTS]
     failed = not ran or any(s != 0 for s in ran)
-    print(f"\nboth phases: {time.time() - t0:.0f} s")
+    print("\n" + ", ".join(f"{p.name} {p.seconds:.0f} s" for p in phases)
+          + f"; all phases: {time.time() - t0:.0f} s" + (" (one after another)" if serial else ""))
     print(f"suite: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
     return 1 if failed else 0
 

@@ -14,12 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_kernel_table_prints_its_line():
-    env = {**os.environ, "BENCH_MODEL": "revcol_tiny", "BENCH_BATCH": "2", "BENCH_RES": "32", "BENCH_ROWS": "100000"}
+    # two narrow columns: the profiler's parsing of a whole RevCol-T step took 2 minutes here
+    args = '{"num_columns": 2, "channels": [16, 32, 48, 64], "layers": [1, 1, 2, 1]}'
+    env = {**os.environ, "BENCH_MODEL": "revcol_tiny", "BENCH_BATCH": "2", "BENCH_RES": "32", "BENCH_ROWS": "100000",
+           "BENCH_MODEL_ARGS": args}
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_table.py")], capture_output=True, text=True,
                        timeout=600, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["benchmark"] == "kernel_table" and out["timing"] == "cpu" and out["model"] == "revcol_tiny"
+    assert out["model_args"] == json.loads(args)
     assert out["ops_per_step"] > 0 and out["busy_ms"] > 0
     rows = out["rows"]
     assert rows and [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)

@@ -15,6 +15,7 @@ INTERNAL = ("alpha", "drift", "mem_peak", "grad_norm", "5_speed")
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # waits on TensorBoard and Chromium with time limits (tests/suite.py)
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
 def test_first_screen_shows_how_training_goes(tmp_path):
     cfg = load_config("configs/default.yaml", [
