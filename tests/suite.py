@@ -1,22 +1,24 @@
-"""The whole test suite on a small machine (`make test`): the multi-process tests own the cores,
-the single-process ones fill what they leave idle.
+"""The whole test suite on a small machine (`make test`), in phases that each use both cores.
 
-1. Multi-process tests (marked ``multiprocess``) one at a time, at normal priority: each starts
-   2-4 real processes (gloo) that fill the cores on their own; two at once would compete for
-   them and for ports. Their launches leave a core idle for about a quarter of the time
-   (start-up, rendezvous, a rank waiting for the other, a watchdog's wait).
-2. Beside them, the single-process tests on two pytest-xdist workers (one intra-op thread each,
-   conftest.py) under Linux's idle scheduling class (SCHED_IDLE): they run only on a core
-   nothing else wants, so the multi-process tests see the machine as if alone, and the
-   single-process ones finish in the time the others leave (or at full speed once they end).
-3. Then the few single-process tests marked ``alone`` (they wait on a server or a browser with
-   time limits, which a starved process could miss), at normal priority.
+1. Single-process tests (not marked ``multiprocess`` or ``alone``) on two pytest-xdist workers
+   (one intra-op thread each, conftest.py), a test file per worker at a time (``--dist
+   loadfile``): a module's fixtures (a pre-training run, the compiled-path tests' inductor
+   graphs) are built once, not once per worker.
+2. Multi-process tests one at a time: each starts 2-4 real processes (gloo) that fill the cores
+   on their own; two at once would compete for them and for ports.
+3. The few single-process tests marked ``alone`` (they wait on a server or a browser with time
+   limits), at the end.
+
+``REVCOL_TEST_OVERLAP=1`` runs phase 1 beside phase 2 instead, under Linux's idle scheduling
+class (SCHED_IDLE), in the time the multi-process launches leave a core idle: measured on a clean
+clone (docs/testing.md) 1,701 s against 2,124 s one after the other, but a single-process test
+that waits on a subprocess can starve past its time limit while both cores are busy (the
+fine-tuning tests' pre-training did), so it is not the default.
 
 Arguments go to every phase (``python tests/suite.py -k official``); ``REVCOL_TEST_WORKERS``
-sets the single-process workers (default 2); ``REVCOL_TEST_SERIAL=1`` runs the phases one after
-the other instead. The output of the single-process phase is printed when it ends; the last line
-counts every phase together, so a reader of the log (CI) sees the whole suite's result. The exit
-status is non-zero if any phase failed, or if none ran a test.
+sets the single-process workers (default 2). The output of an overlapped phase 1 is printed when
+it ends; the last line counts every phase together, so a reader of the log (CI) sees the whole
+suite's result. The exit status is non-zero if any phase failed, or if none ran a test.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 NO_TESTS = 5  # pytest's exit status when a selection is empty
 
 WORKERS = os.environ.get("REVCOL_TEST_WORKERS", "2")
-# loadgroup: a module marked xdist_group (test_compile.py) stays on one worker, which compiles
-# each inductor graph once instead of both workers compiling it
-SINGLE = ("single-process", ["-m", "not multiprocess and not alone", "-n", WORKERS, "--dist", "loadgroup"])
+# loadfile: a module's tests on one worker, so its module fixtures and inductor graphs are built
+# once (xdist_group marks, --dist loadgroup, do not group under pytest 9.2 with xdist 3.8)
+SINGLE = ("single-process", ["-m", "not multiprocess and not alone", "-n", WORKERS, "--dist", "loadfile"])
 MULTI = ("multi-process", ["-m", "multiprocess", "-n", "0"])
 ALONE = ("alone", ["-m", "alone and not multiprocess", "-n", "0"])
 
@@ -104,7 +106,7 @@ class Phase:
 
 
 def main(args: list) -> int:
-    serial = os.environ.get("REVCOL_TEST_SERIAL", "0") == "1"
+    serial = os.environ.get("REVCOL_TEST_OVERLAP", "0") != "1"
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         single, multi, alone = (Phase(n, s, args, Path(tmp)) for n, s in (SINGLE, MULTI, ALONE))
@@ -126,7 +128,7 @@ def main(args: list) -> int:
     ran = [p.status for p in phases if p.status != NO_TESTS]
     failed = not ran or any(s != 0 for s in ran)
     print("\n" + ", ".join(f"{p.name} {p.seconds:.0f} s" for p in phases)
-          + f"; all phases: {time.time() - t0:.0f} s" + (" (one after another)" if serial else ""))
+          + f"; all phases: {time.time() - t0:.0f} s" + ("" if serial else " (phases 1 and 2 overlapped)"))
     print(f"suite: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
     return 1 if failed else 0
 

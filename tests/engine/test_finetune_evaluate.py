@@ -15,10 +15,6 @@ TINY = ["model.args.channels=[8,16,24,32]", "model.args.layers=[1,1,1,1]", "trai
         "monitor.console=plain", "data.backend=torch"]
 
 
-# its tests share one pre-training run (the module's fixture, ~60 s): on one xdist worker, it runs once
-pytestmark = pytest.mark.xdist_group("pretrained_run")
-
-
 def _run(script, *args):
     return subprocess.run([sys.executable, str(REPO / "launchers" / script), *args], capture_output=True, text=True,
                           cwd=REPO, timeout=600)

@@ -13,8 +13,8 @@ from revcol_dist.models import create_model
 from revcol_dist.parallel.compile import apply_compile, wants_compile
 from revcol_dist.reversible import function, lean_block
 
-pytestmark = [pytest.mark.slow,  # compiles ~a dozen graphs (shared by the tests of this module)
-              pytest.mark.xdist_group("inductor")]  # on one worker: each graph compiled once (suite.py)
+# compiles ~a dozen graphs, shared by the tests of this module (suite.py keeps a module on one worker)
+pytestmark = pytest.mark.slow
 
 SMALL = dict(channels=(16, 24, 32, 40), layers=(1, 1, 2, 1), num_classes=7, drop_path=0.2)
 CPU = torch.device("cpu")
