@@ -228,7 +228,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "kernel_table", "device": torch.cuda.get_device_name() if CUDA else "cpu", "timing": timing,
         "torch": torch.__version__, "model": MODEL, "model_args": MODEL_ARGS, "batch": BATCH, "res": RES,
-        "precision": "bf16", "step_ms": round(step_ms, 3), "busy_ms": round(busy_ms, 3), "ops_per_step": worker_calls / n_prof,
+        "precision": "bf16", "step_ms": round(step_ms, 3), "busy_ms": round(busy_ms, 3),
+        "ops_per_step": worker_calls / n_prof,
         "kernels_per_step": kernels, **share, "unsized_ms": round(unsized_ms, 3),
         "unsized": {k: round(v, 3) for k, v in sorted(unsized.items(), key=lambda kv: -kv[1])[:10]},
         "ideal_ms": round(ideal_ms, 4), "ideal_vs_busy": round(ideal_ms / busy_ms, 5), "peak_gbs": PEAK_GBS,

@@ -108,6 +108,11 @@ def invert_shortcut(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor) -> 
     return (_stream(cur) - f) / _stream(alpha)
 
 
+def drift_check(rec: torch.Tensor, kept: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(max |rec - kept|, max |kept|): a reconstruction's drift from the map kept for it."""
+    return torch.linalg.vector_norm(rec - kept, float("inf")), torch.linalg.vector_norm(kept, float("inf"))
+
+
 def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
                       kept: Optional[torch.Tensor], want_prev: bool, want_alpha: bool):
     """The reversible backward of c = alpha * prev + f, given c's gradient ``g``: prev
@@ -121,8 +126,7 @@ def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g
     rec = invert_shortcut(alpha, cur, f)
     error = scale = None
     if kept is not None:
-        error = torch.linalg.vector_norm(rec - kept, float("inf"))
-        scale = torch.linalg.vector_norm(kept, float("inf"))
+        error, scale = drift_check(rec, kept)
         rec = kept
     g_prev = alpha * g if want_prev else None
     g_alpha = (g * rec).sum(dim=(0, 2, 3), keepdim=True) if want_alpha else None

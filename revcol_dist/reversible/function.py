@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .coupling import clamp_alpha, clamp_alphas, shortcut, shortcut_backward
+from .coupling import clamp_alpha, clamp_alphas, drift_check, shortcut, shortcut_backward
 from . import fusion_kernels, lean_block
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy, drift_of
@@ -103,23 +103,21 @@ class _StepState:
         del self.values[key]
         return v
 
-    def reconstructed(self, key: Key, rec: torch.Tensor, check=None) -> torch.Tensor:
-        """Store a reconstruction; at a kept map, measure the drift and use the kept value
-        (``check``: the drift's (max |error|, max |kept|), where the caller measured it against
-        the kept value it fetched and passes as ``rec``)."""
+    def reconstructed(self, key: Key, rec: torch.Tensor) -> torch.Tensor:
+        """Store a reconstruction; at a kept map, measure the drift and use the kept value."""
         if key not in self.kept:
             self.values[key] = rec
             return rec
-        if check is None:
-            kept, inf = self.get(key), float("inf")
-            check = (torch.linalg.vector_norm(rec - kept, inf), torch.linalg.vector_norm(kept, inf))
-        else:
-            kept = rec
-        self.checks.append(check)
+        kept = self.get(key)
+        self.record_check(*drift_check(rec, kept))
+        return kept
+
+    def record_check(self, error: torch.Tensor, scale: torch.Tensor) -> None:
+        """A reconstruction's drift at a kept map (``coupling.drift_check``)."""
+        self.checks.append((error, scale))
         self.checked += 1
         if self.stats is not None:
             self.stats.record(self.checks, self.checked)
-        return kept
 
     @property
     def drift(self) -> Optional[torch.Tensor]:
@@ -350,7 +348,10 @@ class _Shortcut(torch.autograd.Function):
                     kept = st.get(key) if key in st.kept else None
                     prev, g_prev, g_alpha, error, scale = _shortcut_backward(st)(
                         a, out, f, g, kept, bool(needs[4]), bool(want_alpha))
-                    st.reconstructed(key, prev, (error, scale))
+                    if kept is None:
+                        st.reconstructed(key, prev)
+                    else:
+                        st.record_check(error, scale)
                     if g_alpha is not None:
                         g_alpha = g_alpha.to(alpha.dtype)
                 elif want_alpha:
