@@ -51,8 +51,8 @@ pretrain: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/deepspeed --num_gpus $(NPROC) launchers/pretrain.py \
 	  --deepspeed_config $(DS_CONFIG) --config configs/default.yaml $(ARGS)
 
-# The whole suite (CI's command) in two phases: single-process tests on two pytest-xdist workers,
-# then the multi-process ones one at a time (tests/suite.py; docs/testing.md).
+# The whole suite (CI's command): in-process tests on two pytest-xdist workers at idle priority,
+# beside the launching ones one at a time (tests/suite.py; docs/testing.md).
 test: setup
 	$(PY) tests/suite.py $(ARGS)
 

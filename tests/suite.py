@@ -1,24 +1,24 @@
-"""The whole test suite on a small machine (`make test`), in phases that each use both cores.
+"""The whole test suite on a small machine (`make test`), in phases that share the two cores.
 
-1. Single-process tests (not marked ``multiprocess`` or ``alone``) on two pytest-xdist workers
-   (one intra-op thread each, conftest.py), a test file per worker at a time (``--dist
-   loadfile``): a module's fixtures (a pre-training run, the compiled-path tests' inductor
-   graphs) are built once, not once per worker.
-2. Multi-process tests one at a time: each starts 2-4 real processes (gloo) that fill the cores
-   on their own; two at once would compete for them and for ports.
-3. The few single-process tests marked ``alone`` (they wait on a server or a browser with time
-   limits), at the end.
+1. In-process tests (not marked ``multiprocess``, ``launches`` or ``alone``) on two pytest-xdist
+   workers (one intra-op thread each, conftest.py), a test file per worker at a time (``--dist
+   loadfile``: a module's fixtures and the compiled-path tests' inductor graphs are built once),
+   in Linux's idle scheduling class (SCHED_IDLE): they get the cores only when phase 2 leaves
+   one idle.
+2. At the same time, in the foreground at normal priority, one at a time: the multi-process
+   tests (each starts 2-4 real processes on gloo that fill the cores on their own; two at once
+   would compete for the cores and ports) and the single-process tests that wait on a launched
+   process with a time limit (``launches``: a launcher, a benchmark), which idle priority could
+   starve past their limit.
+3. The few tests marked ``alone`` (they wait on a server or a browser with time limits), at the
+   end, on a quiet machine.
 
-``REVCOL_TEST_OVERLAP=1`` runs phase 1 beside phase 2 instead, under Linux's idle scheduling
-class (SCHED_IDLE), in the time the multi-process launches leave a core idle: measured on a clean
-clone (docs/testing.md) 1,701 s against 2,124 s one after the other, but a single-process test
-that waits on a subprocess can starve past its time limit while both cores are busy (the
-fine-tuning tests' pre-training did), so it is not the default.
-
-Arguments go to every phase (``python tests/suite.py -k official``); ``REVCOL_TEST_WORKERS``
-sets the single-process workers (default 2). The output of an overlapped phase 1 is printed when
-it ends; the last line counts every phase together, so a reader of the log (CI) sees the whole
-suite's result. The exit status is non-zero if any phase failed, or if none ran a test.
+``REVCOL_TEST_OVERLAP=0`` runs phase 1 before phase 2 instead, at normal priority (a cleaner log,
+or to time a phase on its own). Arguments go to every phase (``python tests/suite.py -k
+official``); ``REVCOL_TEST_WORKERS`` sets phase 1's workers (default 2). The output of the
+overlapped phase 1 is printed when it ends; the last line counts every phase together, so a
+reader of the log (CI) sees the whole suite's result. The exit status is non-zero if any phase
+failed, or if none ran a test.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ NO_TESTS = 5  # pytest's exit status when a selection is empty
 WORKERS = os.environ.get("REVCOL_TEST_WORKERS", "2")
 # loadfile: a module's tests on one worker, so its module fixtures and inductor graphs are built
 # once (xdist_group marks, --dist loadgroup, do not group under pytest 9.2 with xdist 3.8)
-SINGLE = ("single-process", ["-m", "not multiprocess and not alone", "-n", WORKERS, "--dist", "loadfile"])
-MULTI = ("multi-process", ["-m", "multiprocess", "-n", "0"])
+SINGLE = ("in-process", ["-m", "not multiprocess and not launches and not alone", "-n", WORKERS, "--dist", "loadfile"])
+MULTI = ("launching", ["-m", "(multiprocess or launches) and not alone", "-n", "0"])
 ALONE = ("alone", ["-m", "alone and not multiprocess", "-n", "0"])
 
 
@@ -99,14 +99,14 @@ class Phase:
     def finish(self, waiter: threading.Thread) -> int:
         waiter.join()
         self._out.close()
-        print(f"\n=== {self.name} tests (beside the multi-process ones, on idle cores) ===", flush=True)
+        print(f"\n=== {self.name} tests (beside the launching ones, on idle cores) ===", flush=True)
         sys.stdout.write(self.log.read_text())
         sys.stdout.flush()
         return self.status
 
 
 def main(args: list) -> int:
-    serial = os.environ.get("REVCOL_TEST_OVERLAP", "0") != "1"
+    serial = os.environ.get("REVCOL_TEST_OVERLAP", "1") == "0"
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         single, multi, alone = (Phase(n, s, args, Path(tmp)) for n, s in (SINGLE, MULTI, ALONE))

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.launches
 @pytest.mark.skipif(not ffcv_available(), reason="the ffcv extra is not installed")
 def test_data_loader_benchmark_prints_its_line():
     pytest.importorskip("skimage")

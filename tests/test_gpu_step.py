@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.launches
 def test_gpu_step_cpu_mode_prints_its_rows():
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--mode", "cpu", "--steps", "1"],
                        capture_output=True, text=True, timeout=600, cwd=REPO)

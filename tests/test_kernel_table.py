@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.launches
 def test_kernel_table_prints_its_line():
     # two narrow columns: the profiler's parsing of a whole RevCol-T step took 2 minutes here
     args = '{"num_columns": 2, "channels": [16, 32, 48, 64], "layers": [1, 1, 2, 1]}'

@@ -34,6 +34,7 @@ from ..monitor.tensorboard import RECONSTRUCTIONS, Board, alpha_histograms, fron
 from ..parallel import comm
 from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
 from ..parallel.compile import apply_compile
+from ..parallel.deepspeed_env import restore_functional_linear
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
 from ..parallel.ds_config import resolve_ds_config, zero_stage
 from ..parallel.zero3_params import local_partitions
@@ -559,7 +560,11 @@ class Trainer:
 
 def train(cfg: Config, ds_config: Optional[str] = None, resume: Optional[str] = None,
           log: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
-    """Build a Trainer, resume it if asked, train; returns the final metrics."""
-    trainer = Trainer(cfg, ds_config, log)
-    trainer.resume(resume)
-    return trainer.train()
+    """Build a Trainer, resume it if asked, train; returns the final metrics. The process is left
+    as a fresh one would be for what runs next in it (ZeRO-3's replacement of F.linear undone)."""
+    try:
+        trainer = Trainer(cfg, ds_config, log)
+        trainer.resume(resume)
+        return trainer.train()
+    finally:
+        restore_functional_linear()

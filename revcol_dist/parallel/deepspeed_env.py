@@ -29,3 +29,21 @@ def init_deepspeed_distributed(timeout_s: int = 300) -> None:
 
     dist_env()  # LOCAL_RANK from the launcher's variables (never the global rank: no cuda:RANK on node 2)
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def restore_functional_linear() -> None:
+    """Put torch's own ``torch.nn.functional.linear`` back after a ZeRO-3 run.
+
+    ``deepspeed.zero.Init`` replaces it with ZeRO-3's memory-efficient linear (its backward keeps
+    the partitioned weight, not the gathered one) and leaves it so for the life of the process.
+    Its weight gradient rounds differently from autograd's, so whatever ran next in the process
+    (another run, an evaluation in a notebook) differed from a fresh process by ~1e-7 (measured:
+    a DDP run after a ZeRO-3 one in the same processes)."""
+    import sys
+
+    import torch
+
+    zero_init = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(zero_init, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None:
+        torch.nn.functional.linear = original

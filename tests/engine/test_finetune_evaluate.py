@@ -11,6 +11,7 @@ import torch
 from revcol_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.launches  # every test here waits on a launcher
 TINY = ["model.args.channels=[8,16,24,32]", "model.args.layers=[1,1,1,1]", "train.batch_size=32",
         "monitor.console=plain", "data.backend=torch"]
 

@@ -38,6 +38,7 @@ def test_short_training_learns_and_writes_checkpoint(tmp_path):
     assert last < 0.5 * first  # the loss falls
 
 
+@pytest.mark.launches
 def test_launcher_rejects_unknown_key_in_one_line():
     r = subprocess.run([sys.executable, "launchers/pretrain.py", "--set", "train.lrr=1"], capture_output=True, text=True)
     assert r.returncode == 2

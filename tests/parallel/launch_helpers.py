@@ -1,18 +1,23 @@
-"""Running launchers/pretrain.py as real processes (single, torchrun, two 'nodes')."""
+"""Running launchers/pretrain.py as real processes (single, torchrun, two 'nodes'), and several
+runs of a launcher in one launch (scenario_worker.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = str(REPO / "launchers" / "pretrain.py")
+SCENARIO_WORKER = REPO / "tests" / "parallel" / "scenario_worker.py"
 
 TINY_CONFIG = """
 model:
@@ -120,3 +125,48 @@ def worst_relative(a: dict, b: dict) -> float:
         diff = (a[k].float() - b[k].float()).norm().item()
         worst = max(worst, diff / denom if denom else diff)
     return worst
+
+
+def launch_scenarios(tmp, ranks, launcher, runs, name):
+    """Several runs of ``launcher`` in one launch of ``ranks`` processes (scenario_worker.py)."""
+    spec = tmp / f"{name}.json"
+    spec.write_text(json.dumps([[str(a) for a in argv] for argv in runs]))
+    head = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port())]
+    return subprocess.run([*head, str(SCENARIO_WORKER), str(launcher), str(spec)], capture_output=True, text=True,
+                          env=env(), timeout=1200, cwd=REPO)
+
+
+class RunOutput(NamedTuple):
+    """One run of a shared launch: whether every rank's ``main()`` returned 0, rank 0's output
+    during the run, and the launch's stderr (for the failure message)."""
+    ok: bool
+    stdout: str
+    stderr: str
+
+
+def run_outputs(r: subprocess.CompletedProcess, n: int, ranks: int) -> list:
+    """A launch of ``n`` runs (scenario_worker.py) split by run: a run that did not end on every
+    rank with status 0 (or a launch that died before it ended) is not ok."""
+    exits = defaultdict(dict)
+    # not anchored to lines: the ranks' outputs meet in one pipe, a line of one may end in another's
+    for i, status, rank in re.findall(r"scenario (\d+): exit (-?\w+) \(rank (\d+)\)", r.stdout):
+        exits[int(i)][int(rank)] = status
+    parts = re.split(r"scenario \d+: start", r.stdout)[1:]
+    parts += [""] * (n - len(parts))
+    return [RunOutput(sorted(exits[i]) == list(range(ranks)) and set(exits[i].values()) == {"0"}, parts[i], r.stderr)
+            for i in range(n)]
+
+
+def shared_launches(tmp, items: list, name: str) -> dict:
+    """``items``: (key, ranks, argv); the runs of each rank count in one launch, in order;
+    key -> RunOutput."""
+    by_ranks = defaultdict(list)
+    for key, ranks, argv in items:
+        by_ranks[ranks].append((key, argv))
+    done = {}
+    for ranks, runs_ in by_ranks.items():
+        r = launch_scenarios(tmp, ranks, REPO / "launchers" / "pretrain.py", [a for _, a in runs_], f"{name}_{ranks}ranks")
+        done.update(zip([k for k, _ in runs_], run_outputs(r, len(runs_), ranks)))
+    return done

@@ -10,16 +10,14 @@ checkpoint is written once. Runs of the same number of ranks share a launch
 Fine-tuning and evaluation start from checkpoints of every layout."""
 
 import json
-import re
 import subprocess
 import sys
 from collections import defaultdict
-from typing import NamedTuple
 
 import pytest
 
-from .launch_helpers import (REPO, env, free_port, losses, run_single, run_torchrun, weights, worst_relative,
-                             write_config)
+from .launch_helpers import (REPO, env, launch_scenarios, losses, run_single, run_torchrun, shared_launches, weights,
+                             worst_relative, write_config)
 
 STEPS, EVERY, EVAL_EVERY = 4, 2, 3  # checkpoints at 2 (and 4); evaluations at 3 and at the end
 RECIPE = ["--set", "data.mixup=0.8", "--set", "data.cutmix=1.0", "--set", "data.randaug=true",
@@ -49,7 +47,6 @@ OTHER_TARGETS = {"zero2x1": (1, DS["zero2"]), "pipe2x2": (4, PIPE), "pipe2x1z1":
 PAIRS = {"zero2x1": ["zero2x2"], "pipe2x2": ["zero3x2"], "pipe2x1z1": ["pipe2x2z2"]}
 # Runs besides the layouts', in their launches: a ZeRO-3 x2 checkpoint without its layout-free form
 NATIVE = {"zero3x2_native": (2, [*DS["zero3"], "--set", "train.portable_checkpoint=false"])}
-WORKER = REPO / "tests" / "parallel" / "scenario_worker.py"
 CHECKPOINT = f"checkpoints/step_{EVERY:08d}"
 
 
@@ -59,51 +56,6 @@ def _run(tmp, data_root, name, ranks, extra, resume=None):
     r = run_single(cfg, *args) if ranks == 1 and "--deepspeed_config" not in extra else run_torchrun(cfg, ranks, *args)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / name, r
-
-
-def _scenarios(tmp, ranks, launcher, runs, name):
-    """Several runs of ``launcher`` in one launch of ``ranks`` processes (scenario_worker.py)."""
-    spec = tmp / f"{name}.json"
-    spec.write_text(json.dumps([[str(a) for a in argv] for argv in runs]))
-    head = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port())]
-    return subprocess.run([*head, str(WORKER), str(launcher), str(spec)], capture_output=True, text=True, env=env(),
-                          timeout=1200, cwd=REPO)
-
-
-class RunOutput(NamedTuple):
-    """One run of a shared launch: whether every rank's ``main()`` returned 0, rank 0's output
-    during the run, and the launch's stderr (for the failure message)."""
-    ok: bool
-    stdout: str
-    stderr: str
-
-
-def run_outputs(r: subprocess.CompletedProcess, n: int, ranks: int) -> list:
-    """A launch of ``n`` runs (scenario_worker.py) split by run: a run that did not end on every
-    rank with status 0 (or a launch that died before it ended) is not ok."""
-    exits = defaultdict(dict)
-    # not anchored to lines: the ranks' outputs meet in one pipe, a line of one may end in another's
-    for i, status, rank in re.findall(r"scenario (\d+): exit (-?\w+) \(rank (\d+)\)", r.stdout):
-        exits[int(i)][int(rank)] = status
-    parts = re.split(r"scenario \d+: start", r.stdout)[1:]
-    parts += [""] * (n - len(parts))
-    return [RunOutput(sorted(exits[i]) == list(range(ranks)) and set(exits[i].values()) == {"0"}, parts[i], r.stderr)
-            for i in range(n)]
-
-
-def _shared_launches(tmp, items: list, name: str) -> dict:
-    """``items``: (key, ranks, argv); the runs of each rank count in one launch, in order;
-    key -> RunOutput."""
-    by_ranks = defaultdict(list)
-    for key, ranks, argv in items:
-        by_ranks[ranks].append((key, argv))
-    done = {}
-    for ranks, runs_ in by_ranks.items():
-        r = _scenarios(tmp, ranks, REPO / "launchers" / "pretrain.py", [a for _, a in runs_], f"{name}_{ranks}ranks")
-        done.update(zip([k for k, _ in runs_], run_outputs(r, len(runs_), ranks)))
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +69,7 @@ def runs(tmp_path_factory):
     prepare_digits(data_root)
     items = [(name, ranks, ["--config", write_config(tmp, name, data_root, steps=STEPS, every=EVERY), *RECIPE, *extra])
              for name, (ranks, extra) in {**LAYOUTS, **NATIVE}.items()]
-    for name, o in _shared_launches(tmp, items, "layouts").items():
+    for name, o in shared_launches(tmp, items, "layouts").items():
         assert o.ok, (name, o.stdout[-2000:], o.stderr[-3000:])
     return tmp, data_root, {name: tmp / name for name in {**LAYOUTS, **NATIVE}}
 
@@ -135,7 +87,7 @@ def resumed(runs):
             items.append(((target, source), ranks, ["--config", cfg, *RECIPE, *extra, *TARGET_EXTRA.get(target, []),
                                                     "--resume", out[source] / CHECKPOINT]))
     done = defaultdict(dict)
-    for (target, source), o in _shared_launches(tmp, items, "resumes").items():
+    for (target, source), o in shared_launches(tmp, items, "resumes").items():
         done[target][source] = (tmp / f"{source}_to_{target}", o)
     return done
 
@@ -239,7 +191,7 @@ def test_finetune_and_evaluate_checkpoints_of_every_layout(runs):
     for kind in kinds:
         cfg = write_config(tmp, f"ft_from_{kind}", data_root, steps=1)
         argvs.append(["--config", cfg, "--pretrained", out[kind] / CHECKPOINT, "--set", "train.lr=1.0e-4"])
-    r = _scenarios(tmp, 1, REPO / "launchers" / "finetune.py", argvs, "finetune_every_layout")
+    r = launch_scenarios(tmp, 1, REPO / "launchers" / "finetune.py", argvs, "finetune_every_layout")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("loaded ") == len(kinds), r.stdout[-3000:]
     first = {k: losses(tmp / f"ft_from_{k}")[1] for k in kinds}

@@ -1,6 +1,8 @@
 """launchers/pretrain.py across backends, as real processes on gloo: every mode trains the
 same global batches to the same weights; a SIGKILLed run resumes exactly; bad input gets a
-one-line error."""
+one-line error. The uninterrupted runs the tests compare with share two launches (one process,
+two ranks; scenario_worker.py), so each is also a run after others in the same process: the
+bitwise comparisons (two nodes, SIGKILL, restarts) hold across that too."""
 
 import json
 import os
@@ -12,38 +14,61 @@ from pathlib import Path
 import pytest
 
 from .launch_helpers import (LAUNCHER, REPO, env, free_port, kill_once_logged, losses, run_single, run_torchrun,
-                             weights, worst_relative, write_config)
+                             shared_launches, weights, worst_relative, write_config)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
+ZERO = {stage: ["--deepspeed_config", str(REPO / "ds_configs" / f"{stage}.json")]
+        for stage in ("zero1", "zero2", "zero3", "zero3_offload")}
+BACKEND_MODES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload", "single_accum4", "ddp_accum4", "zero2_accum4",
+                 "zero3_accum4"]
+
+
+def _backend_run(mode):
+    backend, _, accum = mode.partition("_accum")
+    extra = ZERO.get(backend, []) + (["--set", f"train.grad_accum={accum}"] if accum else [])
+    if mode == "zero3_accum4":  # and the final checkpoint written in the background: the export reads it
+        extra += ["--set", "train.async_checkpoint=true"]
+    return 1 if backend == "single" else 2, {}, extra
+
+
+# The uninterrupted runs the tests compare with: name -> (ranks, write_config's settings, arguments)
+SHARED_RUNS = {"single": (1, {}, []), **{mode: _backend_run(mode) for mode in BACKEND_MODES},
+               "uninterrupted": (1, {"steps": 8, "every": 2}, []), "partial": (1, {"steps": 4, "every": 2}, []),
+               "adam_single": (1, {"optimizer": "adamw"}, []), "adam_zero2": (2, {"optimizer": "adamw"}, ZERO["zero2"]),
+               "restart_ref_ddp": (2, {"steps": 8, "every": 2}, []),
+               "restart_ref_zero2": (2, {"steps": 8, "every": 2}, ZERO["zero2"]), "one_node": (2, {}, [])}
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
+    """The digits, and every run of SHARED_RUNS: those of one rank count share a launch
+    (scenario_worker.py), each run's exit and output checked by the test that reads it;
+    (folder, data, the single-process reference's folder, name -> RunOutput)."""
     tmp = tmp_path_factory.mktemp("launch")
     data_root = tmp / "digits"
     from revcol_dist.data.digits import prepare_digits
 
     prepare_digits(data_root)
-    cfg = write_config(tmp, "single", data_root)
-    r = run_single(cfg)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, data_root, tmp / "single"
+    items = [(name, ranks, ["--config", write_config(tmp, name, data_root, **settings), *extra])
+             for name, (ranks, settings, extra) in SHARED_RUNS.items()]
+    runs = shared_launches(tmp, items, "shared")
+    assert runs["single"].ok, (runs["single"].stdout[-2000:], runs["single"].stderr[-3000:])
+    return tmp, data_root, tmp / "single", runs
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero1", "zero2", "zero3", "zero3_offload",
-                                  "single_accum4", "ddp_accum4", "zero2_accum4", "zero3_accum4"])
+def _ok(run):
+    assert run.ok, (run.stdout[-2000:], run.stderr[-3000:])
+
+
+@pytest.mark.parametrize("mode", BACKEND_MODES)
 def test_backends_match_single_process(work, mode):
     """Every backend, and train.grad_accum=4 (the same global batch in 4 micro-batches per rank,
     one optimizer step) on each, follows the single-process run."""
-    tmp, data_root, ref = work
-    cfg = write_config(tmp, mode, data_root)
-    backend, _, accum = mode.partition("_accum")
-    extra = [] if backend in ("single", "ddp") else ["--deepspeed_config", str(REPO / "ds_configs" / f"{backend}.json")]
-    extra += ["--set", f"train.grad_accum={accum}"] if accum else []
-    if mode == "zero3_accum4":  # and the final checkpoint written in the background: the export reads it
-        extra += ["--set", "train.async_checkpoint=true"]
-    r = run_single(cfg, *extra) if backend == "single" else run_torchrun(cfg, 2, *extra)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tmp, data_root, ref, runs = work
+    backend = mode.partition("_accum")[0]
+    _ok(runs[mode])
     got = json.loads((tmp / mode / "metrics.json").read_text())
     assert got["backend"] == (backend if backend in ("single", "ddp") else f"zero{backend[4]}")
     assert got["world_size"] == (1 if backend == "single" else 2)
@@ -60,10 +85,8 @@ def test_backends_match_single_process(work, mode):
 
 
 def test_two_nodes_match_one_node(work):
-    tmp, data_root, _ = work
-    one = write_config(tmp, "one_node", data_root)
-    r = run_torchrun(one, 2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tmp, data_root, _, runs = work
+    _ok(runs["one_node"])
     two = write_config(tmp, "two_nodes", data_root)
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
@@ -78,10 +101,8 @@ def test_two_nodes_match_one_node(work):
 
 
 def test_sigkill_then_resume_auto_continues_exactly(work):
-    tmp, data_root, _ = work
-    full = write_config(tmp, "uninterrupted", data_root, steps=8, every=2)
-    r = run_single(full)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tmp, data_root, _, runs = work
+    _ok(runs["uninterrupted"])
     cfg = write_config(tmp, "killed", data_root, steps=8, every=2)
     out = tmp / "killed"
     p = kill_once_logged([sys.executable, LAUNCHER, "--config", str(cfg)], out, 5)  # checkpoint at 4 committed
@@ -97,10 +118,9 @@ def test_sigkill_then_resume_auto_continues_exactly(work):
 
 
 def test_crash_mid_checkpoint_leaves_previous_usable(work):
-    tmp, data_root, _ = work
-    cfg = write_config(tmp, "partial", data_root, steps=4, every=2)
-    r = run_single(cfg)
-    assert r.returncode == 0
+    tmp, data_root, _, runs = work
+    _ok(runs["partial"])
+    cfg = tmp / "partial.yaml"
     ck = tmp / "partial" / "checkpoints"
     # a half-written next checkpoint, as a crash during save leaves it
     (ck / ".tmp_step_00000006").mkdir()
@@ -122,7 +142,7 @@ def _one_line_error(r):
 
 
 def test_bad_input_one_line_errors(work, tmp_path):
-    tmp, data_root, ref = work
+    tmp, data_root, ref, _ = work
     cfg = write_config(tmp, "bad", data_root)
     line = _one_line_error(run_single(cfg, "--set", "train.lrr=1"))
     assert "unknown config key 'train.lrr'" in line
@@ -141,12 +161,9 @@ def test_bad_input_one_line_errors(work, tmp_path):
 
 
 def test_adamw_zero2_matches_single_process_losses(work):
-    tmp, data_root, _ = work
-    ref_cfg = write_config(tmp, "adam_single", data_root, optimizer="adamw")
-    assert run_single(ref_cfg).returncode == 0
-    cfg = write_config(tmp, "adam_zero2", data_root, optimizer="adamw")
-    r = run_torchrun(cfg, 2, "--deepspeed_config", str(REPO / "ds_configs" / "zero2.json"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    tmp, data_root, _, runs = work
+    _ok(runs["adam_single"])
+    _ok(runs["adam_zero2"])
     a, b = losses(tmp / "adam_single"), losses(tmp / "adam_zero2")
     assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
     # Adam moves parameters whose gradient is rounding noise by a full step either way:
@@ -154,15 +171,13 @@ def test_adamw_zero2_matches_single_process_losses(work):
     assert worst_relative(weights(tmp / "adam_single"), weights(tmp / "adam_zero2")) < 1e-4
 
 
-
 @pytest.mark.parametrize("mode", ["ddp", "zero2"])
 def test_torchrun_max_restarts_resumes_after_a_dead_rank(work, mode):
     """The last rank dies (exit 13) after step 5; torchrun restarts the group, which resumes from
     the step-4 checkpoint and ends on the uninterrupted trajectory."""
-    tmp, data_root, _ = work
-    ref = write_config(tmp, f"restart_ref_{mode}", data_root, steps=8, every=2)
-    extra = [] if mode == "ddp" else ["--deepspeed_config", str(REPO / "ds_configs" / "zero2.json")]
-    assert run_torchrun(ref, 2, *extra).returncode == 0
+    tmp, data_root, _, runs = work
+    _ok(runs[f"restart_ref_{mode}"])
+    extra = ZERO.get(mode, [])
     cfg = write_config(tmp, f"restarted_{mode}", data_root, steps=8, every=2)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                         "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",

@@ -12,7 +12,7 @@ from revcol_dist.models import create_model
 from revcol_dist.parallel.pipeline import bubble_fraction, column_costs, one_f_one_b, partition_table, split_columns
 from revcol_dist.parallel.pipeline.schedule import max_in_flight
 
-from .launch_helpers import (LAUNCHER, REPO, env, free_port, losses, run_single, run_torchrun, weights,
+from .launch_helpers import (LAUNCHER, REPO, env, free_port, losses, run_torchrun, shared_launches, weights,
                              worst_relative, write_config)
 
 WORKER = str(REPO / "tests" / "parallel" / "pipeline_worker.py")
@@ -148,28 +148,43 @@ def digits(tmp_path_factory):
     return tmp, data_root
 
 
+# The uninterrupted runs: name -> (ranks, write_config's settings, arguments); those of one rank
+# count share a launch (scenario_worker.py)
+PIPE_RUNS = {"ref": (1, {"steps": 4}, []), "pipe2": (2, {"steps": 4}, PIPE), "pipe4": (4, {"steps": 4}, PIPE),
+             "pipe_full": (2, {"steps": 6, "every": 3}, PIPE)}
+
+
+@pytest.fixture(scope="module")
+def pipe_runs(digits):
+    """Every run of PIPE_RUNS, in one launch per rank count: name -> RunOutput."""
+    tmp, data_root = digits
+    items = [(name, ranks, ["--config", write_config(tmp, name, data_root, **settings), *extra])
+             for name, (ranks, settings, extra) in PIPE_RUNS.items()]
+    return shared_launches(tmp, items, "pipe_runs")
+
+
+def _ok(run):
+    assert run.ok, (run.stdout[-2000:], run.stderr[-3000:])
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_pretrain_launcher_on_the_pipeline(digits, nproc):
+def test_pretrain_launcher_on_the_pipeline(digits, pipe_runs, nproc):
     """2 stages x 1 and x 2 replicas train the same global batches to the same weights as one
     process; the export holds every stage's weights; evaluation runs through the stages."""
     tmp, data_root = digits
-    ref = write_config(tmp, f"ref{nproc}", data_root, steps=4)
-    r = run_single(ref)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cfg = write_config(tmp, f"pipe{nproc}", data_root, steps=4)
-    r = run_torchrun(cfg, nproc, *PIPE)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "pipeline partition by params (2 stages)" in r.stdout
-    a, b = losses(tmp / f"ref{nproc}"), losses(tmp / f"pipe{nproc}")
+    _ok(pipe_runs["ref"])
+    _ok(pipe_runs[f"pipe{nproc}"])
+    assert "pipeline partition by params (2 stages)" in pipe_runs[f"pipe{nproc}"].stdout
+    a, b = losses(tmp / "ref"), losses(tmp / f"pipe{nproc}")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a), (a, b)
-    wa, wb = weights(tmp / f"ref{nproc}"), weights(tmp / f"pipe{nproc}")
+    wa, wb = weights(tmp / "ref"), weights(tmp / f"pipe{nproc}")
     assert worst_relative(wa, wb) < 1e-4
     # each stage averages its own weights; the export gathers them
-    assert worst_relative(weights(tmp / f"ref{nproc}", "state_dict_ema"), weights(tmp / f"pipe{nproc}", "state_dict_ema")) < 1e-4
-    ma = json.loads((tmp / f"ref{nproc}" / "metrics.json").read_text())
+    assert worst_relative(weights(tmp / "ref", "state_dict_ema"), weights(tmp / f"pipe{nproc}", "state_dict_ema")) < 1e-4
+    ma = json.loads((tmp / "ref" / "metrics.json").read_text())
     mb = json.loads((tmp / f"pipe{nproc}" / "metrics.json").read_text())
     assert mb["backend"] == f"pipeline2x{nproc // 2}"
     assert abs(ma["val_top1"] - mb["val_top1"]) <= 0.5  # same weights up to rounding: same predictions, nearly
@@ -185,10 +200,9 @@ def test_pretrain_launcher_on_the_pipeline(digits, nproc):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_pipeline_run_resumes_after_a_dead_rank(digits):
+def test_pipeline_run_resumes_after_a_dead_rank(digits, pipe_runs):
     tmp, data_root = digits
-    full = write_config(tmp, "pipe_full", data_root, steps=6, every=3)
-    assert run_torchrun(full, 2, *PIPE).returncode == 0
+    _ok(pipe_runs["pipe_full"])
     cfg = write_config(tmp, "pipe_killed", data_root, steps=6, every=3)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCHER,

@@ -1,6 +1,7 @@
 """ZeRO-Infinity (ds_configs/zero3_nvme.json): optimizer states and parameters on NVMe train to
 the same weights as in-memory ZeRO-3, on 2 gloo ranks. Needs libaio (the async_io op is built
-on first use, a few minutes; cached under TORCH_EXTENSIONS_DIR)."""
+on first use, a few minutes; cached under TORCH_EXTENSIONS_DIR). The uninterrupted runs share
+one launch."""
 
 import json
 import subprocess
@@ -8,7 +9,8 @@ import sys
 
 import pytest
 
-from .launch_helpers import LAUNCHER, REPO, env, free_port, losses, run_torchrun, weights, worst_relative, write_config
+from .launch_helpers import (LAUNCHER, REPO, env, free_port, losses, run_torchrun, shared_launches, weights, worst_relative,
+                             write_config)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -29,35 +31,6 @@ def aio():
         pytest.skip("DeepSpeed's async_io op does not build here (apt-get install libaio-dev)")
 
 
-def test_nvme_offload_matches_in_memory_zero3(aio, tmp_path):
-    data_root = tmp_path / "digits"
-    from revcol_dist.data.digits import prepare_digits
-
-    prepare_digits(data_root)
-    ref = write_config(tmp_path, "zero3", data_root)
-    r = run_torchrun(ref, 2, "--deepspeed_config", str(REPO / "ds_configs" / "zero3.json"), *BIGGER)
-    assert r.returncode == 0, r.stderr[-3000:]
-    nvme = tmp_path / "nvme"
-    nvme.mkdir()
-    ds = json.loads((REPO / "ds_configs" / "zero3_nvme.json").read_text())
-    for part in ("offload_optimizer", "offload_param"):
-        ds["zero_optimization"][part]["nvme_path"] = str(nvme)
-        ds["zero_optimization"][part]["pin_memory"] = False
-    ds_path = tmp_path / "zero3_nvme.json"
-    ds_path.write_text(json.dumps(ds))
-    cfg = write_config(tmp_path, "zero3_nvme", data_root)
-    r = run_torchrun(cfg, 2, "--deepspeed_config", str(ds_path), *BIGGER, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    swap = [f for f in nvme.rglob("*") if f.is_file()]
-    assert sum(f.stat().st_size for f in swap) > 2**20, "nothing was swapped to the NVMe path"
-    a, b = losses(tmp_path / "zero3"), losses(tmp_path / "zero3_nvme")
-    with_ema = run_torchrun(cfg, 2, "--deepspeed_config", str(ds_path), *BIGGER[:-2], "--set", "train.ema_decay=0.5")
-    assert with_ema.returncode != 0 and "offloads parameters to NVMe" in with_ema.stderr
-    assert a.keys() == b.keys() == {1, 2, 3}
-    assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
-    assert worst_relative(weights(tmp_path / "zero3"), weights(tmp_path / "zero3_nvme")) < 1e-5
-
-
 def _nvme_config(tmp_path, name):
     nvme = tmp_path / f"nvme_{name}"
     nvme.mkdir()
@@ -70,16 +43,48 @@ def _nvme_config(tmp_path, name):
     return path
 
 
-def test_nvme_checkpoint_resumes_exactly(aio, tmp_path):
-    """DeepSpeed copies the NVMe swap files into the checkpoint (offloaded_tensors/) and back on
-    load; the resumed run must continue on the uninterrupted trajectory, Adam moments included."""
-    data_root = tmp_path / "digits"
+@pytest.fixture(scope="module")
+def runs(aio, tmp_path_factory):
+    """The uninterrupted runs, in one launch of 2 ranks (scenario_worker.py): in-memory ZeRO-3,
+    the same on NVMe, and a 6-step AdamW run on NVMe that the resume test continues."""
+    tmp = tmp_path_factory.mktemp("zero_infinity")
+    data_root = tmp / "digits"
     from revcol_dist.data.digits import prepare_digits
 
     prepare_digits(data_root)
-    full = write_config(tmp_path, "full", data_root, steps=6, every=3, optimizer="adamw")
-    r = run_torchrun(full, 2, "--deepspeed_config", str(_nvme_config(tmp_path, "full")), *BIGGER, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
+    zero3 = ["--deepspeed_config", str(REPO / "ds_configs" / "zero3.json")]
+    items = [("zero3", 2, ["--config", write_config(tmp, "zero3", data_root), *zero3, *BIGGER]),
+             ("zero3_nvme", 2, ["--config", write_config(tmp, "zero3_nvme", data_root),
+                                "--deepspeed_config", _nvme_config(tmp, "zero3_nvme"), *BIGGER]),
+             ("full", 2, ["--config", write_config(tmp, "full", data_root, steps=6, every=3, optimizer="adamw"),
+                          "--deepspeed_config", _nvme_config(tmp, "full"), *BIGGER])]
+    return tmp, data_root, shared_launches(tmp, items, "zero_infinity")
+
+
+def _ok(run):
+    assert run.ok, (run.stdout[-2000:], run.stderr[-3000:])
+
+
+def test_nvme_offload_matches_in_memory_zero3(runs):
+    tmp, data_root, done = runs
+    _ok(done["zero3"])
+    _ok(done["zero3_nvme"])
+    swap = [f for f in (tmp / "nvme_zero3_nvme").rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in swap) > 2**20, "nothing was swapped to the NVMe path"
+    a, b = losses(tmp / "zero3"), losses(tmp / "zero3_nvme")
+    with_ema = run_torchrun(tmp / "zero3_nvme.yaml", 2, "--deepspeed_config", str(tmp / "zero3_nvme.json"), *BIGGER[:-2],
+                            "--set", "train.ema_decay=0.5")
+    assert with_ema.returncode != 0 and "offloads parameters to NVMe" in with_ema.stderr
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
+    assert worst_relative(weights(tmp / "zero3"), weights(tmp / "zero3_nvme")) < 1e-5
+
+
+def test_nvme_checkpoint_resumes_exactly(runs, tmp_path):
+    """DeepSpeed copies the NVMe swap files into the checkpoint (offloaded_tensors/) and back on
+    load; the resumed run must continue on the uninterrupted trajectory, Adam moments included."""
+    tmp, data_root, done = runs
+    _ok(done["full"])
     part = write_config(tmp_path, "part", data_root, steps=6, every=3, optimizer="adamw")
     ds_part = _nvme_config(tmp_path, "part")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -92,7 +97,7 @@ def test_nvme_checkpoint_resumes_exactly(aio, tmp_path):
     r = run_torchrun(part, 2, "--deepspeed_config", str(ds_part), *BIGGER, "--resume", "auto", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 3" in r.stdout
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    a, b = losses(tmp / "full"), losses(tmp_path / "part")
     assert a.keys() == b.keys() == set(range(1, 7))
     assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a), (a, b)
-    assert worst_relative(weights(tmp_path / "full"), weights(tmp_path / "part")) < 1e-6
+    assert worst_relative(weights(tmp / "full"), weights(tmp_path / "part")) < 1e-6

@@ -60,6 +60,7 @@ def test_activation_figures_match_measured_within_15_percent(name, res):
     assert 0.85 <= act / meter.peak <= 1.15, (act, meter.peak)
 
 
+@pytest.mark.launches
 def test_huge_plan_counts_and_cli():
     r = subprocess.run([sys.executable, "-m", "revcol_dist.plan", "--model", "revcol_huge", "--nodes", "8",
                         "--gpus-per-node", "8", "--gpu-mem", "80", "--zero", "3", "--batch", "8", "--res", "224",
@@ -105,6 +106,7 @@ def test_forward_macs_match_the_published_flops(name, res, published):
     assert forward_macs(get_variant(name), res) / 1e9 == pytest.approx(published, rel=0.01)
 
 
+@pytest.mark.launches
 def test_throughput_comes_from_the_measured_row_or_says_it_is_assumed():
     """A plan of the measured configuration gives back the measured images/s (an MFU derived
     against the planner's own FLOPs, not assumed); another batch or world keeps that MFU; a

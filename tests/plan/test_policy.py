@@ -26,6 +26,7 @@ def test_plain_where_it_fits_else_reversible():
 
 
 @pytest.mark.slow
+@pytest.mark.launches
 def test_launcher_applies_the_policy(tmp_path):
     """auto on a CPU: reversible, said; plain: the same losses as reversible (fp32, 1e-5)."""
     from revcol_dist.data.digits import prepare_digits
