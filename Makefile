@@ -12,7 +12,7 @@ APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config libaio-dev
 # Optional too: Chromium, for the test that renders TensorBoard's landing page (it skips without).
 BROWSER_PKGS := chromium
 
-.PHONY: setup apt pretrain test test-fast gpu-check clean
+.PHONY: setup apt pretrain test test-fast gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,18 @@ test: setup
 GPU_PY ?= $(PY)
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py $(ARGS)
+
+# DeepSpeed and its needs as wheels in .gpu/whl (git ignores it), for a GPU machine without a
+# package registry: carry .gpu there and run benchmarks/gpu_session.sh (../shared/gpu/README.md).
+GPU_WHEELS := hjson pydantic pydantic_core annotated-types typing-inspection
+gpu-wheels: setup
+	mkdir -p .gpu/whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt; done)
+	$(PY) -m pip download -q --no-deps --no-binary=:all: -d .gpu/sdist $$(grep -i '^deepspeed==' constraints.txt)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation .gpu/sdist/deepspeed-*.tar.gz -w .gpu/whl
+	ls .gpu/whl
 
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow and not multiprocess" $(ARGS)

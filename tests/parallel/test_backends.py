@@ -66,3 +66,21 @@ def test_step_clips_by_the_global_norm_and_skips_non_finite_gradients():
     kept = {n: p.detach().clone() for n, p in b.model.named_parameters()}
     assert not b.step(lr=1.0)
     assert all(torch.equal(kept[n], p) for n, p in b.model.named_parameters())
+
+
+def test_zero3_fetches_each_block_fusion_and_head_whole():
+    """Under ZeRO-3 DeepSpeed hooks the ConvNeXt blocks, fusions and heads as wholes (leaf
+    modules), not their every sub-module: one gather each (the launchers' ZeRO-3 runs check that
+    nothing else changes)."""
+    from revcol_dist.models.column import Fusion
+    from revcol_dist.models.heads import Classifier
+    from revcol_dist.models.layers import ConvNeXtBlock
+    from revcol_dist.parallel.backends import fetch_whole_blocks
+
+    model = create_model("revcol_tiny", channels=[8, 16, 24, 32], layers=[1, 1, 1, 1], num_columns=2,
+                         num_classes=10, inter_supv=True)
+    whole = [m for m in model.modules() if isinstance(m, (ConvNeXtBlock, Fusion, Classifier))]
+    assert fetch_whole_blocks(model) == len(whole) > 2 * 4
+    assert all(getattr(m, "_z3_leaf", False) for m in whole)
+    others = [m for m in model.modules() if not isinstance(m, (ConvNeXtBlock, Fusion, Classifier))]
+    assert not any(getattr(m, "_z3_leaf", False) for m in others)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 25's GPU measurements in one command, for a session lent a GPU for 15 minutes in all:
+# DeepSpeed from the wheels in .gpu/whl (`make gpu-wheels` builds them on a machine with a
+# package registry), then the speed rows, the kernel table and the checks, each under its own
+# time limit (about 7 minutes together), each writing one file under $OUT (default gpu_out).
+# Run from the project root, carrying .gpu:   bash benchmarks/gpu_session.sh
+# What comes back: session.log (the device, each part's exit status and its last errors) and one
+# JSON-lines file per part (docs/benchmarks.md says what each row means).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+if ls .gpu/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl >>"$LOG" 2>&1
+fi
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi";
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >>"$LOG" 2>&1
+
+part() {  # part NAME LIMIT_S COMMAND...: its stdout to NAME.jsonl, its exit and last stderr lines to the log
+  local name=$1 limit=$2 t0=$SECONDS status
+  shift 2
+  timeout "$limit" "$@" >"$OUT/$name.jsonl" 2>"/tmp/$name.err"
+  status=$?
+  { echo "== $name: exit $status after $((SECONDS - t0)) s (limit $limit s)"; tail -n 15 "/tmp/$name.err"; } >>"$LOG"
+  cat "$OUT/$name.jsonl"
+}
+
+# RevCol-B at batch 128: eager and compiled, reversible and plain, and timm's ConvNeXt-B in the same process
+part gpu_step_base 170 python3 benchmarks/gpu_step.py --models revcol_base --policies reversible plain --compile both
+# RevCol-T at batch 64 (launch-bound?), reversible, eager and compiled
+part gpu_step_tiny 80 python3 benchmarks/gpu_step.py --models revcol_tiny --policies reversible --compile both
+# Per-kernel table of RevCol-B's step: achieved GB/s and TFLOP/s against the H200's
+part kernel_table 70 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table.py
+# Correctness on the device: process groups on NCCL, reversible gradients, offload, planner, data path
+part gpu_check 130 python3 benchmarks/gpu_check.py --budget-s 115
+cat "$LOG"
