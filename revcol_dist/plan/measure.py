@@ -36,11 +36,13 @@ def build_and_step(model_name: str, zero: int, cfg: dict, batch: int = BATCH, re
 
     from ..engine.optim import make_optimizer
     from ..models import create_model
+    from ..parallel.backends import fetch_whole_blocks
 
     torch.manual_seed(0)
     if zero == 3:
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = create_model(model_name, num_classes=1000)
+        fetch_whole_blocks(model)  # as the Trainer's DeepSpeedBackend does
     else:
         model = create_model(model_name, num_classes=1000)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
