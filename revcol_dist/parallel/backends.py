@@ -270,10 +270,8 @@ def fetch_whole_blocks(model: torch.nn.Module) -> int:
     installs its hooks); returns how many."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    if not any(isinstance(m, WHOLE_UNDER_ZERO3) for m in model.modules()):
-        return 0
-    present = [c for c in WHOLE_UNDER_ZERO3 if any(isinstance(m, c) for m in model.modules())]
-    return len(set_z3_leaf_modules(model, present))
+    present = {type(m) for m in model.modules() if isinstance(m, WHOLE_UNDER_ZERO3)}
+    return len(set_z3_leaf_modules(model, list(present))) if present else 0
 
 
 class DeepSpeedBackend(Backend):

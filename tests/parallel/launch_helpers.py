@@ -170,3 +170,16 @@ def shared_launches(tmp, items: list, name: str) -> dict:
         r = launch_scenarios(tmp, ranks, REPO / "launchers" / "pretrain.py", [a for _, a in runs_], f"{name}_{ranks}ranks")
         done.update(zip([k for k, _ in runs_], run_outputs(r, len(runs_), ranks)))
     return done
+
+
+def assert_ok(run: RunOutput, *context) -> None:
+    """A run of a shared launch ended with status 0 on every rank; else its output in the failure."""
+    assert run.ok, (*context, run.stdout[-2000:], run.stderr[-3000:])
+
+
+def launch_runs(tmp: Path, data_root: Path, runs: dict, name: str) -> dict:
+    """``runs``: name -> (ranks, write_config's settings, launcher arguments); each run's config
+    written, the runs of each rank count in one launch (``shared_launches``); name -> RunOutput."""
+    items = [(run, ranks, ["--config", write_config(tmp, run, data_root, **settings), *extra])
+             for run, (ranks, settings, extra) in runs.items()]
+    return shared_launches(tmp, items, name)

@@ -16,8 +16,8 @@ from collections import defaultdict
 
 import pytest
 
-from .launch_helpers import (REPO, env, launch_scenarios, losses, run_single, run_torchrun, shared_launches, weights,
-                             worst_relative, write_config)
+from .launch_helpers import (REPO, assert_ok, env, launch_scenarios, losses, run_single, run_torchrun, shared_launches,
+                             weights, worst_relative, write_config)
 
 STEPS, EVERY, EVAL_EVERY = 4, 2, 3  # checkpoints at 2 (and 4); evaluations at 3 and at the end
 RECIPE = ["--set", "data.mixup=0.8", "--set", "data.cutmix=1.0", "--set", "data.randaug=true",
@@ -70,7 +70,7 @@ def runs(tmp_path_factory):
     items = [(name, ranks, ["--config", write_config(tmp, name, data_root, steps=STEPS, every=EVERY), *RECIPE, *extra])
              for name, (ranks, extra) in {**LAYOUTS, **NATIVE}.items()]
     for name, o in shared_launches(tmp, items, "layouts").items():
-        assert o.ok, (name, o.stdout[-2000:], o.stderr[-3000:])
+        assert_ok(o, name)
     return tmp, data_root, {name: tmp / name for name in {**LAYOUTS, **NATIVE}}
 
 
@@ -150,7 +150,7 @@ def test_resume_matrix(runs, resumed, target):
     ranks = {**LAYOUTS, **OTHER_TARGETS}[target][0]
     worst = {}
     for source, (folder, r) in resumed[target].items():
-        assert r.ok, (source, r.stdout[-2000:], r.stderr[-3000:])
+        assert_ok(r, source)
         checkpoint = out[source] / CHECKPOINT
         assert f"resumed from {checkpoint} at step {EVERY}" in r.stdout, (source, r.stdout[-2000:])
         # ZeRO-3 with and without CPU offload is one layout to a checkpoint (DeepSpeed's own, which
@@ -232,7 +232,7 @@ def test_convert_a_native_checkpoint_then_resume_it_on_another_layout(runs):
 def test_resume_from_zero_infinity_on_one_process(tmp_path):
     """ZeRO-3 with optimizer and parameters on NVMe (2 ranks) continues in one process from its
     layout-free form: the masters and moments come out of the swap files."""
-    from .test_zero_infinity import _async_io_builds
+    from .test_zero_infinity import _async_io_builds, _nvme_config
 
     if not _async_io_builds():
         pytest.skip("DeepSpeed's async_io op does not build here (apt-get install libaio-dev)")
@@ -240,17 +240,12 @@ def test_resume_from_zero_infinity_on_one_process(tmp_path):
 
     tmp, data_root = tmp_path, tmp_path / "digits"
     prepare_digits(data_root)
-    nvme = tmp / "nvme"
-    nvme.mkdir()
-    ds = json.loads((REPO / "ds_configs" / "zero3_nvme.json").read_text())
-    for part in ("offload_optimizer", "offload_param"):
-        ds["zero_optimization"][part].update(nvme_path=str(nvme), pin_memory=False)
-    (tmp / "zero3_nvme.json").write_text(json.dumps(ds))
+    ds = _nvme_config(tmp, "zero3_nvme")  # swap files under tmp / "nvme_zero3_nvme"
     # NVMe parameter offload has no EMA (refused); sub-groups this large are swapped (small ones stay in memory)
     no_ema = ["--set", "train.ema_decay=0", "--set", "model.args.channels=[64,128,256,512]",
               "--set", "model.args.num_columns=2"]
-    full, _ = _run(tmp, data_root, "nvme2", 2, ["--deepspeed_config", str(tmp / "zero3_nvme.json"), *no_ema])
-    assert sum(f.stat().st_size for f in nvme.rglob("*") if f.is_file()) > 0
+    full, _ = _run(tmp, data_root, "nvme2", 2, ["--deepspeed_config", str(ds), *no_ema])
+    assert sum(f.stat().st_size for f in (tmp / "nvme_zero3_nvme").rglob("*") if f.is_file()) > 0
     resumed, r = _run(tmp, data_root, "nvme2_to_single", 1, no_ema,
                       resume=full / "checkpoints" / f"step_{EVERY:08d}")
     assert "layout-free form" in r.stdout

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from .launch_helpers import (LAUNCHER, REPO, env, free_port, kill_once_logged, losses, run_single, run_torchrun,
-                             shared_launches, weights, worst_relative, write_config)
+from .launch_helpers import (LAUNCHER, REPO, assert_ok, env, free_port, kill_once_logged, launch_runs, losses,
+                             run_single, run_torchrun, weights, worst_relative, write_config)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -51,15 +51,9 @@ def work(tmp_path_factory):
     from revcol_dist.data.digits import prepare_digits
 
     prepare_digits(data_root)
-    items = [(name, ranks, ["--config", write_config(tmp, name, data_root, **settings), *extra])
-             for name, (ranks, settings, extra) in SHARED_RUNS.items()]
-    runs = shared_launches(tmp, items, "shared")
-    assert runs["single"].ok, (runs["single"].stdout[-2000:], runs["single"].stderr[-3000:])
+    runs = launch_runs(tmp, data_root, SHARED_RUNS, "shared")
+    assert_ok(runs["single"])
     return tmp, data_root, tmp / "single", runs
-
-
-def _ok(run):
-    assert run.ok, (run.stdout[-2000:], run.stderr[-3000:])
 
 
 @pytest.mark.parametrize("mode", BACKEND_MODES)
@@ -68,7 +62,7 @@ def test_backends_match_single_process(work, mode):
     one optimizer step) on each, follows the single-process run."""
     tmp, data_root, ref, runs = work
     backend = mode.partition("_accum")[0]
-    _ok(runs[mode])
+    assert_ok(runs[mode])
     got = json.loads((tmp / mode / "metrics.json").read_text())
     assert got["backend"] == (backend if backend in ("single", "ddp") else f"zero{backend[4]}")
     assert got["world_size"] == (1 if backend == "single" else 2)
@@ -86,7 +80,7 @@ def test_backends_match_single_process(work, mode):
 
 def test_two_nodes_match_one_node(work):
     tmp, data_root, _, runs = work
-    _ok(runs["one_node"])
+    assert_ok(runs["one_node"])
     two = write_config(tmp, "two_nodes", data_root)
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
@@ -102,7 +96,7 @@ def test_two_nodes_match_one_node(work):
 
 def test_sigkill_then_resume_auto_continues_exactly(work):
     tmp, data_root, _, runs = work
-    _ok(runs["uninterrupted"])
+    assert_ok(runs["uninterrupted"])
     cfg = write_config(tmp, "killed", data_root, steps=8, every=2)
     out = tmp / "killed"
     p = kill_once_logged([sys.executable, LAUNCHER, "--config", str(cfg)], out, 5)  # checkpoint at 4 committed
@@ -119,7 +113,7 @@ def test_sigkill_then_resume_auto_continues_exactly(work):
 
 def test_crash_mid_checkpoint_leaves_previous_usable(work):
     tmp, data_root, _, runs = work
-    _ok(runs["partial"])
+    assert_ok(runs["partial"])
     cfg = tmp / "partial.yaml"
     ck = tmp / "partial" / "checkpoints"
     # a half-written next checkpoint, as a crash during save leaves it
@@ -162,8 +156,8 @@ def test_bad_input_one_line_errors(work, tmp_path):
 
 def test_adamw_zero2_matches_single_process_losses(work):
     tmp, data_root, _, runs = work
-    _ok(runs["adam_single"])
-    _ok(runs["adam_zero2"])
+    assert_ok(runs["adam_single"])
+    assert_ok(runs["adam_zero2"])
     a, b = losses(tmp / "adam_single"), losses(tmp / "adam_zero2")
     assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a)
     # Adam moves parameters whose gradient is rounding noise by a full step either way:
@@ -176,7 +170,7 @@ def test_torchrun_max_restarts_resumes_after_a_dead_rank(work, mode):
     """The last rank dies (exit 13) after step 5; torchrun restarts the group, which resumes from
     the step-4 checkpoint and ends on the uninterrupted trajectory."""
     tmp, data_root, _, runs = work
-    _ok(runs[f"restart_ref_{mode}"])
+    assert_ok(runs[f"restart_ref_{mode}"])
     extra = ZERO.get(mode, [])
     cfg = write_config(tmp, f"restarted_{mode}", data_root, steps=8, every=2)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

@@ -12,8 +12,8 @@ from revcol_dist.models import create_model
 from revcol_dist.parallel.pipeline import bubble_fraction, column_costs, one_f_one_b, partition_table, split_columns
 from revcol_dist.parallel.pipeline.schedule import max_in_flight
 
-from .launch_helpers import (LAUNCHER, REPO, env, free_port, losses, run_torchrun, shared_launches, weights,
-                             worst_relative, write_config)
+from .launch_helpers import (LAUNCHER, REPO, assert_ok, env, free_port, launch_runs, losses, run_torchrun,
+                             weights, worst_relative, write_config)
 
 WORKER = str(REPO / "tests" / "parallel" / "pipeline_worker.py")
 
@@ -158,13 +158,7 @@ PIPE_RUNS = {"ref": (1, {"steps": 4}, []), "pipe2": (2, {"steps": 4}, PIPE), "pi
 def pipe_runs(digits):
     """Every run of PIPE_RUNS, in one launch per rank count: name -> RunOutput."""
     tmp, data_root = digits
-    items = [(name, ranks, ["--config", write_config(tmp, name, data_root, **settings), *extra])
-             for name, (ranks, settings, extra) in PIPE_RUNS.items()]
-    return shared_launches(tmp, items, "pipe_runs")
-
-
-def _ok(run):
-    assert run.ok, (run.stdout[-2000:], run.stderr[-3000:])
+    return launch_runs(tmp, data_root, PIPE_RUNS, "pipe_runs")
 
 
 @pytest.mark.multiprocess
@@ -174,8 +168,8 @@ def test_pretrain_launcher_on_the_pipeline(digits, pipe_runs, nproc):
     """2 stages x 1 and x 2 replicas train the same global batches to the same weights as one
     process; the export holds every stage's weights; evaluation runs through the stages."""
     tmp, data_root = digits
-    _ok(pipe_runs["ref"])
-    _ok(pipe_runs[f"pipe{nproc}"])
+    assert_ok(pipe_runs["ref"])
+    assert_ok(pipe_runs[f"pipe{nproc}"])
     assert "pipeline partition by params (2 stages)" in pipe_runs[f"pipe{nproc}"].stdout
     a, b = losses(tmp / "ref"), losses(tmp / f"pipe{nproc}")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
@@ -202,7 +196,7 @@ def test_pretrain_launcher_on_the_pipeline(digits, pipe_runs, nproc):
 @pytest.mark.slow
 def test_pipeline_run_resumes_after_a_dead_rank(digits, pipe_runs):
     tmp, data_root = digits
-    _ok(pipe_runs["pipe_full"])
+    assert_ok(pipe_runs["pipe_full"])
     cfg = write_config(tmp, "pipe_killed", data_root, steps=6, every=3)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), LAUNCHER,

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from .launch_helpers import (LAUNCHER, REPO, env, free_port, losses, run_torchrun, shared_launches, weights, worst_relative,
-                             write_config)
+from .launch_helpers import (LAUNCHER, REPO, assert_ok, env, free_port, launch_runs, losses, run_torchrun,
+                             weights, worst_relative, write_config)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -52,23 +52,17 @@ def runs(aio, tmp_path_factory):
     from revcol_dist.data.digits import prepare_digits
 
     prepare_digits(data_root)
-    zero3 = ["--deepspeed_config", str(REPO / "ds_configs" / "zero3.json")]
-    items = [("zero3", 2, ["--config", write_config(tmp, "zero3", data_root), *zero3, *BIGGER]),
-             ("zero3_nvme", 2, ["--config", write_config(tmp, "zero3_nvme", data_root),
-                                "--deepspeed_config", _nvme_config(tmp, "zero3_nvme"), *BIGGER]),
-             ("full", 2, ["--config", write_config(tmp, "full", data_root, steps=6, every=3, optimizer="adamw"),
-                          "--deepspeed_config", _nvme_config(tmp, "full"), *BIGGER])]
-    return tmp, data_root, shared_launches(tmp, items, "zero_infinity")
-
-
-def _ok(run):
-    assert run.ok, (run.stdout[-2000:], run.stderr[-3000:])
+    runs = {"zero3": (2, {}, ["--deepspeed_config", REPO / "ds_configs" / "zero3.json", *BIGGER]),
+            "zero3_nvme": (2, {}, ["--deepspeed_config", _nvme_config(tmp, "zero3_nvme"), *BIGGER]),
+            "full": (2, {"steps": 6, "every": 3, "optimizer": "adamw"},
+                     ["--deepspeed_config", _nvme_config(tmp, "full"), *BIGGER])}
+    return tmp, data_root, launch_runs(tmp, data_root, runs, "zero_infinity")
 
 
 def test_nvme_offload_matches_in_memory_zero3(runs):
     tmp, data_root, done = runs
-    _ok(done["zero3"])
-    _ok(done["zero3_nvme"])
+    assert_ok(done["zero3"])
+    assert_ok(done["zero3_nvme"])
     swap = [f for f in (tmp / "nvme_zero3_nvme").rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in swap) > 2**20, "nothing was swapped to the NVMe path"
     a, b = losses(tmp / "zero3"), losses(tmp / "zero3_nvme")
@@ -84,7 +78,7 @@ def test_nvme_checkpoint_resumes_exactly(runs, tmp_path):
     """DeepSpeed copies the NVMe swap files into the checkpoint (offloaded_tensors/) and back on
     load; the resumed run must continue on the uninterrupted trajectory, Adam moments included."""
     tmp, data_root, done = runs
-    _ok(done["full"])
+    assert_ok(done["full"])
     part = write_config(tmp_path, "part", data_root, steps=6, every=3, optimizer="adamw")
     ds_part = _nvme_config(tmp_path, "part")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
