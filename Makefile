@@ -16,18 +16,22 @@ BROWSER_PKGS := chromium
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tools/install_deepspeed.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade -c constraints.txt pip setuptools wheel
 	# torch first, pinned: the local CPU build (an unpinned torch pulls GBs of CUDA wheels)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	# deepspeed is an sdist that imports torch while building: build it against torch
+	# system libraries: FFCV builds against OpenCV and turbojpeg, DeepSpeed's NVMe offload against libaio
+	$(MAKE) --no-print-directory apt || echo "warning: $(APT_PKGS) did not install; FFCV and ZeRO-Infinity may not"
+	# deepspeed is an sdist that imports torch while building: built against torch, with its NVMe-offload
+	# ops compiled in once per machine and kept in ~/.cache/revcol-dist (each new .venv reuses the wheel)
+	bash tools/install_deepspeed.sh $(PY) constraints.txt
 	$(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev]"
 	# FFCV (optional: without it the data pipelines fall back to a torch DataLoader)
 	$(MAKE) --no-print-directory apt && $(PIP) install -q --no-build-isolation -c constraints.txt -e ".[dev,ffcv]" \
 	  || echo "warning: the ffcv extra did not install; data loading will use the torch DataLoader fallback"
-	# DeepSpeed compiles its NVMe-offload ops (ZeRO-Infinity) on first use, ~3 minutes on two cores,
-	# and again for every new .venv: once here, with the install, where libaio is present
+	# DeepSpeed's NVMe-offload ops (ZeRO-Infinity) load here: compiled into its wheel above, or, where
+	# that failed, compiled now on first use (~3 minutes on two cores, again for every new .venv)
 	$(PY) -c "from deepspeed.ops.op_builder import AsyncIOBuilder, PinMemoryBuilder as P; \
 	  [b.load() for b in (P(), AsyncIOBuilder()) if b.is_compatible(verbose=False)]" >/dev/null 2>&1 \
 	  || echo "warning: DeepSpeed's async_io op did not build (libaio-dev missing?); its tests will skip"
