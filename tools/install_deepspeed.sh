@@ -7,6 +7,9 @@
 # and each new venv installs that wheel in seconds. Without libaio (or if the build fails) the
 # plain DeepSpeed installs instead and compiles on first use, as before.
 #
+# (--no-cache-dir: pip's own cache may hold the plain wheel of the same version, which it would
+# take instead of building.)
+#
 # usage: tools/install_deepspeed.sh PYTHON CONSTRAINTS
 set -euo pipefail
 py=$1 constraints=$2
@@ -18,10 +21,12 @@ wheel_of() { ls "$cache"/deepspeed-"${spec#*==}"-*.whl 2>/dev/null | head -n 1; 
 if [ -z "$(wheel_of)" ]; then
   echo "building DeepSpeed with its async_io op compiled in, once per machine (~3 minutes on two cores): $cache"
   build=$(mktemp -d)
-  if DS_BUILD_OPS=0 DS_BUILD_AIO=1 DS_ENABLE_NINJA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-       "$py" -m pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed -c "$constraints" \
+  # LDFLAGS: DeepSpeed's CPU builder does not link a compiled-in op to libaio and OpenMP (its JIT does;
+  # gcc links with --as-needed here, so -laio before the objects needs --no-as-needed)
+  if DS_BUILD_OPS=0 DS_BUILD_AIO=1 DS_ENABLE_NINJA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} LDFLAGS="-Wl,--no-as-needed -laio -fopenmp ${LDFLAGS:-}" \
+       "$py" -m pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed --no-cache-dir -c "$constraints" \
        "$spec" -w "$build" >"$build/log" 2>&1 \
-     && unzip -l "$build"/deepspeed-*.whl | grep -q 'deepspeed/ops/aio/async_io_op'; then
+     && unzip -Z1 "$build"/deepspeed-*.whl | grep 'deepspeed/ops/aio/async_io_op' >/dev/null; then
     mkdir -p "$cache" && mv "$build"/deepspeed-*.whl "$cache"/
   else
     echo "warning: DeepSpeed's ops did not compile in (libaio-dev missing?); it compiles them on first use"
@@ -30,8 +35,14 @@ if [ -z "$(wheel_of)" ]; then
   rm -rf "$build"
 fi
 
+loads='from deepspeed.ops.op_builder import AsyncIOBuilder as B, PinMemoryBuilder as P; [b.load() for b in (P(), B())]'
 if [ -n "$(wheel_of)" ]; then
-  "$py" -m pip install -q --no-deps "$(wheel_of)"
-else
-  "$py" -m pip install -q --no-deps --no-build-isolation -c "$constraints" "$spec"
+  "$py" -m pip install -q --no-deps --force-reinstall "$(wheel_of)"  # over a plain one already there
+  if ! "$py" -c "$loads" >/dev/null 2>&1; then
+    echo "warning: the cached DeepSpeed wheel's ops do not load here; removed, DeepSpeed compiles them on first use"
+    rm -f "$(wheel_of)"
+  fi
+fi
+if [ -z "$(wheel_of)" ]; then
+  "$py" -m pip install -q --no-deps --force-reinstall --no-build-isolation -c "$constraints" "$spec"
 fi
