@@ -37,6 +37,7 @@ fi
 
 loads='from deepspeed.ops.op_builder import AsyncIOBuilder as B, PinMemoryBuilder as P; [b.load() for b in (P(), B())]'
 if [ -n "$(wheel_of)" ]; then
+  "$py" -m pip install -q -c "$constraints" "$(wheel_of)"  # its dependencies (the check below imports them)
   "$py" -m pip install -q --no-deps --force-reinstall "$(wheel_of)"  # over a plain one already there
   if ! "$py" -c "$loads" >/dev/null 2>&1; then
     echo "warning: the cached DeepSpeed wheel's ops do not load here; removed, DeepSpeed compiles them on first use"
