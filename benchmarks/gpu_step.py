@@ -37,7 +37,7 @@ import ops_per_step as ops  # noqa: E402  (the trainer step's pieces; puts the p
 from revcol_dist.models.flops import train_flops_per_image  # noqa: E402
 from revcol_dist.models.layers import ConvNeXtBlock, LayerNorm  # noqa: E402
 from revcol_dist.monitor.throughput import peak_tflops  # noqa: E402
-from revcol_dist.parallel.compile import apply_compile  # noqa: E402
+from revcol_dist.parallel.compile import apply_compile, compile_loss  # noqa: E402
 
 # variant -> (batch on a GPU, timm's counterpart, its stages: depths, widths; its GMACs at 224 px)
 VARIANTS = {"revcol_tiny": (64, "convnext_tiny", (3, 3, 9, 3), (96, 192, 384, 768), 4.5),
@@ -71,6 +71,7 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False):
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).train()
     model.reversible = policy == "reversible"
     apply_compile(model, compiled, s.device)
+    compile_loss(ops.LOSS, compiled, s.device)
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, s.device, "bf16", ops.CLIP)
     ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]

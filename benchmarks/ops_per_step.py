@@ -43,7 +43,7 @@ from revcol_dist.models import create_model  # noqa: E402
 from revcol_dist.models.layers import random_streams, stream_keeps  # noqa: E402
 from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
 from revcol_dist.parallel import compile as compile_setting  # noqa: E402
-from revcol_dist.parallel.compile import apply_compile  # noqa: E402
+from revcol_dist.parallel.compile import apply_compile, compile_loss  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys  # noqa: E402
 from revcol_dist.reversible import lean_block  # noqa: E402
@@ -158,10 +158,11 @@ def counted(kernels: lean_block.Kernels) -> lean_block.Kernels:
 
 
 def count_compiled() -> None:
-    """Every compiled function ``train.compile`` set (blocks, fusions, decoders) callable while
+    """Every compiled function ``train.compile`` set (blocks, fusions, decoders, loss) callable while
     an OpCounter counts (after ``apply_compile``)."""
     lean_block.use_kernels(counted(lean_block.use_kernels(None)))
     compile_setting._DECODER = tuple(_outside_mode(f) for f in compile_setting.compiled_decoder())
+    LOSS.terms = _outside_mode(LOSS.terms)
 
 
 def baseline_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.Optimizer:
@@ -178,6 +179,7 @@ def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool
     model = create_model(MODEL, num_classes=CLASSES, inter_supv=True).train()
     model.reversible = reversible
     apply_compile(model, compiled, torch.device("cpu"))
+    compile_loss(LOSS, compiled, torch.device("cpu"))
     if compiled:
         count_compiled()
     backend = LocalBackend(model, DistInfo(0, 1, 0), optimizer_factory, torch.device("cpu"), "bf16", CLIP)
@@ -211,6 +213,7 @@ def count_step(optimizer_factory, reversible: bool = True, declare_streams: bool
     out["param_groups"] = len(backend.optimizer.param_groups)
     out["params"] = sum(1 for _ in model.parameters())
     apply_compile(model, False, torch.device("cpu"))
+    compile_loss(LOSS, False, torch.device("cpu"))
     return out
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +20,30 @@ class RevColLoss:
     def __init__(self, mean: Sequence[float], std: Sequence[float], label_smoothing: float = 0.0) -> None:
         self.mean, self.std, self.label_smoothing = tuple(mean), tuple(std), label_smoothing
         self._stats: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # the arithmetic, a function of tensors: ``train.compile`` points this at a compiled copy
+        # (``parallel/compile.py``), one graph for the forward and one for the backward
+        self.eager_terms = partial(loss_terms, label_smoothing=label_smoothing)
+        self.terms: Callable = self.eager_terms
 
     def __call__(self, out, targets: torch.Tensor, images: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(loss, {term name: detached value}); ``targets`` are class indices or soft targets."""
-        parts: Dict[str, torch.Tensor] = {}
-        total = None
-        if out.logits is not None:
-            total = F.cross_entropy(out.logits.float(), targets, label_smoothing=self.label_smoothing)
-            parts["loss_cls_final"] = total.detach()
         index, n = out.aux_heads()
-        if index:
-            target = self.reconstruction_target(images)
-            for i, logits, rec in zip(index, out.aux_logits, out.reconstructions):
-                ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-                bce = F.binary_cross_entropy_with_logits(rec.float(), target)
-                term = 0.7 * (i + 1) / (n + 1) * ce + 3.0 * (1 - i / n) * bce
-                total = term if total is None else total + term
-                parts[f"loss_cls_{i}"], parts[f"loss_rec_{i}"] = ce.detach(), bce.detach()
-        if total is None:
+        index = tuple(index)[:len(out.aux_logits)]
+        if out.logits is None and not index:
             raise ValueError("the output holds no head: nothing to compute a loss of")
+        mean, std = self._on(images) if index else (None, None)
+        total, final, ces, bces = self.terms(out.logits, tuple(out.aux_logits), tuple(out.reconstructions),
+                                             targets, images, mean, std, index, n)
+        parts: Dict[str, torch.Tensor] = {}
+        if final is not None:
+            parts["loss_cls_final"] = final.detach()
+        for i, ce, bce in zip(index, ces, bces):
+            parts[f"loss_cls_{i}"], parts[f"loss_rec_{i}"] = ce.detach(), bce.detach()
         return total, parts
 
     def reconstruction_target(self, images: torch.Tensor) -> torch.Tensor:
         """The decoders' target: the un-normalised image in [0.01, 0.99]."""
-        return (images * self._std(images) + self._mean(images)).clamp(0.01, 0.99)
+        return _reconstruction_target(images, self._mean(images), self._std(images))
 
     def unnormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], for display."""
@@ -60,6 +61,32 @@ class RevColLoss:
         if key not in self._stats:
             self._stats[key] = tuple(torch.tensor(v, device=key).view(1, 3, 1, 1) for v in (self.mean, self.std))
         return self._stats[key]
+
+
+def _reconstruction_target(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (images * std + mean).clamp(0.01, 0.99)
+
+
+def loss_terms(logits: Optional[torch.Tensor], aux_logits: Tuple[torch.Tensor, ...],
+               reconstructions: Tuple[torch.Tensor, ...], targets: torch.Tensor, images: torch.Tensor,
+               mean: Optional[torch.Tensor], std: Optional[torch.Tensor], index: Tuple[int, ...], n: int,
+               label_smoothing: float = 0.0):
+    """(total, final head's CE or None, (CE of each earlier head), (BCE of each decoder)) in fp32:
+    ``RevColLoss``'s arithmetic, with no Python state, so that it compiles as one graph."""
+    total = final = None
+    if logits is not None:
+        total = final = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    ces, bces = [], []
+    if index:
+        target = _reconstruction_target(images, mean, std)
+        for i, logits_i, rec in zip(index, aux_logits, reconstructions):
+            ce = F.cross_entropy(logits_i.float(), targets, label_smoothing=label_smoothing)
+            bce = F.binary_cross_entropy_with_logits(rec.float(), target)
+            term = 0.7 * (i + 1) / (n + 1) * ce + 3.0 * (1 - i / n) * bce
+            total = term if total is None else total + term
+            ces.append(ce)
+            bces.append(bce)
+    return total, final, tuple(ces), tuple(bces)
 
 
 def revcol_loss(out, labels: torch.Tensor, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],

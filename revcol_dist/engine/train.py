@@ -33,7 +33,7 @@ from ..monitor.throughput import Throughput, missing_peak, peak_tflops
 from ..monitor.tensorboard import RECONSTRUCTIONS, Board, alpha_histograms, front_page, reconstruction_grid, tagged
 from ..parallel import comm
 from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
-from ..parallel.compile import apply_compile
+from ..parallel.compile import apply_compile, compile_loss
 from ..parallel.deepspeed_env import restore_functional_linear
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
 from ..parallel.ds_config import resolve_ds_config, zero_stage
@@ -165,6 +165,7 @@ class Trainer:
         # with mixup/cutmix the soft targets carry the smoothing
         self.loss_fn = RevColLoss(self.train_stream.mean, self.train_stream.std,
                                   0.0 if self.mixer is not None else t.label_smoothing)
+        compile_loss(self.loss_fn, t.compile, self.device)
         self.ckpts = CheckpointManager(self.out_dir / "checkpoints", info.rank, info.world_size, t.keep_checkpoints,
                                        on_error=t.on_save_error, asynchronous=t.async_checkpoint, log=self.say)
         self.watchdog = HangWatchdog(t.hang_timeout_s, info.rank, info.world_size, process_store(), self.out_dir)

@@ -78,16 +78,17 @@ class Backend:
         """Each micro-batch's loss is scaled by 1/len(micro_batches), so the gradients are those
         of the mean loss over the rank's batch (the replicas then average them)."""
         n = len(micro_batches)
+        share = (lambda t: t) if n == 1 else (lambda t: t / n)  # x / 1 is x: no kernel for it
         total: Optional[torch.Tensor] = None
         parts: Dict[str, torch.Tensor] = {}
         for i, (images, targets, *keys) in enumerate(micro_batches):
             with self.accumulating(last=i == n - 1), randomness.keyed(keys[0] if keys else None):
                 with self.autocast():
                     loss, terms = loss_fn(self.forward(images), targets, images)
-                self.backward(loss / n)
-            total = loss.detach() / n if total is None else total + loss.detach() / n
+                self.backward(share(loss))
+            total = share(loss.detach()) if total is None else total + share(loss.detach())
             for k, v in terms.items():
-                parts[k] = v / n if k not in parts else parts[k] + v / n
+                parts[k] = share(v) if k not in parts else parts[k] + share(v)
         result = replica_mean(total, parts)
         self.last_loss = result.loss
         return result

@@ -97,6 +97,14 @@ def _set_decoders(model: torch.nn.Module, compiled: bool) -> None:
                     delattr(m, name)  # the class's own again
 
 
+def compile_loss(loss_fn, setting: Union[str, bool], device: torch.device) -> None:
+    """``RevColLoss``'s arithmetic (its ``terms``: casts, cross-entropies, the reconstruction
+    target and BCEs, the weighted sum) as one compiled graph per head layout and target kind
+    (eager: ~80 kernels for RevCol-B's four heads), or back to eager where not compiled."""
+    eager = loss_fn.eager_terms
+    loss_fn.terms = torch.compile(eager, dynamic=False, fullgraph=True) if wants_compile(setting, device) else eager
+
+
 def _plain_runner(keep_hidden: bool):
     """A block outside the reversible engine: lean (compiled forward, hand-written backward)
     under autograd, the compiled forward alone without it; weights from the forward's casts."""

@@ -262,15 +262,17 @@ def test_decoders_compiled_and_recomputed_through_the_same_graph():
 
 def test_trainer_applies_the_switch(tmp_path):
     """``train.compile`` reaches the model: blocks through the compiled kernels, evaluation's
-    too (``block_runner``); auto stays eager on a CPU; a wrong value is a one-line error."""
+    too (``block_runner``), and the loss; auto stays eager on a CPU; a wrong value is a one-line error."""
     from revcol_dist.engine.train import Trainer
 
     base = [f"output_dir={tmp_path}", f"data.root={tmp_path}/digits", "train.max_steps=1"]
     lines = []
     trainer = Trainer(load_config(None, base + ["train.compile=true"]), log=lines.append)
     assert lean_block.kernels_in_use() and trainer.model.block_runner is not None
+    assert trainer.loss_fn.terms is not trainer.loss_fn.eager_terms  # the loss compiled too
     assert any(line.startswith("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs") for line in lines)
-    Trainer(load_config(None, base), log=lines.append)  # auto, on a CPU
+    trainer = Trainer(load_config(None, base), log=lines.append)  # auto, on a CPU
     assert not lean_block.kernels_in_use() and not wants_compile("auto", CPU)
+    assert trainer.loss_fn.terms is trainer.loss_fn.eager_terms
     with pytest.raises(ConfigError, match="train.compile must be auto, true or false, got 'fast'"):
         load_config(None, base + ["train.compile=fast"])
