@@ -28,7 +28,7 @@ class RevColLoss:
     def __call__(self, out, targets: torch.Tensor, images: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(loss, {term name: detached value}); ``targets`` are class indices or soft targets."""
         index, n = out.aux_heads()
-        index = tuple(index)[:len(out.aux_logits)]
+        index = tuple(index)[:min(len(out.aux_logits), len(out.reconstructions))]
         if out.logits is None and not index:
             raise ValueError("the output holds no head: nothing to compute a loss of")
         mean, std = self._on(images) if index else (None, None)
@@ -36,9 +36,9 @@ class RevColLoss:
                                              targets, images, mean, std, index, n)
         parts: Dict[str, torch.Tensor] = {}
         if final is not None:
-            parts["loss_cls_final"] = final.detach()
+            parts["loss_cls_final"] = final
         for i, ce, bce in zip(index, ces, bces):
-            parts[f"loss_cls_{i}"], parts[f"loss_rec_{i}"] = ce.detach(), bce.detach()
+            parts[f"loss_cls_{i}"], parts[f"loss_rec_{i}"] = ce, bce
         return total, parts
 
     def reconstruction_target(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,8 +71,9 @@ def loss_terms(logits: Optional[torch.Tensor], aux_logits: Tuple[torch.Tensor, .
                reconstructions: Tuple[torch.Tensor, ...], targets: torch.Tensor, images: torch.Tensor,
                mean: Optional[torch.Tensor], std: Optional[torch.Tensor], index: Tuple[int, ...], n: int,
                label_smoothing: float = 0.0):
-    """(total, final head's CE or None, (CE of each earlier head), (BCE of each decoder)) in fp32:
-    ``RevColLoss``'s arithmetic, with no Python state, so that it compiles as one graph."""
+    """(total, final head's CE or None, (CE of each earlier head), (BCE of each decoder)) in fp32,
+    the terms detached: ``RevColLoss``'s arithmetic, with no Python state, so that it compiles as
+    one graph (whose backward then takes the total's gradient alone, not zeros for each term)."""
     total = final = None
     if logits is not None:
         total = final = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
@@ -86,7 +87,8 @@ def loss_terms(logits: Optional[torch.Tensor], aux_logits: Tuple[torch.Tensor, .
             total = term if total is None else total + term
             ces.append(ce)
             bces.append(bce)
-    return total, final, tuple(ces), tuple(bces)
+    detached = lambda ts: tuple(t.detach() for t in ts)  # noqa: E731
+    return total, None if final is None else final.detach(), detached(ces), detached(bces)
 
 
 def revcol_loss(out, labels: torch.Tensor, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
