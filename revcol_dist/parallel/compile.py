@@ -183,7 +183,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
     if _partitioned(model):
         lean_block.use_kernels(None)
         return ("train.compile: not applied under ZeRO-3 (its partitioned parameters run the blocks' own "
-                "forward under DeepSpeed's hooks); blocks run eagerly")
+                "forward under DeepSpeed's hooks); blocks run eagerly, the loss is still compiled")
     lean_block.use_kernels(compiled_kernels())
     _set_fusions(model, True)
     _set_decoders(model, True)
