@@ -41,10 +41,6 @@ class RevColLoss:
             parts[f"loss_cls_{i}"], parts[f"loss_rec_{i}"] = ce, bce
         return total, parts
 
-    def reconstruction_target(self, images: torch.Tensor) -> torch.Tensor:
-        """The decoders' target: the un-normalised image in [0.01, 0.99]."""
-        return _reconstruction_target(images, self._mean(images), self._std(images))
-
     def unnormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], for display."""
         return (images * self._std(images) + self._mean(images)).clamp(0.0, 1.0)
@@ -63,10 +59,6 @@ class RevColLoss:
         return self._stats[key]
 
 
-def _reconstruction_target(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (images * std + mean).clamp(0.01, 0.99)
-
-
 def loss_terms(logits: Optional[torch.Tensor], aux_logits: Tuple[torch.Tensor, ...],
                reconstructions: Tuple[torch.Tensor, ...], targets: torch.Tensor, images: torch.Tensor,
                mean: Optional[torch.Tensor], std: Optional[torch.Tensor], index: Tuple[int, ...], n: int,
@@ -79,7 +71,7 @@ def loss_terms(logits: Optional[torch.Tensor], aux_logits: Tuple[torch.Tensor, .
         total = final = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
     ces, bces = [], []
     if index:
-        target = _reconstruction_target(images, mean, std)
+        target = (images * std + mean).clamp(0.01, 0.99)  # the un-normalised image in [0.01, 0.99]
         for i, logits_i, rec in zip(index, aux_logits, reconstructions):
             ce = F.cross_entropy(logits_i.float(), targets, label_smoothing=label_smoothing)
             bce = F.binary_cross_entropy_with_logits(rec.float(), target)
