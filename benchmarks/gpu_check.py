@@ -160,7 +160,7 @@ def one_local_step(s: Setting, precision: str) -> dict:
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     out = b.forward_backward(micro, LOSS)
     with_grad, movable = moving_params(model, lr)
-    applied = b.step(lr=lr)
+    applied = bool(b.step(lr=lr))  # a device tensor where the fused AdamW decides the skip
     moved = {k for k, p in model.named_parameters() if not torch.equal(before[k], p.detach())}
     loss, norm = float(out.loss), float(b.last_grad_norm)
     ok = (finite(loss) and finite(norm) and applied and movable <= moved <= with_grad

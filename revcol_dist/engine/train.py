@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -32,7 +33,7 @@ from ..monitor.system import peak_memory_bytes
 from ..monitor.throughput import Throughput, missing_peak, peak_tflops
 from ..monitor.tensorboard import RECONSTRUCTIONS, Board, alpha_histograms, front_page, reconstruction_grid, tagged
 from ..parallel import comm
-from ..parallel.backends import Backend, DeepSpeedBackend, LocalBackend, StepLoss
+from ..parallel.backends import Applied, Backend, DeepSpeedBackend, LocalBackend, StepLoss
 from ..parallel.compile import apply_compile, compile_loss
 from ..parallel.deepspeed_env import restore_functional_linear
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
@@ -112,6 +113,16 @@ def _nan_injected(step: int, info) -> bool:
     return bool(steps) and info.rank == 0 and step in {int(s) for s in steps.split(",")}
 
 
+@dataclass
+class _Unsettled:
+    """A step whose values the host has not read yet (``Trainer.settle``)."""
+
+    step: int
+    result: StepLoss
+    applied: Applied
+    lr: float
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_config: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
         self.cfg, t = cfg, cfg.train
@@ -171,6 +182,7 @@ class Trainer:
         self.watchdog = HangWatchdog(t.hang_timeout_s, info.rank, info.world_size, process_store(), self.out_dir)
         self.step, self.nan_skipped, self.nan_run = 0, 0, 0
         self.images_seen, self.last_loss = 0, float("nan")
+        self.unsettled: Optional[_Unsettled] = None  # the last step, until its values are read
         peak = peak_tflops(self.device, t.precision, t.tf32, cfg.monitor.peak_tflops)
         self.throughput = Throughput(train_flops_per_image(self.model.config, cfg.data.img_size), info.world_size, peak)
         self.board = Board(self.out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
@@ -244,6 +256,7 @@ class Trainer:
         try:
             while self.step < self.total:
                 self._train_epoch()
+            self.settle()
             return self._finish(time.time() - t0)
         finally:
             self.console.end_epoch()
@@ -285,14 +298,12 @@ class Trainer:
         keys = SampleKeys(self.cfg.train.seed, self.step, indices.to(self.device, non_blocking=True), self.streams,
                           self.keeps)
         result = self.forward_backward(images, targets, keys)
+        self.settle()  # the step before's loss and skip: the device meanwhile runs this step's work
         applied = self.backend.step(lr)
         self.step += 1
         _maybe_inject_fault(self.step, self.info)
-        self.last_loss = float(result.loss)  # the same on every rank
-        self._count_skips(applied)
-        if applied and self.ema is not None:
-            self.ema.update()
-        self._log_step(result, lr, applied, images)
+        self.unsettled = _Unsettled(self.step, result, applied, lr)
+        self._log_step(result, lr, images)
         self.watchdog.beat(self.step, "train")
         t = self.cfg.train
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total:
@@ -300,6 +311,26 @@ class Trainer:
         if t.eval_every_steps and self.step % t.eval_every_steps == 0 and self.step < self.total:
             self.validate(f"step {self.step}")
         return applied
+
+    def settle(self) -> None:
+        """The last step's host reads, one step late: its loss, whether it applied (skips are
+        counted, a run of them stops training), its line in train_log.jsonl, its EMA update.
+        Called after the next step's forward and backward are queued (the weights are still
+        the settled step's until that step's update), so reading its values never leaves the
+        device idle; and before anything that needs them (logging, evaluation, a checkpoint,
+        the end)."""
+        done, self.unsettled = self.unsettled, None
+        if done is None:
+            return
+        applied = bool(done.applied)
+        self.last_loss = float(done.result.loss)  # the same on every rank
+        self._count_skips(applied, done.step)
+        if applied and self.ema is not None:
+            self.ema.update()
+        if self.info.is_main:
+            with open(self.out_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": done.step, "loss": self.last_loss, "lr": done.lr, "skipped": not applied})
+                        + "\n")
 
     def forward_backward(self, images: torch.Tensor, targets: torch.Tensor, keys: SampleKeys) -> StepLoss:
         """Gradients of the rank's batch, accumulated over ``micro_batches`` equal parts (the
@@ -311,34 +342,34 @@ class Trainer:
         micro = list(zip(images.tensor_split(n), targets.tensor_split(n), keys.split(n)))
         return self.backend.forward_backward(micro, self.loss_fn)
 
-    def _count_skips(self, applied: bool) -> None:
+    def _count_skips(self, applied: bool, step: int) -> None:
         if applied:
             self.nan_run = 0
             return
         self.nan_skipped += 1
         self.nan_run += 1
-        self.say(f"step {self.step}: non-finite loss or gradients ({self.last_loss}); step skipped "
+        self.say(f"step {step}: non-finite loss or gradients ({self.last_loss}); step skipped "
                  f"({self.nan_run} in a row, {self.nan_skipped} in all)")
         limit = self.cfg.train.max_nan_skips
         if self.nan_run > limit:
             raise TrainingError(
                 f"the loss or gradients were non-finite for {self.nan_run} steps in a row (last at step "
-                f"{self.step}); lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32 "
+                f"{step}); lower train.lr, set train.clip_grad, or use train.precision=bf16/fp32 "
                 f"(train.max_nan_skips={limit})")
 
     # ---- monitoring --------------------------------------------------------------------
 
-    def _log_step(self, result: StepLoss, lr: float, applied: bool, images: torch.Tensor) -> None:
+    def _log_step(self, result: StepLoss, lr: float, images: torch.Tensor) -> None:
+        """Scalars, alphas and pictures at their intervals (host reads: the step settles first);
+        the console's bar every step, with the last settled loss."""
         t, m = self.cfg.train, self.cfg.monitor
         n_img = images.shape[0] * self.replicas
         self.images_seen += n_img
         self.throughput.stepped(n_img)
-        if self.info.is_main:
-            with open(self.out_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "loss": self.last_loss, "lr": lr, "skipped": not applied}) + "\n")
         rates = self.throughput.window()  # over the current logging window
         in_epoch = self.step - (self.step - 1) // self.steps_per_epoch * self.steps_per_epoch
         if self.step % t.log_every == 0 or self.step == self.total or self.step == 1:
+            self.settle()
             self._log_scalars(result, lr, rates)
             self.throughput.reset()
         if self.step % (m.alpha_every or t.log_every) == 0 or self.step == self.total:
@@ -373,6 +404,7 @@ class Trainer:
     # ---- evaluation, checkpoints, the end ------------------------------------------------
 
     def validate(self, tag: str) -> Dict[str, float]:
+        self.settle()  # the EMA of every step so far
         beat = lambda: self.watchdog.beat(self.step, f"evaluate ({tag})")  # noqa: E731
         res = {"": evaluate(self.backend, self.val_stream, self.device, beat)}
         if self.ema is not None and self.cfg.train.ema_eval:
@@ -392,6 +424,7 @@ class Trainer:
     def save(self) -> Optional[Path]:
         """A resumable checkpoint of every rank, with its layout-free form unless switched off;
         None where it failed and train.on_save_error is "continue"."""
+        self.settle()  # the skip count and EMA of every step so far
         self.watchdog.beat(self.step, "save")
         client = {"step": self.step, "data": self.train_stream.state_dict(), "rng": rng_state(),
                   "nan_skipped": self.nan_skipped}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -33,6 +33,7 @@ from .zero3_params import coalesce_persistent_gather
 MicroBatch = Tuple[torch.Tensor, ...]
 LossFn = Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]  # (out, targets, images) -> (loss, parts)
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+Applied = Union[bool, torch.Tensor]  # a step's outcome: a host bool, or a 0-d bool tensor on the device
 
 
 @dataclass
@@ -93,8 +94,10 @@ class Backend:
         self.last_loss = result.loss
         return result
 
-    def step(self, lr: float) -> bool:
-        """Returns False when the step was skipped (non-finite gradients, on every rank)."""
+    def step(self, lr: float) -> Applied:
+        """Whether the step applied: False where it was skipped (non-finite gradients, on every
+        rank). A 0-d bool tensor on the device where the optimizer skips in its kernel (reading
+        it waits for the step: the Trainer reads it a step later), else a bool."""
         set_lr(self.optimizer, lr)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -184,9 +187,13 @@ class Backend:
 
     # ---- shared by the backends that run their own optimizer -----------------------------
 
-    def apply_update(self, params: Sequence[torch.nn.Parameter], norm: torch.Tensor) -> bool:
+    def apply_update(self, params: Sequence[torch.nn.Parameter], norm: torch.Tensor) -> Applied:
         """Clip to ``clip_grad`` by the global norm ``norm``; step unless it or the step's loss
-        is not finite (the same values on every rank: all skip together); clear the gradients."""
+        is not finite (the same values on every rank: all skip together); clear the gradients.
+
+        Torch's fused AdamW decides the skip in its kernel (``found_inf``: moments, step counts
+        and weights left as they were), so the host never waits for this step's gradients;
+        other optimizers are stepped or not by a host read."""
         self.last_grad_norm = norm
         if self.clip_grad:
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
@@ -197,11 +204,27 @@ class Backend:
             applied = self.scaler.get_scale() >= scale
         else:
             checked = norm if self.last_loss is None else torch.stack([norm.float(), self.last_loss.float()])
-            applied = bool(torch.isfinite(checked).all())  # the step's one host sync: a skip must be decided
-            if applied:
-                self.optimizer.step()
+            finite = torch.isfinite(checked).all()
+            if skips_in_kernel(self.optimizer):
+                self.optimizer.found_inf = (~finite).float()
+                try:
+                    self.optimizer.step()
+                finally:
+                    del self.optimizer.found_inf  # for this step only
+                applied = finite
+            else:
+                applied = bool(finite)  # a host sync: the skip is decided here
+                if applied:
+                    self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return applied
+
+
+def skips_in_kernel(optimizer: torch.optim.Optimizer) -> bool:
+    """Torch's fused AdamW: it reads ``found_inf`` on the device and leaves everything as it was
+    (its step counts put back) where it is 1. Not fused SGD: its first step would leave
+    momentum buffers it made uninitialised."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 def _alphas(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:

@@ -1,0 +1,76 @@
+"""A training step never makes the host wait for its own work.
+
+On a GPU a host read of a tensor (``float``, ``bool``, ``.item()``) waits for every kernel
+queued before it. The Trainer reads a step's loss and skip decision one step late
+(``Trainer.settle``, after the next step's forward and backward are queued), and the fused
+AdamW decides a skip in its kernel; so the only reads inside a step are of tensors an earlier
+step made. Checked on the CPU by tagging every tensor the step's ops produce and failing on a
+host read of one of them."""
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from revcol_dist.config import load_config
+from revcol_dist.engine.train import Trainer
+
+
+class HostReads(TorchDispatchMode):
+    """Host reads (``_local_scalar_dense``), split by whether the tensor read was made (or
+    written in place) under this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = {}  # id -> weak reference (tensors compare elementwise: no WeakSet)
+        self.of_this_step, self.of_earlier_steps = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            ref = self.made.get(id(args[0]))
+            if ref is not None and ref() is args[0]:
+                self.of_this_step += 1
+            else:
+                self.of_earlier_steps += 1
+        out = func(*args, **(kwargs or {}))
+        written = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)] if func._schema.is_mutable \
+            else []
+        for t in tree_leaves(out) + written:
+            if isinstance(t, torch.Tensor):
+                self.made[id(t)] = weakref.ref(t)
+        return out
+
+
+def _steps(trainer, batches, n):
+    counts = []
+    for _ in range(n):
+        with HostReads() as reads:
+            trainer.train_step(*next(batches))
+        counts.append((reads.of_this_step, reads.of_earlier_steps))
+    return counts
+
+
+def test_a_step_reads_only_what_earlier_steps_made(tmp_path):
+    overrides = [f"output_dir={tmp_path}", f"data.root={tmp_path}/digits", "train.max_steps=50",
+                 "train.log_every=1000", "monitor.images_every=0", "monitor.console=none"]
+    trainer = Trainer(load_config(None, overrides), log=lambda *_: None)
+    assert trainer.backend.optimizer.defaults.get("fused")  # the default AdamW skips in its kernel
+    batches = iter(trainer.train_stream)
+    _steps(trainer, batches, 2)  # the first step logs (a host read at its interval, by design)
+    counts = _steps(trainer, batches, 3)
+    # the step before's loss and skip decision, read while this step's work is queued
+    assert counts == [(0, 2)] * 3, counts
+    assert trainer.unsettled is not None and trainer.unsettled.step == trainer.step
+    trainer.settle()
+    assert trainer.unsettled is None and trainer.last_loss == trainer.last_loss  # finite, read
+
+
+def test_the_mode_sees_a_read_of_this_steps_tensor():
+    """The check's own criterion: a read of a tensor made under the mode is counted as such."""
+    x, earlier = torch.ones(3), torch.ones(())
+    with HostReads() as reads:
+        y = x.sum()
+        bool(torch.isfinite(y))
+        float(earlier)
+    assert (reads.of_this_step, reads.of_earlier_steps) == (1, 1)
