@@ -607,6 +607,58 @@ def check_data_finish(s: Setting) -> dict:
             "res": res, "host_ms_first": times[0], "host_ms_warm": warm_ms, "host_ms_limit": 1.0}
 
 
+def graph_run(s: Setting, graphed: bool, steps: int = 6, compiled: bool = False):
+    """``steps`` training steps of a narrow RevCol-T (keyed drop path, inter_supv, AdamW,
+    clipping), eager or with the forward and backward captured after two eager steps
+    (``train.cuda_graph``); each step's loss and the final weights."""
+    from revcol_dist.models.layers import random_streams, stream_keeps
+    from revcol_dist.parallel.compile import apply_compile, compile_loss
+    from revcol_dist.parallel.cuda_graph import graph_forward_backward
+
+    torch.manual_seed(0)
+    model = create_model("revcol_tiny", channels=(16, 24, 32, 40), layers=(1, 1, 2, 1), num_classes=7,
+                         drop_path=0.3, inter_supv=True).train()
+    loss_fn = RevColLoss((0.5,) * 3, (0.25,) * 3)
+    apply_compile(model, compiled, s.device)
+    compile_loss(loss_fn, compiled, s.device)
+    b = LocalBackend(model, DistInfo(0, 1, 0), lambda m: make_optimizer(m, "adamw", 0.05, 0.9), s.device, "fp32",
+                     clip_grad=1.0)
+    wrapper = graph_forward_backward(b, warmup=2) if graphed else None
+    streams = random_streams(model)
+    keeps = stream_keeps(model, streams)
+    losses = []
+    for i in range(steps):
+        x, y = batch(8, 64, 7, s.device, seed=i)
+        out = b.forward_backward([(x, y, SampleKeys(3, i, torch.arange(8 * i, 8 * i + 8, device=s.device), streams,
+                                                    keeps))], loss_fn)
+        b.step(lr=1e-3 * (i + 1))
+        losses.append(out.loss)
+    apply_compile(model, False, s.device)
+    compile_loss(loss_fn, False, s.device)
+    return [float(v) for v in losses], {k: p.detach().clone() for k, p in model.named_parameters()}, wrapper
+
+
+def check_cuda_graph(s: Setting) -> dict:
+    """``train.cuda_graph``: six steps with the forward and backward captured after two eager
+    ones train as the eager steps do (every loss, the final weights; deterministic kernels,
+    fp32), eager blocks and compiled; the graph replayed four times."""
+    if not s.gpu:
+        return {"ok": True, "skipped": True, "reason": "needs CUDA (tests/parallel/test_cuda_graph.py covers the rest)"}
+    entry, ok = {}, True
+    with kernel_flags(deterministic=True):
+        for compiled in (False, True):
+            ref_losses, ref_weights, _ = graph_run(s, graphed=False, compiled=compiled)
+            losses, weights, wrapper = graph_run(s, graphed=True, compiled=compiled)
+            loss_diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref_losses, losses))
+            weight_diff = worst_relative(ref_weights, weights)
+            good = wrapper.replays == 4 and loss_diff <= 1e-6 and weight_diff <= 1e-6
+            ok &= good
+            entry["compiled" if compiled else "eager"] = {"ok": good, "replays": wrapper.replays, "losses": losses,
+                                                          "worst_rel_loss_diff": loss_diff,
+                                                          "worst_rel_weight_diff": weight_diff}
+    return {"ok": ok, **entry}
+
+
 CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "local_step": check_local_step,
     "process_groups": check_process_groups,
@@ -615,6 +667,7 @@ CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "memory_vs_planner": check_memory_vs_planner,
     "throughput": check_throughput,
     "data_finish": check_data_finish,
+    "cuda_graph": check_cuda_graph,
 }
 
 

@@ -14,6 +14,7 @@ step (CUDA kernels in the profiler; on a CPU the aten ops dispatched, the proxy 
 
   python3 benchmarks/gpu_step.py                        # GPU: T at 64, B at 128, L at 64, 224 px
   python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on
+  python3 benchmarks/gpu_step.py --models revcol_tiny --policies reversible --compile both --graph both
   .venv/bin/python benchmarks/gpu_step.py --mode cpu    # tiny sizes on a CPU (CI's smoke test)
 """
 
@@ -60,9 +61,11 @@ class Setting:
 
 # ---- the two kinds of step ------------------------------------------------------------------
 
-def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False):
+def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, graphed: bool = False):
     """The trainer's step (as ops_per_step builds it), its blocks compiled or eager
-    (``train.compile``); returns (step, model config, chosen policy, reason)."""
+    (``train.compile``), its forward and backward replayed as one CUDA graph or not
+    (``train.cuda_graph``; captured within the warm-up); returns (step, model config, chosen
+    policy, reason)."""
     torch.manual_seed(0)
     args = CPU_ARGS if s.cpu else {}
     reason = None
@@ -74,6 +77,10 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False):
     compile_loss(ops.LOSS, compiled, s.device)
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, s.device, "bf16", ops.CLIP)
+    if graphed:
+        from revcol_dist.parallel.cuda_graph import graph_forward_backward
+
+        graph_forward_backward(backend, warmup=max(1, s.warmup - 1))  # the last warm-up step captures
     ema, streams, i = ops.ModelEMA(model, 0.9999), ops.random_streams(model), [0]
     keeps = ops.stream_keeps(model, streams)
     x, y = inputs(s)
@@ -212,8 +219,14 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["off", "on", "both"], default=None,
                     help="the blocks eager, compiled (train.compile), or a row each (default: both on a GPU, "
                          "off on a CPU, where compiling costs minutes)")
+    ap.add_argument("--graph", choices=["off", "on", "both"], default="off",
+                    help="the forward and backward replayed as one CUDA graph (train.cuda_graph), with the "
+                         "blocks compiled; 'both' adds a graphed row beside each compiled one (GPU only)")
     a = ap.parse_args(argv)
     cpu = a.mode == "cpu"
+    if cpu and a.graph != "off":
+        print("error: --graph needs CUDA (a CUDA graph); on a CPU leave it off", file=sys.stderr)
+        return 2
     compiles = {"off": [False], "on": [True], "both": [False, True]}[a.compile or ("off" if cpu else "both")]
     a.models = a.models or (["revcol_tiny"] if cpu else ["revcol_tiny", "revcol_base", "revcol_large"])
     if not cpu and not torch.cuda.is_available():
@@ -228,12 +241,16 @@ def main(argv=None) -> int:
         s = Setting(device, 4 if cpu else VARIANTS[name][0], 64 if cpu else 224, 1 if cpu else 3,
                     a.steps or (2 if cpu else 10), cpu)
         for policy in a.policies:
-            for compiled in compiles:
-                step, config, chosen, reason = revcol_step(name, policy, s, compiled)
+            kinds = [(c, False) for c in compiles if not (c and a.graph == "on")] + \
+                ([(True, True)] if a.graph != "off" else [])
+            for compiled, graphed in kinds:
+                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed)
                 r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason,
-                                            "compiled": compiled}, measure(step, s), train_flops_per_image(config, s.res))
+                                            "compiled": compiled, "cuda_graph": graphed}, measure(step, s),
+                        train_flops_per_image(config, s.res))
                 print(json.dumps(r), flush=True)
-                ratios[(name, policy + (":compiled" if compiled else ""))] = r["images_per_sec"]
+                ratios[(name, policy + (":compiled" if compiled else "") + (":graph" if graphed else ""))] = \
+                    r["images_per_sec"]
                 del step
                 if not cpu:
                     torch.cuda.empty_cache()

@@ -94,6 +94,10 @@ class TrainSection:
     # compiled graphs (torch.compile, parallel/compile.py): auto | true | false. auto compiles on
     # CUDA devices; a CPU run would wait minutes for C++ compilation it never earns back.
     compile: Any = "auto"
+    # Capture the step's forward and backward as one CUDA graph after three eager steps and
+    # replay it (parallel/cuda_graph.py): one launch for thousands of kernels, for models and
+    # batches bound by the host's launches. One process on a CUDA device.
+    cuda_graph: bool = False
     seed: int = 0
     log_every: int = 20
     max_steps: Optional[int] = None  # stop early (smoke runs)
@@ -331,6 +335,10 @@ def validate_layout(cfg: Config, world_size: int, deepspeed: Optional[Dict[str, 
     """What depends on the launch: the world size and the (resolved) DeepSpeed config. Runs
     before any process group exists, so bad input fails fast with one line."""
     pp, t = cfg.pipeline, cfg.train
+    if t.cuda_graph and (deepspeed is not None or world_size > 1):
+        raise ConfigError(f"train.cuda_graph=true captures one process's step; this launch is "
+                          f"{'DeepSpeed' if deepspeed is not None else 'DDP'} on {world_size} ranks, whose collectives "
+                          f"and hooks run outside a graph: set train.cuda_graph=false")
     if deepspeed is not None:
         if int(deepspeed.get("zero_optimization", {}).get("stage", 0)) == 0:
             raise ConfigError("the DeepSpeed config has no ZeRO stage (zero_optimization.stage 0), where DeepSpeed "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -52,15 +52,25 @@ def param_seed(seed: int, name: str) -> int:
     return (_mix_int(_mix_int(seed) ^ stream) << 32) | _mix_int(_mix_int(seed + 1) ^ stream)
 
 
-def _base(seed: int, step: int, stream: int) -> int:
-    return _mix_int(_mix_int(_mix_int(seed) ^ step) ^ stream)
+Step = Union[int, torch.Tensor]  # an optimizer step: a host int, or a 0-d int64 tensor on the device
 
 
-def uniform(seed: int, step: int, ids: torch.Tensor, stream: int) -> torch.Tensor:
+def _step_mix(seed: int, step: Step) -> Step:
+    """The (seed, step) part of every draw's key. A step given as a device tensor stays one (a
+    captured CUDA graph reads it there, where a host int would be baked into the kernels);
+    the bits are the same either way."""
+    if isinstance(step, torch.Tensor):
+        return _mix((step & _M32) ^ _mix_int(seed))
+    return _mix_int(_mix_int(seed) ^ step)
+
+
+def uniform(seed: int, step: Step, ids: torch.Tensor, stream: int) -> torch.Tensor:
     """float32 in [0, 1), one per entry of ``ids`` (int64 global sample indices), on their device."""
-    base = _base(seed, step, stream)
+    mixed = _step_mix(seed, step)
+    base = _mix(mixed ^ stream) if isinstance(mixed, torch.Tensor) else _mix_int(mixed ^ stream)
+    after = _mix((base + 1) & _M32) if isinstance(base, torch.Tensor) else _mix_int(base + 1)
     h = _mix((ids & _M32) ^ base)
-    h = _mix(h ^ ((ids >> 32) & _M32) ^ _mix_int(base + 1))
+    h = _mix(h ^ ((ids >> 32) & _M32) ^ after)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
@@ -75,10 +85,10 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.
     return _CONSTANTS[key]
 
 
-def uniform_streams(seed: int, step: int, ids: torch.Tensor, streams: Tuple[int, ...]) -> torch.Tensor:
+def uniform_streams(seed: int, step: Step, ids: torch.Tensor, streams: Tuple[int, ...]) -> torch.Tensor:
     """``uniform`` of every stream at once, bit for bit: (len(streams), len(ids)) float32, in a
     fixed few dozen integer kernels instead of ~30 per stream (a step of RevCol-B asks for ~100)."""
-    base = _mix(_constant(streams, torch.int64, ids.device) ^ _mix_int(_mix_int(seed) ^ step))[:, None]  # _base, per stream
+    base = _mix(_constant(streams, torch.int64, ids.device) ^ _step_mix(seed, step))[:, None]  # per stream
     h = _mix((ids & _M32)[None, :] ^ base)
     h = _mix(h ^ ((ids >> 32) & _M32)[None, :] ^ _mix((base + 1) & _M32))
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
@@ -86,11 +96,12 @@ def uniform_streams(seed: int, step: int, ids: torch.Tensor, streams: Tuple[int,
 
 @dataclass
 class SampleKeys:
-    """Whose samples a forward computes: the run's seed, the optimizer step, and each
-    sample's global index (int64, on the compute device). ``streams``: those the forward will
-    ask for (``models.layers.random_streams``), drawn together at the first ask."""
+    """Whose samples a forward computes: the run's seed, the optimizer step (a host int, or a
+    0-d int64 tensor on the device), and each sample's global index (int64, on the compute
+    device). ``streams``: those the forward will ask for (``models.layers.random_streams``),
+    drawn together at the first ask."""
     seed: int
-    step: int
+    step: Step
     ids: torch.Tensor
     streams: Tuple[int, ...] = ()
     keeps: Tuple[float, ...] = ()  # drop path's keep probability per declared stream, if known
@@ -126,6 +137,12 @@ class SampleKeys:
         keeps = _constant(self.keeps, torch.float32, self._draws.device)[:, None]
         masks = (self._draws < keeps).to(torch.float32).div_(keeps).to(dtype)
         self._masks.update(((s, k, dtype), m) for s, k, m in zip(self.streams, self.keeps, masks))
+
+    def forget(self) -> None:
+        """Drop the cached draws and masks (the next ask draws again)."""
+        self._cache.clear()
+        self._masks.clear()
+        self._draws = None
 
     def split(self, parts: int):
         """The keys of ``tensor_split(parts)`` micro-batches."""

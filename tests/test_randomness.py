@@ -50,6 +50,24 @@ def test_all_streams_at_once_draw_the_same_bits_as_one_at_a_time():
     assert random_streams(create_model("revcol_tiny", **dict(SMALL, drop_path=0.0))) == ()
 
 
+def test_a_step_held_on_the_device_draws_the_same_bits():
+    """A captured CUDA graph reads the step from a device tensor (a host int would be baked into
+    its kernels): the same draws as the host int, declared streams and a stream alone, and the
+    step's value (not the tensor) decides them."""
+    ids = torch.tensor([0, 5, 2**32 + 3, 2**40 + 9], dtype=torch.int64)
+    streams = (11, 2**31 + 7, 4000000000)
+    for seed, step in ((0, 0), (1234567, 99), (2**40 + 3, 2**31 + 1)):
+        on_device = torch.tensor(step, dtype=torch.int64)
+        assert torch.equal(uniform(seed, on_device, ids, 13), uniform(seed, step, ids, 13))
+        host, device = SampleKeys(seed, step, ids, streams), SampleKeys(seed, on_device, ids, streams)
+        for s in streams:
+            assert torch.equal(device.uniform(s), host.uniform(s))
+    held = torch.tensor(4, dtype=torch.int64)
+    first = uniform(0, held, ids, 13)
+    held.fill_(5)
+    assert torch.equal(uniform(0, held, ids, 13), uniform(0, 5, ids, 13)) and not torch.equal(first, uniform(0, 5, ids, 13))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_declared_masks_made_together_equal_one_at_a_time(dtype):
     """With the streams' keep probabilities declared (the Trainer's), every mask is made in one

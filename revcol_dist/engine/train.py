@@ -35,6 +35,7 @@ from ..monitor.tensorboard import RECONSTRUCTIONS, Board, alpha_histograms, fron
 from ..parallel import comm
 from ..parallel.backends import Applied, Backend, DeepSpeedBackend, LocalBackend, StepLoss
 from ..parallel.compile import apply_compile, compile_loss
+from ..parallel.cuda_graph import GRAPH_WARMUP, graph_forward_backward
 from ..parallel.deepspeed_env import restore_functional_linear
 from ..parallel.distributed import device_for, dist_env, init_distributed, process_store
 from ..parallel.ds_config import resolve_ds_config, zero_stage
@@ -132,6 +133,9 @@ class Trainer:
         validate_layout(cfg, info.world_size, self.ds)
         init_distributed(info, use_deepspeed=self.ds is not None, timeout_s=cfg.distributed.timeout_s)
         self.device = device_for(info)
+        if t.cuda_graph and self.device.type != "cuda":
+            raise ConfigError(f"train.cuda_graph=true needs a CUDA device; this run is on {self.device.type}: "
+                              f"set train.cuda_graph=false")
         _configure_kernels(t, self.device)
         self.out_dir = Path(cfg.output_dir)
         self.console = Console(cfg.monitor.console, enabled=info.is_main, log_every=t.log_every)
@@ -168,6 +172,8 @@ class Trainer:
         compiled = apply_compile(self.model, t.compile, self.device)
         if compiled:
             self.say(compiled)
+        if t.cuda_graph:
+            self.say(self._capture_steps())
         self.model.train()
         self.ema = ModelEMA(self.backend.model, t.ema_decay) if t.ema_decay > 0 else None
         mixer = Mixup(self.train_stream.num_classes, cfg.data.mixup, cfg.data.cutmix, cfg.data.mixup_prob,
@@ -247,6 +253,15 @@ class Trainer:
         if self.ds is not None:
             return DeepSpeedBackend(self.model, self.info, self.ds, optimizer, t.precision)
         return LocalBackend(self.model, self.info, optimizer, self.device, t.precision, t.clip_grad)
+
+    def _capture_steps(self) -> str:
+        """``train.cuda_graph``: the backend's forward and backward captured and replayed."""
+        try:
+            graph_forward_backward(self.backend, warmup=GRAPH_WARMUP)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return (f"train.cuda_graph: forward and backward captured after {GRAPH_WARMUP} eager steps, then replayed "
+                f"as one CUDA graph (a batch of another shape runs eagerly beside it)")
 
     # ---- the loop ----------------------------------------------------------------------
 

@@ -72,6 +72,10 @@ class Backend:
         self.scaler: Optional[torch.amp.GradScaler] = None
         self.last_grad_norm: Optional[torch.Tensor] = None
         self.last_loss: Optional[torch.Tensor] = None  # of the last forward_backward (all ranks)
+        # off under a captured forward and backward (``cuda_graph.py``): the gradients are the
+        # graph's buffers, overwritten by each replay; displaced while a step runs beside it
+        self.clear_grads = True
+        self.displaced_grads = False
 
     # ---- the contract --------------------------------------------------------------------
 
@@ -216,7 +220,8 @@ class Backend:
                 applied = bool(finite)  # a host sync: the skip is decided here
                 if applied:
                     self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.clear_grads:
+            self.optimizer.zero_grad(set_to_none=True)
         return applied
 
 
