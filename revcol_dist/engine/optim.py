@@ -86,43 +86,10 @@ def make_optimizer(model: torch.nn.Module, name: str, weight_decay: float, layer
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, adamw_mode=True)
-    fused = fused and all(_fusable(p) for g in groups for p in g["params"])
     kind = {"sgd": partial(torch.optim.SGD, momentum=0.9),
-            "adamw": partial(FusedAdamW if fused else torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8)}[name]
+            "adamw": partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8)}[name]
+    fused = fused and all(_fusable(p) for g in groups for p in g["params"])
     return kind(groups, lr=0.0, fused=fused or None)
-
-
-class FusedAdamW(torch.optim.AdamW):
-    """Torch's fused AdamW (its kernel, its state), with a skip decided on the device in fewer
-    kernels. Given ``found_inf`` (a 0-d float tensor, 1 where the step is to be skipped) and no
-    ``grad_scale``, every group's step counts advance by 1 - found_inf in one multi-tensor op
-    and each group's kernel leaves its tensors as they were where found_inf is 1. Torch's own
-    path advances the counts per group and takes the skip back per group: two more kernels per
-    layer-decay group (48 groups in RevCol-B). Otherwise (GradScaler, DeepSpeed) torch's step."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is None or getattr(self, "grad_scale", None) is not None or closure is not None:
-            return super().step(closure)
-        work = []
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            self._init_group(group, params_with_grad=params, grads=grads, exp_avgs=exp_avgs,
-                             exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, state_steps=steps)
-            if params:
-                work.append((group, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)))
-        if not work:
-            return None
-        steps = [s for _, tensors in work for s in tensors[5]]
-        advance = 1.0 - found_inf  # as a list of 0-d tensors: read on the device (one tensor is read on the host on a CPU)
-        torch._foreach_add_(steps, [advance] * len(steps))
-        for group, tensors in work:
-            beta1, beta2 = group["betas"]
-            torch._fused_adamw_(*tensors, lr=group["lr"], beta1=beta1, beta2=beta2,
-                                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=group["amsgrad"],
-                                maximize=group["maximize"], grad_scale=None, found_inf=found_inf)
-        return None
 
 
 def _fusable(p: torch.Tensor) -> bool:

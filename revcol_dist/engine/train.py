@@ -300,7 +300,9 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> bool:
         """One optimizer step on this rank's share of the global batch (``indices``: each
-        sample's index in the data set, which keys its random draws). Returns whether it applied."""
+        sample's index in the data set, which keys its random draws). Returns whether it applied:
+        a device tensor where the optimizer decides on the device (reading it waits for the step;
+        the Trainer reads it a step later, in ``settle``)."""
         lr = self.lr_at(self.step)
         images = images.to(self.device, non_blocking=True)
         if self.cfg.train.channels_last:

@@ -26,6 +26,7 @@ from ..models.layers import ConvNeXtBlock
 from ..models.official import rename_to_official, to_official_key, to_official_state_dict
 from . import comm
 from .distributed import DistInfo
+from .optimizer_step import fused_adamw_step, skips_in_kernel
 from .ds_config import zero_stage
 from .zero3_params import coalesce_persistent_gather
 
@@ -197,9 +198,9 @@ class Backend:
         """Clip to ``clip_grad`` by the global norm ``norm``; step unless it or the step's loss
         is not finite (the same values on every rank: all skip together); clear the gradients.
 
-        Torch's fused AdamW decides the skip in its kernel (``found_inf``: moments, step counts
-        and weights left as they were), so the host never waits for this step's gradients;
-        other optimizers are stepped or not by a host read."""
+        Torch's fused AdamW decides the skip in its kernel (``optimizer_step.fused_adamw_step``:
+        moments, step counts and weights left as they were), so the host never waits for this
+        step's gradients; other optimizers are stepped or not by a host read."""
         self.last_grad_norm = norm
         if self.clip_grad:
             torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad, norm)
@@ -212,11 +213,7 @@ class Backend:
             checked = norm if self.last_loss is None else torch.stack([norm.float(), self.last_loss.float()])
             finite = torch.isfinite(checked).all()
             if skips_in_kernel(self.optimizer):
-                self.optimizer.found_inf = (~finite).float()
-                try:
-                    self.optimizer.step()
-                finally:
-                    del self.optimizer.found_inf  # for this step only
+                fused_adamw_step(self.optimizer, (~finite).float())
                 applied = finite
             else:
                 applied = bool(finite)  # a host sync: the skip is decided here
@@ -226,12 +223,6 @@ class Backend:
             self.optimizer.zero_grad(set_to_none=True)
         return applied
 
-
-def skips_in_kernel(optimizer: torch.optim.Optimizer) -> bool:
-    """Torch's fused AdamW: it reads ``found_inf`` on the device and leaves everything as it was
-    (its step counts put back) where it is 1. Not fused SGD: its first step would leave
-    momentum buffers it made uninitialised."""
-    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 def _alphas(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
