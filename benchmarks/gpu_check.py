@@ -607,10 +607,14 @@ def check_data_finish(s: Setting) -> dict:
             "res": res, "host_ms_first": times[0], "host_ms_warm": warm_ms, "host_ms_limit": 1.0}
 
 
-def graph_run(s: Setting, graphed: bool, steps: int = 6, compiled: bool = False):
+def graph_run(s: Setting, graphed: bool, steps: int = 8, compiled: bool = False):
     """``steps`` training steps of a narrow RevCol-T (keyed drop path, inter_supv, AdamW,
     clipping), eager or with the forward and backward captured after two eager steps
-    (``train.cuda_graph``); each step's loss and the final weights."""
+    (``train.cuda_graph``); each step's loss and the final weights. After the fourth step one
+    alpha is set below the reconstruction threshold: the eager steps keep that level's input
+    from the sixth step on (the minima reach the host a step late), a graph must capture anew.
+    Each step's loss is read after the next step's forward and backward are queued, as the
+    Trainer reads it (``Trainer.settle``): the host is never ahead by more than a step."""
     from revcol_dist.models.layers import random_streams, stream_keeps
     from revcol_dist.parallel.compile import apply_compile, compile_loss
     from revcol_dist.parallel.cuda_graph import graph_forward_backward
@@ -626,36 +630,50 @@ def graph_run(s: Setting, graphed: bool, steps: int = 6, compiled: bool = False)
     wrapper = graph_forward_backward(b, warmup=2) if graphed else None
     streams = random_streams(model)
     keeps = stream_keeps(model, streams)
-    losses = []
+    losses, unread = [], None
     for i in range(steps):
         x, y = batch(8, 64, 7, s.device, seed=i)
         out = b.forward_backward([(x, y, SampleKeys(3, i, torch.arange(8 * i, 8 * i + 8, device=s.device), streams,
                                                     keeps))], loss_fn)
+        if unread is not None:
+            losses.append(float(unread.loss))
         b.step(lr=1e-3 * (i + 1))
-        losses.append(out.loss)
+        unread = out
+        if i == 3:
+            with torch.no_grad():
+                model.columns[1].alpha0.fill_(0.05)
+    losses.append(float(unread.loss))
     apply_compile(model, False, s.device)
     compile_loss(loss_fn, False, s.device)
-    return [float(v) for v in losses], {k: p.detach().clone() for k, p in model.named_parameters()}, wrapper
+    return losses, {k: p.detach().clone() for k, p in model.named_parameters()}, wrapper
 
 
 def check_cuda_graph(s: Setting) -> dict:
-    """``train.cuda_graph``: six steps with the forward and backward captured after two eager
+    """``train.cuda_graph``: eight steps with the forward and backward captured after two eager
     ones train as the eager steps do (every loss, the final weights; deterministic kernels,
-    fp32), eager blocks and compiled; the graph replayed four times."""
+    fp32), eager blocks and compiled; captured twice (the second time for an alpha set below the
+    reconstruction threshold), replayed five times."""
     if not s.gpu:
         return {"ok": True, "skipped": True, "reason": "needs CUDA (tests/parallel/test_cuda_graph.py covers the rest)"}
     entry, ok = {}, True
+    loss_gap = lambda a, b: max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))  # noqa: E731
     with kernel_flags(deterministic=True):
         for compiled in (False, True):
             ref_losses, ref_weights, _ = graph_run(s, graphed=False, compiled=compiled)
+            again_losses, again_weights, _ = graph_run(s, graphed=False, compiled=compiled)
             losses, weights, wrapper = graph_run(s, graphed=True, compiled=compiled)
-            loss_diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref_losses, losses))
-            weight_diff = worst_relative(ref_weights, weights)
-            good = wrapper.replays == 4 and loss_diff <= 1e-6 and weight_diff <= 1e-6
+            # eager against eager: the spread of kernels with atomics (the decoders' upsampling backward)
+            spread = max(loss_gap(ref_losses, again_losses), worst_relative(ref_weights, again_weights))
+            # the graph's step 6 still reconstructs the level the eager step 6 keeps (its check reads
+            # a step older minima): the reversible engine's own tolerance, 1e-5, covers that
+            tol = max(1e-5, 10 * spread)
+            loss_diff, weight_diff = loss_gap(ref_losses, losses), worst_relative(ref_weights, weights)
+            good = (wrapper.captures, wrapper.replays) == (2, 5) and loss_diff <= tol and weight_diff <= tol
             ok &= good
-            entry["compiled" if compiled else "eager"] = {"ok": good, "replays": wrapper.replays, "losses": losses,
-                                                          "worst_rel_loss_diff": loss_diff,
-                                                          "worst_rel_weight_diff": weight_diff}
+            entry["compiled" if compiled else "eager"] = {
+                "ok": good, "captures": wrapper.captures, "replays": wrapper.replays, "losses": losses,
+                "eager_spread": spread, "tolerance": tol, "worst_rel_loss_diff": loss_diff,
+                "worst_rel_weight_diff": weight_diff}
     return {"ok": ok, **entry}
 
 

@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..randomness import SampleKeys
+from ..reversible.function import AlphaMinima, captured_alpha_minima, restore_alpha_minima
 from .backends import Backend, LossFn, MicroBatch, StepLoss
 
 GRAPH_WARMUP = 3  # eager steps before the capture (cuDNN's and Triton's tuning happen in the first)
@@ -45,13 +46,54 @@ class CudaGraph:
         return out
 
     def capture(self, body: Callable):
+        """A fresh capture of ``body``. Everything it compiles was compiled in the warm-up: a
+        recompilation (which reads the generator state, illegal in a capture) fails naming
+        the guard that changed."""
         torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.compiler.set_stance("fail_on_recompile"), \
+                torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
             out = body()
         return out
 
     def replay(self) -> None:
         self.graph.replay()
+
+    def release(self) -> None:
+        """Let the graph and its memory pool go (before an eager step and a new capture)."""
+        self.graph.reset()
+
+
+class MinimaWatch:
+    """The captured forward's alpha minima (``reversible.function.AlphaMinima``, on the device),
+    sent to the host after each replay into one of two pinned slots, and read from the older
+    slot: that replay's step has been settled by the Trainer before the next step's call, so
+    the read never waits. ``changed()``: they imply other keep decisions than the capture made."""
+
+    def __init__(self, minima: Sequence[AlphaMinima]) -> None:
+        self.minima = [m for m in minima if m.device is not None]
+        self.slots = [[torch.empty(m.device.shape, dtype=m.device.dtype, pin_memory=True) for m in self.minima]
+                      for _ in range(2)] if self.minima else []
+        self.events: List[Optional[torch.cuda.Event]] = [None, None]
+        self.sent = 0
+
+    def send(self) -> None:
+        if not self.minima:
+            return
+        k = self.sent % 2
+        for slot, m in zip(self.slots[k], self.minima):
+            slot.copy_(m.device, non_blocking=True)
+        self.events[k] = torch.cuda.Event()
+        self.events[k].record()
+        self.sent += 1
+
+    def changed(self) -> bool:
+        if not self.minima:
+            return False
+        k = self.sent % 2  # the older slot
+        if self.events[k] is None or not self.events[k].query():
+            return False
+        return any(m.implied(slot.tolist()) != m.used for slot, m in zip(self.slots[k], self.minima))
 
 
 def _signature(micro_batches: Sequence[MicroBatch]) -> Tuple:
@@ -80,7 +122,9 @@ class GraphedForwardBackward:
         self.output: Optional[StepLoss] = None  # the buffers the graph writes
         self.grads: Optional[List[Tuple[torch.nn.Parameter, torch.Tensor]]] = None
         self.loss_fn: Optional[LossFn] = None
-        self.replays = self.beside = 0
+        self.left: Optional[tuple] = None  # what the captured forward left for later readers (``_back_to_graph``)
+        self.watch = MinimaWatch([])
+        self.replays = self.beside = self.captures = 0
 
     @property
     def captured(self) -> bool:
@@ -91,6 +135,8 @@ class GraphedForwardBackward:
         if self.inputs is not None and (loss_fn is not self.loss_fn
                                         or _signature(micro_batches) != _signature(self.inputs)):
             return self._eager_beside(micro_batches, loss_fn)
+        if self.captured and self.watch.changed():
+            self._release()  # the captured forward keeps or reconstructs other level inputs: capture anew
         if self.inputs is None and self.steps < self.warmup:
             return self.graph.run_beside(lambda: self.eager(micro_batches, loss_fn))
         if self.inputs is None:  # the last warm-up: the graph's own buffers, eagerly
@@ -101,8 +147,9 @@ class GraphedForwardBackward:
         if not self.captured:
             self._capture()
         elif self.backend.displaced_grads:
-            self._attach_grads()
+            self._back_to_graph()
         self.graph.replay()
+        self.watch.send()
         self.replays += 1
         return _copied(self.output)
 
@@ -136,10 +183,33 @@ class GraphedForwardBackward:
         self.output = self.graph.capture(lambda: self.eager(self.inputs, self.loss_fn))
         self.grads = [(p, p.grad) for p in params if p.grad is not None]
         self.backend.clear_grads = False
+        model = self.backend.model
+        self.left = (captured_alpha_minima(model), self.backend.last_loss, getattr(getattr(model, "drift", None),
+                                                                                   "_last", None))
+        self.watch = MinimaWatch(self.left[0])
+        self.captures += 1
 
-    def _attach_grads(self) -> None:
+    def _release(self) -> None:
+        """Back to the last warm-up: this step eagerly on fresh input buffers, the next captured."""
+        for p, _ in self.grads:
+            p.grad = None
+        self.grads, self.inputs, self.output, self.left = None, None, None, None
+        self.watch = MinimaWatch([])
+        self.graph.release()
+        self.backend.clear_grads, self.backend.displaced_grads = True, False
+        self.steps = self.warmup
+
+    def _back_to_graph(self) -> None:
+        """After an eager step beside the graph: the graph's gradients on the parameters again,
+        and what the captured forward left for later readers (its alpha minima, its loss for
+        the finite check, its drift checks) in place of the eager step's."""
         for p, g in self.grads:
             p.grad = g
+        minima, loss, drift = self.left
+        restore_alpha_minima(self.backend.model, minima)
+        self.backend.last_loss = loss
+        if drift is not None:
+            self.backend.model.drift._last = drift
         self.backend.displaced_grads = False
 
     def _eager_beside(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepLoss:

@@ -440,6 +440,28 @@ def _block_runners(policy: ReversiblePolicy) -> list:
 _LAG_MARGIN = 1.5
 
 
+class AlphaMinima:
+    """A segment's alpha minima on their way to the host, and the keep decisions of the forward
+    that made them. Eager: copied to pinned ``host`` memory, ``done`` an event after the copy.
+    Captured into a CUDA graph: ``device`` only (each replay overwrites it; the graph's owner
+    copies it out, ``parallel/cuda_graph.py``)."""
+
+    def __init__(self, used: List[bool], threshold: float, host: Optional[torch.Tensor] = None,
+                 done: Optional[torch.cuda.Event] = None, device: Optional[torch.Tensor] = None) -> None:
+        self.used, self.threshold, self.host, self.done, self.device = used, threshold, host, done, device
+
+    def read(self) -> List[float]:
+        """The minima on the host, waiting where they are still on their way."""
+        if self.host is None:
+            return self.device.tolist()  # a replay's: a sync (only an eager step beside a graph comes here)
+        self.done.synchronize()  # long finished: recorded a whole step ago
+        return self.host.tolist()
+
+    def implied(self, values: Sequence[float]) -> List[bool]:
+        """The decisions ``values`` imply, with the margin for a step's lag."""
+        return [v < self.threshold * _LAG_MARGIN for v in values]
+
+
 def _alpha_pass(columns: Sequence[torch.nn.Module], threshold: float) -> Tuple[Dict[Key, torch.Tensor], List[List[bool]]]:
     """Every alpha of the segment clamped, and per column and level whether min |alpha_l| is
     below ``threshold`` (keep that level's input instead of reconstructing it), in one pass of
@@ -448,7 +470,9 @@ def _alpha_pass(columns: Sequence[torch.nn.Module], threshold: float) -> Tuple[D
     The clamped values serve the forward and its backward (the parameters do not change in
     between). The minima: on a CPU, exact. On a GPU, from the previous forward's minima
     (copied to the host in the background: no sync in the step), against ``threshold`` x 1.5,
-    since one optimizer step moves an alpha by far less than half; the first forward syncs once."""
+    since one optimizer step moves an alpha by far less than half; the first forward syncs once.
+    Under a CUDA graph's capture the decisions are the previous (eager) forward's, and the
+    minima stay on the device for the graph's owner to send (``captured_alpha_minima``)."""
     with torch.no_grad():
         raw = [getattr(col, f"alpha{l}").detach() for col in columns for l in range(4)]
         clamped = clamp_alphas(raw)
@@ -459,20 +483,37 @@ def _alpha_pass(columns: Sequence[torch.nn.Module], threshold: float) -> Tuple[D
     holder = columns[0]
     if mins.device.type != "cuda":
         flat = [v < threshold for v in mins.tolist()]
+    elif torch.cuda.is_current_stream_capturing():
+        previous = getattr(holder, "_revcol_alpha_mins", None)
+        if previous is None or len(previous.used) != mins.numel():
+            raise RuntimeError("a captured step needs an eager forward before it (its alpha decisions)")
+        flat = previous.used  # what the graphs compiled in the warm-up were made for
+        object.__setattr__(holder, "_revcol_alpha_mins", AlphaMinima(flat, threshold, device=mins))
     else:
         previous = getattr(holder, "_revcol_alpha_mins", None)
-        if previous is None or previous[0].numel() != mins.numel():
+        if previous is None or len(previous.used) != mins.numel():
             flat = [v < threshold for v in mins.tolist()]
         else:
-            host, done = previous
-            done.synchronize()  # long finished: recorded a whole step ago
-            flat = [v < threshold * _LAG_MARGIN for v in host.tolist()]
+            flat = previous.implied(previous.read())
         host = torch.empty(mins.shape, dtype=mins.dtype, pin_memory=True)
         host.copy_(mins, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        object.__setattr__(holder, "_revcol_alpha_mins", (host, done))  # not a module attribute
+        object.__setattr__(holder, "_revcol_alpha_mins", AlphaMinima(flat, threshold, host, done))  # not a module attribute
     return table, [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
+
+
+def captured_alpha_minima(model: torch.nn.Module) -> List[AlphaMinima]:
+    """The alpha minima of each segment that the last forward left (a captured forward's are on
+    the device), in module order."""
+    return [m._revcol_alpha_mins for m in model.modules() if getattr(m, "_revcol_alpha_mins", None) is not None]
+
+
+def restore_alpha_minima(model: torch.nn.Module, minima: Sequence[AlphaMinima]) -> None:
+    """Put back what ``captured_alpha_minima`` returned (after an eager forward replaced them)."""
+    holders = [m for m in model.modules() if getattr(m, "_revcol_alpha_mins", None) is not None]
+    for h, m in zip(holders, minima):
+        object.__setattr__(h, "_revcol_alpha_mins", m)
 
 
 class Segment:

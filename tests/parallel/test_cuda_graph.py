@@ -45,6 +45,12 @@ class StandInGraph:
     def run_beside(self, body):
         return body()
 
+    def finished(self):  # a CPU computes as it goes
+        return True
+
+    def release(self):
+        self.body = self.out = None
+
     def capture(self, body):
         self.body = body
         self.out = self._run()
@@ -168,3 +174,37 @@ def test_the_switch_is_a_one_line_error_where_it_cannot_run(tmp_path):
         validate_layout(cfg, 2)
     with pytest.raises(ConfigError, match="needs a CUDA device; this run is on cpu"):
         Trainer(cfg, log=lambda *_: None)
+
+
+def test_new_alpha_decisions_capture_anew(monkeypatch):
+    """When the alpha minima a replay sent to the host imply other keep decisions than the
+    captured forward made, the graph is let go: that step runs eagerly on fresh buffers, the
+    next is captured anew; the training is still bitwise the eager steps'."""
+    from revcol_dist.parallel import cuda_graph
+
+    answers = iter([False, True, False, False])  # asked before the replays of steps 4, 5, 7 and 8
+    monkeypatch.setattr(cuda_graph.MinimaWatch, "changed", lambda self: next(answers))
+    model, data = _setup(batches=8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eager_losses, eager_weights, _, _ = _run(model, data, graphed=False)
+    model.load_state_dict(state)
+    losses, weights, _, wrapper = _run(model, data, graphed=True)
+    assert (wrapper.captures, wrapper.replays) == (2, 5) and next(answers, None) is None
+    assert losses == eager_losses and all(torch.equal(weights[n], w) for n, w in eager_weights.items())
+
+
+def test_the_minima_imply_decisions_with_the_lag_margin():
+    """What the watch compares: the decisions the minima imply (threshold x 1.5, for the step
+    they lag) against those the captured forward made; restored after an eager forward."""
+    from revcol_dist.reversible.function import AlphaMinima, captured_alpha_minima, restore_alpha_minima
+
+    model = create_model("revcol_tiny", **SMALL)
+    assert captured_alpha_minima(model) == []  # a CPU decides exactly, every forward: nothing sent
+    minima = AlphaMinima([False, False], 0.1, device=torch.tensor([0.5, 0.12]))
+    assert minima.implied([0.5, 0.12]) == [False, True] and minima.implied([0.16, 0.2]) == [False, False]
+    object.__setattr__(model.columns[0], "_revcol_alpha_mins", minima)
+    assert captured_alpha_minima(model) == [minima] and minima.read() == pytest.approx([0.5, 0.12])
+    other = AlphaMinima([True, True], 0.1, device=torch.tensor([0.0, 0.0]))
+    object.__setattr__(model.columns[0], "_revcol_alpha_mins", other)
+    restore_alpha_minima(model, [minima])
+    assert captured_alpha_minima(model) == [minima]
