@@ -2,7 +2,7 @@
 # Issue 25's GPU measurements in one command, for a session lent a GPU for 15 minutes in all:
 # DeepSpeed from the wheels in .gpu/whl (`make gpu-wheels` builds them on a machine with a
 # package registry), then the speed rows, the kernel table and the checks, each under its own
-# time limit (at most 500 s together), each writing one file under $OUT (default gpu_out).
+# time limit (at most 545 s together), each writing one file under $OUT (default gpu_out).
 # Run from the project root, carrying .gpu:   bash benchmarks/gpu_session.sh
 # What comes back: session.log (the device, each part's exit status and its last errors) and one
 # JSON-lines file per part (docs/benchmarks.md says what each row means).
@@ -32,8 +32,12 @@ part gpu_step_base 150 python3 benchmarks/gpu_step.py --models revcol_base --pol
 part gpu_step_tiny 100 python3 benchmarks/gpu_step.py --models revcol_tiny --policies reversible --compile both --graph both
 # The CUDA graph's training against eager steps (captures, replays, losses, weights), before the other checks
 part gpu_check_graph 80 python3 benchmarks/gpu_check.py --only cuda_graph --budget-s 70
+# The main job through the Trainer with the step captured (evaluation, checkpoint, export around it)
+part trainer_graph 60 sh -c 'python3 launchers/pretrain.py --set train.cuda_graph=true --set train.compile=false \
+  --set train.epochs=3 --set monitor.console=plain --set output_dir=/tmp/trainer_graph >/tmp/trainer_graph.log 2>&1; \
+  s=$?; tail -n 5 /tmp/trainer_graph.log >&2; cat /tmp/trainer_graph/metrics.json; exit $s'
 # Per-kernel table of RevCol-B's step: achieved GB/s and TFLOP/s against the H200's
-part kernel_table 50 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table.py
+part kernel_table 45 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table.py
 # Correctness on the device: process groups on NCCL, reversible gradients, offload, planner, data path
-part gpu_check 120 python3 benchmarks/gpu_check.py --budget-s 105 --only local_step,process_groups,reversible_gradients,offload,memory_vs_planner,throughput,data_finish
+part gpu_check 110 python3 benchmarks/gpu_check.py --budget-s 95 --only local_step,process_groups,reversible_gradients,offload,memory_vs_planner,throughput,data_finish
 cat "$LOG"
