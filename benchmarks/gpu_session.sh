@@ -2,7 +2,7 @@
 # Issue 25's GPU measurements in one command, for a session lent a GPU for 15 minutes in all:
 # DeepSpeed from the wheels in .gpu/whl (`make gpu-wheels` builds them on a machine with a
 # package registry), then the speed rows, the kernel table and the checks, each under its own
-# time limit (at most 545 s together), each writing one file under $OUT (default gpu_out).
+# time limit (at most 570 s together), each writing one file under $OUT (default gpu_out).
 # Run from the project root, carrying .gpu:   bash benchmarks/gpu_session.sh
 # What comes back: session.log (the device, each part's exit status and its last errors) and one
 # JSON-lines file per part (docs/benchmarks.md says what each row means).
@@ -27,7 +27,9 @@ part() {  # part NAME LIMIT_S COMMAND...: its stdout to NAME.jsonl, its exit and
 }
 
 # RevCol-B at batch 128: eager and compiled, reversible and plain, and timm's ConvNeXt-B in the same process
-part gpu_step_base 150 python3 benchmarks/gpu_step.py --models revcol_base --policies reversible plain --compile both
+part gpu_step_base 140 python3 benchmarks/gpu_step.py --models revcol_base --policies reversible plain --compile both
+# RevCol-B plain, compiled, beside the model alone with the same heads (the trainer's step at most 1.15x it?)
+part gpu_step_alone 45 python3 benchmarks/gpu_step.py --models revcol_base --policies plain --compile on --alone
 # RevCol-T at batch 64 (launch-bound?), reversible: eager, compiled, compiled and replayed as a CUDA graph
 part gpu_step_tiny 100 python3 benchmarks/gpu_step.py --models revcol_tiny --policies reversible --compile both --graph both
 # The CUDA graph's training against eager steps (captures, replays, losses, weights), before the other checks
@@ -39,5 +41,5 @@ part trainer_graph 60 sh -c 'python3 launchers/pretrain.py --set train.cuda_grap
 # Per-kernel table of RevCol-B's step: achieved GB/s and TFLOP/s against the H200's
 part kernel_table 45 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table.py
 # Correctness on the device: process groups on NCCL, reversible gradients, offload, planner, data path
-part gpu_check 110 python3 benchmarks/gpu_check.py --budget-s 95 --only local_step,process_groups,reversible_gradients,offload,memory_vs_planner,throughput,data_finish
+part gpu_check 100 python3 benchmarks/gpu_check.py --budget-s 85 --only local_step,process_groups,reversible_gradients,offload,memory_vs_planner,throughput,data_finish
 cat "$LOG"

@@ -15,6 +15,7 @@ step (CUDA kernels in the profiler; on a CPU the aten ops dispatched, the proxy 
   python3 benchmarks/gpu_step.py                        # GPU: T at 64, B at 128, L at 64, 224 px
   python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on
   python3 benchmarks/gpu_step.py --models revcol_tiny --policies reversible --compile both --graph both
+  python3 benchmarks/gpu_step.py --models revcol_base --policies plain --compile on --alone
   .venv/bin/python benchmarks/gpu_step.py --mode cpu    # tiny sizes on a CPU (CI's smoke test)
 """
 
@@ -92,6 +93,30 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
         ema.update()
         i[0] += 1
     return step, model.config, policy, reason
+
+
+def alone_step(name: str, policy: str, s: Setting, compiled: bool = False):
+    """The model alone with the same heads and decoders, as issue 25 measured it: no drop path,
+    torch's fused AdamW over one group, the sum of every head's logits and reconstructions as
+    the loss; no layer decay, clipping, finite check, keys or EMA. What the trainer's step costs
+    on top of the model is the ratio of the two rows."""
+    torch.manual_seed(0)
+    args = dict(CPU_ARGS if s.cpu else {}, drop_path=0.0)
+    model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).to(s.device).train()
+    model.reversible = policy == "reversible"
+    apply_compile(model, compiled, s.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x, _ = inputs(s)
+
+    def step():
+        with torch.autocast(s.device.type, dtype=torch.bfloat16):
+            out = model(x)
+            heads = [out.logits, *out.aux_logits, *out.reconstructions]
+            loss = sum(h.float().mean() for h in heads)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, model.config
 
 
 def auto_policy(name: str, s: Setting, args: dict):
@@ -219,6 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=["off", "on", "both"], default=None,
                     help="the blocks eager, compiled (train.compile), or a row each (default: both on a GPU, "
                          "off on a CPU, where compiling costs minutes)")
+    ap.add_argument("--alone", action="store_true",
+                    help="beside each reversible/plain row, the model alone with the same heads (issue 25: the "
+                         "trainer's step should cost at most 1.15x it)")
     ap.add_argument("--graph", choices=["off", "on", "both"], default="off",
                     help="the forward and backward replayed as one CUDA graph (train.cuda_graph), with the "
                          "blocks compiled; 'both' adds a graphed row beside each compiled one (GPU only)")
@@ -254,6 +282,16 @@ def main(argv=None) -> int:
                 del step
                 if not cpu:
                     torch.cuda.empty_cache()
+                if a.alone and not graphed and chosen in ("reversible", "plain"):
+                    step, config = alone_step(name, chosen, s, compiled)
+                    alone = row("alone", name, s, {"memory_policy": chosen, "compiled": compiled}, measure(step, s),
+                                train_flops_per_image(config, s.res))
+                    alone["trainer_step_over_alone"] = alone["images_per_sec"] / r["images_per_sec"]
+                    alone["trainer_kernels_over_alone"] = r["kernels_per_step"] / alone["kernels_per_step"]
+                    print(json.dumps(alone), flush=True)
+                    del step
+                    if not cpu:
+                        torch.cuda.empty_cache()
         apply_compile(torch.nn.Module(), False, device)  # the baseline's blocks (ConvNeXtFromBlocks) eager
         step, label = baseline_step(name, s)
         flops = 6e9 * VARIANTS[name][4] * (s.res / 224) ** 2  # ConvNeXt's published GMACs
