@@ -677,6 +677,34 @@ def check_cuda_graph(s: Setting) -> dict:
     return {"ok": ok, **entry}
 
 
+def check_late_read(s: Setting) -> dict:
+    """``Trainer.settle``'s read (``engine/step_values.py``): a step's values, read after more
+    work was queued behind it, wait for that step only, so the device is still busy when they
+    arrive; a plain ``float`` of the same tensor waits for everything queued (the reference)."""
+    if not s.gpu:
+        return {"ok": True, "skipped": True, "reason": "needs CUDA (tests/engine/test_step_values.py covers the values)"}
+    from revcol_dist.engine.step_values import StepValues
+    from revcol_dist.parallel.backends import StepLoss
+
+    a = torch.randn(4096, 4096, device=s.device)
+    entry = {}
+    for way in ("step_values", "float"):
+        sync(s.device)
+        loss = (a @ a).mean()  # the step
+        values = StepValues(1, StepLoss(loss, {"twice": loss * 2}), torch.isfinite(loss).all(), 0.1)
+        for _ in range(40):  # the next step's work, queued behind it (~5 TFLOP)
+            a.mul_(1.0)
+            _ = a @ a
+        t0 = time.perf_counter()
+        got = values.loss if way == "step_values" else float(loss)
+        entry[way] = {"host_wait_ms": 1e3 * (time.perf_counter() - t0),
+                      "device_busy_after_read": not torch.cuda.current_stream(s.device).query()}
+        sync(s.device)
+        entry[way]["value_ok"] = got == float(loss) and values.parts["twice"] == float(loss * 2) and values.applied
+    ok = entry["step_values"]["device_busy_after_read"] and entry["step_values"]["value_ok"]
+    return {"ok": ok, **entry}
+
+
 CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "local_step": check_local_step,
     "process_groups": check_process_groups,
@@ -686,6 +714,7 @@ CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "throughput": check_throughput,
     "data_finish": check_data_finish,
     "cuda_graph": check_cuda_graph,
+    "late_read": check_late_read,
 }
 
 

@@ -32,8 +32,9 @@ part gpu_step_base 140 python3 benchmarks/gpu_step.py --models revcol_base --pol
 part gpu_step_alone 45 python3 benchmarks/gpu_step.py --models revcol_base --policies plain --compile on --alone
 # RevCol-T at batch 64 (launch-bound?), reversible: eager, compiled, compiled and replayed as a CUDA graph
 part gpu_step_tiny 100 python3 benchmarks/gpu_step.py --models revcol_tiny --policies reversible --compile both --graph both
-# The CUDA graph's training against eager steps (captures, replays, losses, weights), before the other checks
-part gpu_check_graph 80 python3 benchmarks/gpu_check.py --only cuda_graph --budget-s 70
+# The late read leaves the device busy; the CUDA graph's training against eager steps (captures, replays,
+# losses, weights); before the other checks
+part gpu_check_graph 80 python3 benchmarks/gpu_check.py --only late_read,cuda_graph --budget-s 70
 # The main job through the Trainer with the step captured (evaluation, checkpoint, export around it)
 part trainer_graph 60 sh -c 'python3 launchers/pretrain.py --set train.cuda_graph=true --set train.compile=false \
   --set train.epochs=3 --set monitor.console=plain --set output_dir=/tmp/trainer_graph >/tmp/trainer_graph.log 2>&1; \

@@ -55,6 +55,11 @@ def param_seed(seed: int, name: str) -> int:
 Step = Union[int, torch.Tensor]  # an optimizer step: a host int, or a 0-d int64 tensor on the device
 
 
+def _mix_either(x: Step) -> Step:
+    """``_mix`` of a tensor, ``_mix_int`` of an int: the same bits."""
+    return _mix(x) if isinstance(x, torch.Tensor) else _mix_int(x)
+
+
 def _step_mix(seed: int, step: Step) -> Step:
     """The (seed, step) part of every draw's key. A step given as a device tensor stays one (a
     captured CUDA graph reads it there, where a host int would be baked into the kernels);
@@ -66,9 +71,8 @@ def _step_mix(seed: int, step: Step) -> Step:
 
 def uniform(seed: int, step: Step, ids: torch.Tensor, stream: int) -> torch.Tensor:
     """float32 in [0, 1), one per entry of ``ids`` (int64 global sample indices), on their device."""
-    mixed = _step_mix(seed, step)
-    base = _mix(mixed ^ stream) if isinstance(mixed, torch.Tensor) else _mix_int(mixed ^ stream)
-    after = _mix((base + 1) & _M32) if isinstance(base, torch.Tensor) else _mix_int(base + 1)
+    base = _mix_either(_step_mix(seed, step) ^ stream)
+    after = _mix_either((base + 1) & _M32)
     h = _mix((ids & _M32) ^ base)
     h = _mix(h ^ ((ids >> 32) & _M32) ^ after)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))

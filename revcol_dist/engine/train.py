@@ -11,7 +11,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -49,6 +48,7 @@ from .optim import make_optimizer, wants_cpu_adam
 from .portable_checkpoint import FOLDER as PORTABLE
 from .portable_checkpoint import load_portable, portable_folder, write_portable
 from .schedule import lr_at
+from .step_values import StepValues
 from .watchdog import HangWatchdog
 
 
@@ -114,16 +114,6 @@ def _nan_injected(step: int, info) -> bool:
     return bool(steps) and info.rank == 0 and step in {int(s) for s in steps.split(",")}
 
 
-@dataclass
-class _Unsettled:
-    """A step whose values the host has not read yet (``Trainer.settle``)."""
-
-    step: int
-    result: StepLoss
-    applied: Applied
-    lr: float
-
-
 class Trainer:
     def __init__(self, cfg: Config, ds_config: Optional[str] = None, log: Optional[Callable[[str], None]] = None):
         self.cfg, t = cfg, cfg.train
@@ -187,8 +177,8 @@ class Trainer:
                                        on_error=t.on_save_error, asynchronous=t.async_checkpoint, log=self.say)
         self.watchdog = HangWatchdog(t.hang_timeout_s, info.rank, info.world_size, process_store(), self.out_dir)
         self.step, self.nan_skipped, self.nan_run = 0, 0, 0
-        self.images_seen, self.last_loss = 0, float("nan")
-        self.unsettled: Optional[_Unsettled] = None  # the last step, until its values are read
+        self.images_seen, self.last_loss, self.last_parts = 0, float("nan"), {}
+        self.unsettled: Optional[StepValues] = None  # the last step, until its values are read
         peak = peak_tflops(self.device, t.precision, t.tf32, cfg.monitor.peak_tflops)
         self.throughput = Throughput(train_flops_per_image(self.model.config, cfg.data.img_size), info.world_size, peak)
         self.board = Board(self.out_dir / "tensorboard", enabled=cfg.monitor.tensorboard and info.is_main)
@@ -298,7 +288,7 @@ class Trainer:
                 and self.step < self.total:
             self.validate(f"epoch {done}")
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> bool:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> Applied:
         """One optimizer step on this rank's share of the global batch (``indices``: each
         sample's index in the data set, which keys its random draws). Returns whether it applied:
         a device tensor where the optimizer decides on the device (reading it waits for the step;
@@ -319,8 +309,8 @@ class Trainer:
         applied = self.backend.step(lr)
         self.step += 1
         _maybe_inject_fault(self.step, self.info)
-        self.unsettled = _Unsettled(self.step, result, applied, lr)
-        self._log_step(result, lr, images)
+        self.unsettled = StepValues(self.step, result, applied, lr)  # on their way to the host
+        self._log_step(lr, images)
         self.watchdog.beat(self.step, "train")
         t = self.cfg.train
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < self.total:
@@ -333,14 +323,15 @@ class Trainer:
         """The last step's host reads, one step late: its loss, whether it applied (skips are
         counted, a run of them stops training), its line in train_log.jsonl, its EMA update.
         Called after the next step's forward and backward are queued (the weights are still
-        the settled step's until that step's update), so reading its values never leaves the
-        device idle; and before anything that needs them (logging, evaluation, a checkpoint,
-        the end)."""
+        the settled step's until that step's update); the values were copied to pinned memory
+        behind the settled step's work (``StepValues``), so reading them waits for that step
+        only and the next step's work stays queued. Also before anything that needs them
+        (logging, evaluation, a checkpoint, the end)."""
         done, self.unsettled = self.unsettled, None
         if done is None:
             return
-        applied = bool(done.applied)
-        self.last_loss = float(done.result.loss)  # the same on every rank
+        applied = done.applied  # waits for that step's work only
+        self.last_loss, self.last_parts = done.loss, done.parts  # the same on every rank
         self._count_skips(applied, done.step)
         if applied and self.ema is not None:
             self.ema.update()
@@ -376,7 +367,7 @@ class Trainer:
 
     # ---- monitoring --------------------------------------------------------------------
 
-    def _log_step(self, result: StepLoss, lr: float, images: torch.Tensor) -> None:
+    def _log_step(self, lr: float, images: torch.Tensor) -> None:
         """Scalars, alphas and pictures at their intervals (host reads: the step settles first);
         the console's bar every step, with the last settled loss."""
         t, m = self.cfg.train, self.cfg.monitor
@@ -387,7 +378,7 @@ class Trainer:
         in_epoch = self.step - (self.step - 1) // self.steps_per_epoch * self.steps_per_epoch
         if self.step % t.log_every == 0 or self.step == self.total or self.step == 1:
             self.settle()
-            self._log_scalars(result, lr, rates)
+            self._log_scalars(lr, rates)
             self.throughput.reset()
         if self.step % (m.alpha_every or t.log_every) == 0 or self.step == self.total:
             alphas = self.backend.alphas()  # collective under ZeRO-3 and the pipeline
@@ -399,13 +390,13 @@ class Trainer:
         # the live bar moves every step; plain lines appear every log_every (Console decides)
         self.console.update(in_epoch, self.step, self.total, {"loss": self.last_loss, "lr": lr, **rates})
 
-    def _log_scalars(self, result: StepLoss, lr: float, rates: Dict[str, Optional[float]]) -> None:
+    def _log_scalars(self, lr: float, rates: Dict[str, Optional[float]]) -> None:
         n_heads = len(self.model.heads)
         norm = self.backend.last_grad_norm
         scalars = {"loss": self.last_loss, "lr": lr, "grad_norm": None if norm is None else float(norm),
                    "mem_peak_bytes": peak_memory_bytes(self.device), "drift": self.backend.drift, **rates}
-        for k, v in result.parts.items():
-            scalars[k.replace("loss_cls_final", f"loss_cls_{n_heads - 1}")] = float(v)
+        for k, v in self.last_parts.items():
+            scalars[k.replace("loss_cls_final", f"loss_cls_{n_heads - 1}")] = v
         self.board.add(tagged(scalars), self.step)  # None (MFU without a known peak): not logged
 
     def _log_reconstructions(self, images: torch.Tensor) -> None:

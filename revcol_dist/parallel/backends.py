@@ -26,8 +26,8 @@ from ..models.layers import ConvNeXtBlock
 from ..models.official import rename_to_official, to_official_key, to_official_state_dict
 from . import comm
 from .distributed import DistInfo
-from .optimizer_step import fused_adamw_step, skips_in_kernel
 from .ds_config import zero_stage
+from .optimizer_step import fused_adamw_step, skips_in_kernel
 from .zero3_params import coalesce_persistent_gather
 
 # (images, targets) or (images, targets, SampleKeys): the keys make drop path layout-free
@@ -76,9 +76,8 @@ class Backend:
         self.last_grad_norm: Optional[torch.Tensor] = None
         self.last_loss: Optional[torch.Tensor] = None  # of the last forward_backward (all ranks)
         # off under a captured forward and backward (``cuda_graph.py``): the gradients are the
-        # graph's buffers, overwritten by each replay; displaced while a step runs beside it
+        # graph's buffers, overwritten by each replay
         self.clear_grads = True
-        self.displaced_grads = False
 
     # ---- the contract --------------------------------------------------------------------
 
@@ -196,7 +195,8 @@ class Backend:
 
     def apply_update(self, params: Sequence[torch.nn.Parameter], norm: torch.Tensor) -> Applied:
         """Clip to ``clip_grad`` by the global norm ``norm``; step unless it or the step's loss
-        is not finite (the same values on every rank: all skip together); clear the gradients.
+        is not finite (the same values on every rank: all skip together); clear the gradients
+        (unless a captured graph owns them: ``clear_grads``).
 
         Torch's fused AdamW decides the skip in its kernel (``optimizer_step.fused_adamw_step``:
         moments, step counts and weights left as they were), so the host never waits for this
@@ -222,7 +222,6 @@ class Backend:
         if self.clear_grads:
             self.optimizer.zero_grad(set_to_none=True)
         return applied
-
 
 
 def _alphas(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:

@@ -3,8 +3,9 @@
 A RevCol step is thousands of kernels; a small model at a small batch (RevCol-T at 64) is
 bound by the host launching them, not by the GPU running them. After ``warmup`` eager steps
 (cuDNN's and Triton's tuning, the compiled graphs, the optimizer's state and the allocator
-settle), the forward, loss, backward and replica mean are captured once; every later step
-copies its batch into the captured input buffers and replays them: one launch. The optimizer
+settle), the forward, loss, backward and replica mean are captured; every later step copies
+its batch into the captured input buffers and replays them: one launch. (Captured again where
+the reversible engine's choice of level inputs to keep changes: ``MinimaWatch``.) The optimizer
 step stays eager (a few dozen multi-tensor kernels; the learning rate stays a host float).
 
 What a graph needs of the step, and where it holds (checked on a CPU in
@@ -123,6 +124,7 @@ class GraphedForwardBackward:
         self.grads: Optional[List[Tuple[torch.nn.Parameter, torch.Tensor]]] = None
         self.loss_fn: Optional[LossFn] = None
         self.left: Optional[tuple] = None  # what the captured forward left for later readers (``_back_to_graph``)
+        self.displaced = False  # a step ran beside the graph: its gradients and readers are the eager step's
         self.watch = MinimaWatch([])
         self.replays = self.beside = self.captures = 0
 
@@ -146,7 +148,7 @@ class GraphedForwardBackward:
         self._fill(micro_batches)
         if not self.captured:
             self._capture()
-        elif self.backend.displaced_grads:
+        elif self.displaced:
             self._back_to_graph()
         self.graph.replay()
         self.watch.send()
@@ -184,8 +186,9 @@ class GraphedForwardBackward:
         self.grads = [(p, p.grad) for p in params if p.grad is not None]
         self.backend.clear_grads = False
         model = self.backend.model
-        self.left = (captured_alpha_minima(model), self.backend.last_loss, getattr(getattr(model, "drift", None),
-                                                                                   "_last", None))
+        drift = getattr(model, "drift", None)
+        checks = None if drift is None else (drift._last, drift.boundaries_checked)
+        self.left = (captured_alpha_minima(model), self.backend.last_loss, checks)
         self.watch = MinimaWatch(self.left[0])
         self.captures += 1
 
@@ -196,7 +199,7 @@ class GraphedForwardBackward:
         self.grads, self.inputs, self.output, self.left = None, None, None, None
         self.watch = MinimaWatch([])
         self.graph.release()
-        self.backend.clear_grads, self.backend.displaced_grads = True, False
+        self.backend.clear_grads, self.displaced = True, False
         self.steps = self.warmup
 
     def _back_to_graph(self) -> None:
@@ -205,19 +208,19 @@ class GraphedForwardBackward:
         the finite check, its drift checks) in place of the eager step's."""
         for p, g in self.grads:
             p.grad = g
-        minima, loss, drift = self.left
+        minima, loss, checks = self.left
         restore_alpha_minima(self.backend.model, minima)
         self.backend.last_loss = loss
-        if drift is not None:
-            self.backend.model.drift._last = drift
-        self.backend.displaced_grads = False
+        if checks is not None:
+            self.backend.model.drift.record(*checks)
+        self.displaced = False
 
     def _eager_beside(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepLoss:
         """Eagerly, into gradients of its own (the graph's buffers stay as they are)."""
         if self.captured:
             for p, _ in self.grads:
                 p.grad = None
-            self.backend.displaced_grads = True
+            self.displaced = True
         self.beside += 1
         return self.graph.run_beside(lambda: self.eager(micro_batches, loss_fn))
 

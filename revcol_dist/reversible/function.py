@@ -453,7 +453,7 @@ class AlphaMinima:
     def read(self) -> List[float]:
         """The minima on the host, waiting where they are still on their way."""
         if self.host is None:
-            return self.device.tolist()  # a replay's: a sync (only an eager step beside a graph comes here)
+            return self.device.tolist()  # a replay's: a sync (an eager step after replays: rare)
         self.done.synchronize()  # long finished: recorded a whole step ago
         return self.host.tolist()
 
@@ -503,16 +503,19 @@ def _alpha_pass(columns: Sequence[torch.nn.Module], threshold: float) -> Tuple[D
     return table, [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
 
 
+def _minima_holders(model: torch.nn.Module) -> List[torch.nn.Module]:
+    return [m for m in model.modules() if getattr(m, "_revcol_alpha_mins", None) is not None]
+
+
 def captured_alpha_minima(model: torch.nn.Module) -> List[AlphaMinima]:
     """The alpha minima of each segment that the last forward left (a captured forward's are on
     the device), in module order."""
-    return [m._revcol_alpha_mins for m in model.modules() if getattr(m, "_revcol_alpha_mins", None) is not None]
+    return [h._revcol_alpha_mins for h in _minima_holders(model)]
 
 
 def restore_alpha_minima(model: torch.nn.Module, minima: Sequence[AlphaMinima]) -> None:
     """Put back what ``captured_alpha_minima`` returned (after an eager forward replaced them)."""
-    holders = [m for m in model.modules() if getattr(m, "_revcol_alpha_mins", None) is not None]
-    for h, m in zip(holders, minima):
+    for h, m in zip(_minima_holders(model), minima):
         object.__setattr__(h, "_revcol_alpha_mins", m)
 
 

@@ -45,23 +45,30 @@ class StandInGraph:
     def run_beside(self, body):
         return body()
 
-    def finished(self):  # a CPU computes as it goes
-        return True
-
     def release(self):
         self.body = self.out = None
 
     def capture(self, body):
         self.body = body
         self.out = self._run()
+        self.reads = self._buffers()
         return self.out
 
+    def _buffers(self):
+        """The input buffers a graph's kernels read (their addresses are baked in)."""
+        return [(t, t.data_ptr()) for x, y, k in self.wrapper.inputs for t in (x, y, k.ids, k.step)]
+
     def replay(self):
+        # the wrapper filled the captured buffers in place, never rebinding them
+        assert [(id(t), p) for t, p in self._buffers()] == [(id(t), p) for t, p in self.reads]
         params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
+        backend = self.wrapper.backend
+        untouched = backend.last_loss, backend.model.drift._last  # a graph's replay runs no Python
         new = self._run()
+        backend.last_loss, backend.model.drift._last = untouched
         for p, g in zip(params, grads):
             g.copy_(p.grad)
             p.grad = g
@@ -126,8 +133,10 @@ def test_replays_train_as_the_eager_step_does(micro):
     assert wrapper.captured and wrapper.replays == 4 and wrapper.beside == 1
     assert graph_losses == eager_losses
     assert all(torch.equal(graph_weights[n], w) for n, w in eager_weights.items())
-    # between steps the gradients are the graph's buffers (what its kernels write)
+    # between steps the gradients are the graph's buffers (what its kernels write), and the
+    # finite check reads the captured loss again after the step beside it
     assert all(p.grad is g for p, g in wrapper.grads)
+    assert wrapper.backend.last_loss is wrapper.output.loss
 
 
 def test_every_replay_runs_the_captured_ops_with_the_same_host_arguments():
@@ -170,7 +179,7 @@ def test_the_switch_is_a_one_line_error_where_it_cannot_run(tmp_path):
     from revcol_dist.engine.train import Trainer
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={tmp_path}/digits", "train.cuda_graph=true"])
-    with pytest.raises(ConfigError, match="this launch is DDP on 2 ranks.*set train.cuda_graph=false"):
+    with pytest.raises(ConfigError, match="this launch is DDP or the pipeline on 2 ranks.*set train.cuda_graph=false"):
         validate_layout(cfg, 2)
     with pytest.raises(ConfigError, match="needs a CUDA device; this run is on cpu"):
         Trainer(cfg, log=lambda *_: None)
@@ -199,7 +208,7 @@ def test_the_minima_imply_decisions_with_the_lag_margin():
     from revcol_dist.reversible.function import AlphaMinima, captured_alpha_minima, restore_alpha_minima
 
     model = create_model("revcol_tiny", **SMALL)
-    assert captured_alpha_minima(model) == []  # a CPU decides exactly, every forward: nothing sent
+    assert captured_alpha_minima(model) == []  # no forward on a GPU yet (a CPU decides exactly, sends nothing)
     minima = AlphaMinima([False, False], 0.1, device=torch.tensor([0.5, 0.12]))
     assert minima.implied([0.5, 0.12]) == [False, True] and minima.implied([0.16, 0.2]) == [False, False]
     object.__setattr__(model.columns[0], "_revcol_alpha_mins", minima)

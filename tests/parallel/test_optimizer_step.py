@@ -54,8 +54,8 @@ def test_a_step_skipped_on_the_device_leaves_everything_as_torch_does():
             sa, sb = ours.state[a], theirs.state[b]
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), n
         groups_n = len(ours.param_groups)
-        assert mine.count["_fused_adamw_"] == torchs.count["_fused_adamw_"] == groups_n
-        assert (mine.count["_foreach_add_"], mine.count["_foreach_sub_"]) == (1, 0)
-        assert (torchs.count["_foreach_add_"], torchs.count["_foreach_sub_"]) == (groups_n, groups_n)
+        assert mine.count["_fused_adamw_"] == groups_n  # our path ran: one fused kernel per group,
+        assert (mine.count["_foreach_add_"], mine.count["_foreach_sub_"]) == (1, 0)  # one count update
+        assert sum(torchs.count.values()) > sum(mine.count.values())  # torch's: counts added and taken back per group
     assert {float(s["step"]) for s in ours.state.values()} == {2.0}
     assert not skips_in_kernel(make_optimizer(ours_m, "sgd", 0.0))  # its skipped first step would break it
