@@ -76,6 +76,8 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
     model.reversible = policy == "reversible"
     apply_compile(model, compiled, s.device)
     compile_loss(ops.LOSS, compiled, s.device)
+    if compiled and s.cpu:
+        ops.count_compiled()  # the graphs callable under the CPU's op counter (dynamo refuses a dispatch mode)
     opt = partial(ops.make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
     backend = ops.LocalBackend(model, ops.DistInfo(0, 1, 0), opt, s.device, "bf16", ops.CLIP)
     if graphed:
@@ -105,6 +107,8 @@ def alone_step(name: str, policy: str, s: Setting, compiled: bool = False):
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).to(s.device).train()
     model.reversible = policy == "reversible"
     apply_compile(model, compiled, s.device)
+    if compiled and s.cpu:
+        ops.count_compiled()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x, _ = inputs(s)
 
