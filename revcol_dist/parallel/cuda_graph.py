@@ -73,9 +73,9 @@ class MinimaWatch:
 
     def __init__(self, minima: Sequence[AlphaMinima]) -> None:
         self.minima = [m for m in minima if m.device is not None]
-        self.slots = [[torch.empty(m.device.shape, dtype=m.device.dtype, pin_memory=True) for m in self.minima]
-                      for _ in range(2)] if self.minima else []
-        self.events: List[Optional[torch.cuda.Event]] = [None, None]
+        self.slots = [[torch.empty(m.device.shape, dtype=m.device.dtype, pin_memory=m.device.is_cuda)
+                       for m in self.minima] for _ in range(2)]
+        self.events: List[Optional[object]] = [None, None]
         self.sent = 0
 
     def send(self) -> None:
@@ -84,8 +84,7 @@ class MinimaWatch:
         k = self.sent % 2
         for slot, m in zip(self.slots[k], self.minima):
             slot.copy_(m.device, non_blocking=True)
-        self.events[k] = torch.cuda.Event()
-        self.events[k].record()
+        self.events[k] = _queued_so_far(self.minima[0].device.device)
         self.sent += 1
 
     def changed(self) -> bool:
@@ -95,6 +94,23 @@ class MinimaWatch:
         if self.events[k] is None or not self.events[k].query():
             return False
         return any(m.implied(slot.tolist()) != m.used for slot, m in zip(self.slots[k], self.minima))
+
+
+class _Done:
+    """What a CPU has queued is done (it computes as it goes)."""
+
+    @staticmethod
+    def query() -> bool:
+        return True
+
+
+def _queued_so_far(device: torch.device):
+    """An event after the work queued so far on ``device`` (``query()``: finished?)."""
+    if device.type != "cuda":
+        return _Done()
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _signature(micro_batches: Sequence[MicroBatch]) -> Tuple:

@@ -217,3 +217,24 @@ def test_the_minima_imply_decisions_with_the_lag_margin():
     object.__setattr__(model.columns[0], "_revcol_alpha_mins", other)
     restore_alpha_minima(model, [minima])
     assert captured_alpha_minima(model) == [minima]
+
+
+def test_the_watch_reads_the_older_of_its_two_slots():
+    """Each replay's minima go to the other slot; ``changed`` reads the slot a replay older than
+    the last (finished by the time the Trainer calls again), so a change is seen one replay
+    after it was sent, and only where the decisions it implies differ from the captured ones."""
+    from revcol_dist.parallel.cuda_graph import MinimaWatch
+    from revcol_dist.reversible.function import AlphaMinima
+
+    captured = AlphaMinima([False, False, True], 0.1, device=torch.tensor([0.5, 0.5, 0.05]))
+    watch = MinimaWatch([captured, AlphaMinima([False], 0.1)])  # an eager forward's (no device minima): ignored
+    assert len(watch.minima) == 1
+    seen = []
+    for values in ([0.5, 0.5, 0.05], [0.5, 0.12, 0.05], [0.5, 0.5, 0.05], [0.5, 0.5, 0.05]):
+        captured.device.copy_(torch.tensor(values))  # what this replay computed
+        seen.append(watch.changed())  # asked before the replay
+        watch.send()
+    seen.append(watch.changed())
+    # 0.12 is below 0.1 x 1.5: keep that level's input. Sent by the second replay, seen before the fourth
+    assert seen == [False, False, False, True, False]
+    assert not MinimaWatch([]).changed()
