@@ -338,8 +338,7 @@ def validate_layout(cfg: Config, world_size: int, deepspeed: Optional[Dict[str, 
     if t.cuda_graph and (deepspeed is not None or world_size > 1):
         raise ConfigError(f"train.cuda_graph=true captures one process's step; this launch is "
                           f"{'DeepSpeed' if deepspeed is not None else 'DDP or the pipeline'} on {world_size} ranks, "
-                          f"whose collectives "
-                          f"and hooks run outside a graph: set train.cuda_graph=false")
+                          f"whose collectives and hooks run outside a graph: set train.cuda_graph=false")
     if deepspeed is not None:
         if int(deepspeed.get("zero_optimization", {}).get("stage", 0)) == 0:
             raise ConfigError("the DeepSpeed config has no ZeRO stage (zero_optimization.stage 0), where DeepSpeed "

@@ -24,6 +24,7 @@ import torch
 
 from ..randomness import SampleKeys
 from ..reversible.function import AlphaMinima, captured_alpha_minima, restore_alpha_minima
+from ..reversible.host_copy import HostCopy
 from .backends import Backend, LossFn, MicroBatch, StepLoss
 
 GRAPH_WARMUP = 3  # eager steps before the capture (cuDNN's and Triton's tuning happen in the first)
@@ -75,42 +76,19 @@ class MinimaWatch:
         self.minima = [m for m in minima if m.device is not None]
         self.slots = [[torch.empty(m.device.shape, dtype=m.device.dtype, pin_memory=m.device.is_cuda)
                        for m in self.minima] for _ in range(2)]
-        self.events: List[Optional[object]] = [None, None]
+        self.copies: List[Optional[List[HostCopy]]] = [None, None]  # what was sent into each slot
         self.sent = 0
 
     def send(self) -> None:
-        if not self.minima:
-            return
         k = self.sent % 2
-        for slot, m in zip(self.slots[k], self.minima):
-            slot.copy_(m.device, non_blocking=True)
-        self.events[k] = _queued_so_far(self.minima[0].device.device)
+        self.copies[k] = [HostCopy(m.device, into=slot) for slot, m in zip(self.slots[k], self.minima)]
         self.sent += 1
 
     def changed(self) -> bool:
-        if not self.minima:
+        older = self.copies[self.sent % 2]
+        if not older or not all(c.ready() for c in older):
             return False
-        k = self.sent % 2  # the older slot
-        if self.events[k] is None or not self.events[k].query():
-            return False
-        return any(m.implied(slot.tolist()) != m.used for slot, m in zip(self.slots[k], self.minima))
-
-
-class _Done:
-    """What a CPU has queued is done (it computes as it goes)."""
-
-    @staticmethod
-    def query() -> bool:
-        return True
-
-
-def _queued_so_far(device: torch.device):
-    """An event after the work queued so far on ``device`` (``query()``: finished?)."""
-    if device.type != "cuda":
-        return _Done()
-    event = torch.cuda.Event()
-    event.record()
-    return event
+        return any(m.implied(c.tolist()) != m.used for c, m in zip(older, self.minima))
 
 
 def _signature(micro_batches: Sequence[MicroBatch]) -> Tuple:
@@ -135,6 +113,7 @@ class GraphedForwardBackward:
         self.graph = (new_graph or CudaGraph)(next(backend.model.parameters()).device)
         self.steps = 0
         self.inputs: Optional[List[MicroBatch]] = None  # the buffers the graph reads
+        self.signature: Optional[Tuple] = None  # theirs (``_signature``), what a batch must match
         self.step_index: Optional[torch.Tensor] = None  # the keys' step, on the device
         self.output: Optional[StepLoss] = None  # the buffers the graph writes
         self.grads: Optional[List[Tuple[torch.nn.Parameter, torch.Tensor]]] = None
@@ -151,7 +130,7 @@ class GraphedForwardBackward:
     def __call__(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> StepLoss:
         self.steps += 1
         if self.inputs is not None and (loss_fn is not self.loss_fn
-                                        or _signature(micro_batches) != _signature(self.inputs)):
+                                        or _signature(micro_batches) != self.signature):
             return self._eager_beside(micro_batches, loss_fn)
         if self.captured and self.watch.changed():
             self._release()  # the captured forward keeps or reconstructs other level inputs: capture anew
@@ -181,6 +160,7 @@ class GraphedForwardBackward:
         self.step_index = torch.zeros((), dtype=torch.int64, device=micro_batches[0][2].ids.device)
         self.inputs = [(x.clone(), y.clone(), SampleKeys(k.seed, self.step_index, k.ids.clone(), k.streams, k.keeps))
                        for x, y, k in micro_batches]
+        self.signature = _signature(self.inputs)
         self._fill(micro_batches)
 
     def _fill(self, micro_batches: Sequence[MicroBatch]) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from .coupling import clamp_alpha, clamp_alphas, drift_check, shortcut, shortcut_backward
 from . import fusion_kernels, lean_block
+from .host_copy import HostCopy
 from .offload import Offloader
 from .policy import DriftStats, ReversiblePolicy, drift_of
 from .replay import AutocastState, RNGState
@@ -442,20 +443,19 @@ _LAG_MARGIN = 1.5
 
 class AlphaMinima:
     """A segment's alpha minima on their way to the host, and the keep decisions of the forward
-    that made them. Eager: copied to pinned ``host`` memory, ``done`` an event after the copy.
-    Captured into a CUDA graph: ``device`` only (each replay overwrites it; the graph's owner
-    copies it out, ``parallel/cuda_graph.py``)."""
+    that made them. Eager: ``copy``, made behind the forward. Captured into a CUDA graph:
+    ``device`` only (each replay overwrites it; the graph's owner copies it out,
+    ``parallel/cuda_graph.py``)."""
 
-    def __init__(self, used: List[bool], threshold: float, host: Optional[torch.Tensor] = None,
-                 done: Optional[torch.cuda.Event] = None, device: Optional[torch.Tensor] = None) -> None:
-        self.used, self.threshold, self.host, self.done, self.device = used, threshold, host, done, device
+    def __init__(self, used: List[bool], threshold: float, copy: Optional[HostCopy] = None,
+                 device: Optional[torch.Tensor] = None) -> None:
+        self.used, self.threshold, self.copy, self.device = used, threshold, copy, device
 
     def read(self) -> List[float]:
         """The minima on the host, waiting where they are still on their way."""
-        if self.host is None:
+        if self.copy is None:
             return self.device.tolist()  # a replay's: a sync (an eager step after replays: rare)
-        self.done.synchronize()  # long finished: recorded a whole step ago
-        return self.host.tolist()
+        return self.copy.tolist()  # long finished: made a whole step ago
 
     def implied(self, values: Sequence[float]) -> List[bool]:
         """The decisions ``values`` imply, with the margin for a step's lag."""
@@ -495,11 +495,8 @@ def _alpha_pass(columns: Sequence[torch.nn.Module], threshold: float) -> Tuple[D
             flat = [v < threshold for v in mins.tolist()]
         else:
             flat = previous.implied(previous.read())
-        host = torch.empty(mins.shape, dtype=mins.dtype, pin_memory=True)
-        host.copy_(mins, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        object.__setattr__(holder, "_revcol_alpha_mins", AlphaMinima(flat, threshold, host, done))  # not a module attribute
+        minima = AlphaMinima(flat, threshold, copy=HostCopy(mins))
+        object.__setattr__(holder, "_revcol_alpha_mins", minima)  # not a module attribute
     return table, [flat[4 * j : 4 * j + 4] for j in range(len(columns))]
 
 
