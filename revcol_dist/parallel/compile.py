@@ -42,6 +42,13 @@ from . import decoder_kernels
 # (h kept, recomputed) and precision changes stay well below this.
 RECOMPILE_LIMIT = 64
 
+# Inductor's options for every graph here. Layout optimisation forced: a graph with a depthwise
+# convolution's backward but no forward convolution (a block's backward) otherwise leaves it off,
+# and torch 2.13 then realises the convolution's input and gradient in NCHW for cuDNN: two
+# transposing copies per block backward and a transposed residual add, where the maps arrive
+# channels-last (benchmarks/triton_codegen.py reads it off the generated code).
+INDUCTOR_OPTIONS = {"force_layout_optimization": True}
+
 _COMPILED: Optional[lean_block.Kernels] = None
 _DECODER: Optional[tuple] = None
 
@@ -61,7 +68,7 @@ def compiled_kernels() -> lean_block.Kernels:
     if _COMPILED is None:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        compile_ = partial(torch.compile, dynamic=False, fullgraph=True)
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
         _COMPILED = lean_block.Kernels(*(compile_(f) for f in (
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
             fusion_kernels.fusion_forward, coupling.shortcut_backward)))
@@ -72,7 +79,7 @@ def compiled_decoder() -> tuple:
     """(stage, output) of ``decoder_kernels`` under ``torch.compile``, built once per process."""
     global _DECODER
     if _DECODER is None:
-        compile_ = partial(torch.compile, dynamic=False, fullgraph=True)
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
         _DECODER = (compile_(decoder_kernels.stage_forward), compile_(decoder_kernels.output_forward))
     return _DECODER
 

@@ -221,7 +221,7 @@ def forward(block: nn.Module, x: torch.Tensor, keep: bool = False, keep_gelu: bo
         return out, None
     # Few tokens (deep levels): keeping o (tokens x C) is cheaper than the two weight-sized
     # passes of the layer-scale trick in ``backward_tail``.
-    o = o.flatten(0, 2) if o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1] else None
+    o = o.flatten(0, 2) if keeps_output(block, o) else None
     return out, Saved(x, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype, o,
                       a.flatten(0, 2) if keep_gelu else None)
 
@@ -252,9 +252,13 @@ def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: b
                                                         _conv_args(block), block.norm.eps)
     if not keep:
         return out, None
-    small = o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1]
     return out, Saved(x, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype,
-                      o.flatten(0, 2) if small else None, a.flatten(0, 2) if keep_gelu else None)
+                      o.flatten(0, 2) if keeps_output(block, o) else None, a.flatten(0, 2) if keep_gelu else None)
+
+
+def keeps_output(block: nn.Module, o: torch.Tensor) -> bool:
+    """Whether the backward keeps pwconv2's output: where it is smaller than pwconv2's weight."""
+    return o.shape[0] * o.shape[1] * o.shape[2] < block.pwconv2.weight.shape[1]
 
 
 @torch.no_grad()

@@ -1,0 +1,294 @@
+"""Inductor's CUDA code for a function, generated on a machine without a GPU.
+
+``torch.compile`` decides on the host what a CUDA device will run: which ops fuse into which
+Triton kernels, which go to cuBLAS/cuDNN (``extern_kernels``), and how many bytes each
+generated kernel moves (inductor's own count, ``kernel_num_gb``). Only compiling the kernels
+and launching them needs the device. Here the function is traced on fake CUDA tensors
+(``FakeTensorMode``), lowered by inductor for a stated device (an H200 unless told otherwise),
+and stopped once the wrapper code exists, before anything is compiled or loaded.
+
+What it needs: torch and triton (a CPU build of torch with the ``triton`` wheel beside it is
+enough; the GPU machine's CUDA build as well). What it cannot do: autograd on CUDA tensors
+needs a driver (autograd asks the device for its current stream), so an autograd graph's
+backward is not generated here; hand-written backward functions of tensors are.
+
+  with FakeCuda() as cuda:
+      launches = cuda.compiled_launches(fn, args, autocast=torch.bfloat16)
+      baseline = cuda.eager_launches(fn, args, autocast=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+H200 = types.SimpleNamespace(  # what inductor reads of a device (torch.cuda.get_device_properties)
+    name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, regs_per_multiprocessor=65536,
+    max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32, total_memory=141 * 2**30,
+    L2_cache_size=60 * 2**20, shared_memory_per_block_optin=232448, gcnArchName="", uuid="fake")
+
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution", "cudnn_convolution",
+           "linear", "matmul", "conv2d")
+
+
+def available() -> Optional[str]:
+    """None where code can be generated here, else why not (one line)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install -c constraints.txt triton)"
+    return None
+
+
+@dataclass
+class Launch:
+    """One kernel launch of generated code: a Triton kernel with the bytes it moves, or an
+    extern kernel (cuBLAS, cuDNN, an aten fallback) by name."""
+    name: str
+    triton: bool
+    gb: float = 0.0
+
+
+@dataclass
+class Launches:
+    launches: List[Launch] = field(default_factory=list)
+
+    @property
+    def kernels(self) -> int:
+        return len(self.launches)
+
+    @property
+    def triton(self) -> int:
+        return sum(k.triton for k in self.launches)
+
+    @property
+    def extern(self) -> List[str]:
+        return [k.name for k in self.launches if not k.triton]
+
+    @property
+    def gb(self) -> float:
+        """Bytes the memory-bound kernels move (the Triton kernels; extern matmuls and convolutions
+        are counted by neither side)."""
+        return sum(k.gb for k in self.launches)
+
+
+class _Stop(Exception):
+    """Raised once the wrapper code exists: nothing is compiled or loaded."""
+
+
+def _in_chain(e: BaseException, kind: type) -> bool:
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def parse_launches(code: str) -> Launches:
+    """The launches of inductor's wrapper code, in order: each ``<triton kernel>.run(`` and each
+    ``extern_kernels.<op>(`` or aten fallback in the wrapper's ``call``."""
+    start = code.rindex("def call(")  # the wrapper's (each kernel's source ends with a harness of its own)
+    end = code.find("def benchmark_compiled_module", start)
+    call = code[start:end if end > 0 else len(code)]
+    gb = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"async_compile\.triton\('(\w+)'.*?'kernel_num_gb': ([0-9.e+-]+)", code, re.S)}
+    out = Launches()
+    for m in re.finditer(r"\b(triton_\w+)\.run\(|\b(extern_kernels\.\w+|torch\.ops\.aten\.[\w.]+)\(", call):
+        if m.group(1):
+            out.launches.append(Launch(m.group(1), True, gb.get(m.group(1), 0.0)))
+        else:
+            out.launches.append(Launch(m.group(2).split(".")[-1] if m.group(2).startswith("extern") else m.group(2),
+                                       False))
+    return out
+
+
+def _touched(t: torch.Tensor) -> int:
+    """Bytes of a tensor's distinct elements (a broadcast dimension read once)."""
+    n = t.element_size()
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride else 1
+    return n
+
+
+class _EagerCount(TorchDispatchMode):
+    """Eager launches on the fake device: each op that does work (not views or metadata), with
+    the bytes of its tensor inputs and outputs for the memory-bound ones (matmuls and
+    convolutions apart, as on the compiled side)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = Launches()
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        results = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        if func.is_view or not results or name in ("empty", "empty_strided", "empty_like", "new_empty_strided",
+                                                     "_local_scalar_dense", "lift_fresh", "detach"):
+            return out
+        if name.rstrip("_") in MATMULS:
+            self.out.launches.append(Launch(name, False))
+            return out
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        moved = sum(_touched(t) for t in inputs) + sum(_touched(t) for t in results)
+        self.out.launches.append(Launch(name, True, moved / 1e9))
+        return out
+
+
+def _contiguous(self: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """``Tensor.contiguous`` without its Python binding's device guard (which asks a driver)."""
+    if self.is_contiguous(memory_format=memory_format):
+        return self
+    return torch.ops.aten.clone.default(self, memory_format=memory_format)
+
+
+_GETITEM = torch.Tensor.__getitem__
+
+
+def _getitem(self: torch.Tensor, index):
+    """Basic indexing (ints, slices, None, ...) as view ops, without ``__getitem__``'s device guard;
+    anything else as before."""
+    idx = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or (isinstance(i, (int, slice)) and not isinstance(i, bool)) for i in idx):
+        return _GETITEM(self, index)
+    if Ellipsis in idx:
+        k = idx.index(Ellipsis)
+        real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        idx = idx[:k] + (slice(None),) * (self.dim() - real) + idx[k + 1:]
+    out, d = self, 0
+    for i in idx:
+        if i is None:
+            out, d = torch.ops.aten.unsqueeze.default(out, d), d + 1
+        elif isinstance(i, int):
+            out = torch.ops.aten.select.int(out, d, i)
+        else:
+            start, stop, step = i.indices(out.shape[d])
+            out, d = torch.ops.aten.slice.Tensor(out, d, start, stop, step), d + 1
+    return out
+
+
+class FakeCuda(contextlib.AbstractContextManager):
+    """Within: a CUDA device that exists for tracing and inductor's code generation only."""
+
+    def __init__(self, props=H200) -> None:
+        self.props = props
+        self._stack = contextlib.ExitStack()
+        self.mode = None
+        self._codes: List[str] = []
+
+    def __enter__(self) -> "FakeCuda":
+        from torch._dynamo import device_interface
+        from torch._inductor import config as inductor_config
+        from torch._inductor import graph as inductor_graph
+        from torch._inductor.runtime.hints import DeviceProperties
+        from torch._subclasses import fake_tensor
+        import torch.utils._triton as triton_utils
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+
+        props, s = self.props, self._stack
+        backend = make_backend(GPUTarget("cuda", props.major * 10 + props.minor, props.warp_size))
+        zeros = lambda *a, **k: torch.zeros(16, dtype=torch.uint8)  # noqa: E731
+        patches = [
+            (torch.cuda, "is_available", lambda: True), (torch.cuda, "device_count", lambda: 1),
+            (torch.cuda, "current_device", lambda: 0), (torch.cuda, "is_initialized", lambda: True),
+            (torch.cuda, "_lazy_init", lambda: None), (torch.cuda, "set_device", lambda *a, **k: None),
+            (torch.cuda, "get_device_properties", lambda *a, **k: props),
+            (torch.cuda, "get_device_capability", lambda *a, **k: (props.major, props.minor)),
+            (torch.cuda, "get_rng_state", zeros), (torch.cuda, "set_rng_state", lambda *a, **k: None),
+            (torch.cuda.random, "get_rng_state", zeros), (torch.cuda.random, "set_rng_state", lambda *a, **k: None),
+            (torch.cuda, "_exchange_device", lambda idx: 0), (torch.cuda, "_maybe_exchange_device", lambda idx: 0),
+            (torch.accelerator, "is_available", lambda: False),  # dynamo's stream tracking stays off
+            (fake_tensor, "init_gpu_context", lambda device: None),
+            (triton_utils, "triton_backend", lambda: backend),
+            (triton_utils, "triton_hash_with_backend", lambda: f"fake-{props.name}"),
+            (inductor_graph.GraphLowering, "_compile_to_module", lambda graph: self._capture(graph)),
+            (torch.Tensor, "contiguous", _contiguous), (torch.Tensor, "__getitem__", _getitem),
+        ]
+        for name, value in (("get_compute_capability", lambda device=None: props.major * 10 + props.minor),
+                            ("get_device_properties", lambda device=None: props),
+                            ("is_available", lambda: True), ("current_device", lambda: 0),
+                            ("device_count", lambda: 1)):
+            patches.append((device_interface.CudaInterface, name, staticmethod(value)))
+        for obj, name, value in patches:
+            s.enter_context(mock.patch.object(obj, name, value))
+        s.enter_context(inductor_config.patch(benchmark_kernel=True, fx_graph_cache=False, compile_threads=1))
+        DeviceProperties.create.cache_clear()
+        s.callback(DeviceProperties.create.cache_clear)
+        self.mode = fake_tensor.FakeTensorMode()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self.mode = None
+
+    def _capture(self, graph) -> None:
+        self._codes.append(graph.codegen()[0].value)
+        raise _Stop()
+
+    def tensor(self, shape: Sequence[int], dtype: torch.dtype, stride: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """A fake CUDA tensor of this shape, dtype and strides."""
+        with self.mode:
+            if stride is None:
+                return torch.empty(tuple(shape), dtype=dtype, device="cuda")
+            return torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype, device="cuda")
+
+    def _traced(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype]):
+        """fn's aten graph (inductor's decompositions) over its tensor arguments, those inside
+        tuples included (graph inputs, as dynamo makes them); the others fixed."""
+        from torch._inductor.decomposition import select_decomp_table
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        leaves, spec = torch.utils._pytree.tree_flatten(list(args))  # tensors inside tuples too
+        where = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+
+        def over_tensors(*tensors):
+            full = list(leaves)
+            for i, t in zip(where, tensors):
+                full[i] = t
+            with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                out = fn(*torch.utils._pytree.tree_unflatten(full, spec))
+            return tuple(torch.utils._pytree.tree_leaves(out))
+
+        tensors = [leaves[i] for i in where]
+        with self.mode:
+            return make_fx(over_tensors, decomposition_table=select_decomp_table())(*tensors), tensors
+
+    def code(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
+             options: Optional[dict] = None) -> str:
+        """Inductor's wrapper code for fn(*args) on the device (args: fake CUDA tensors and
+        constants), under these inductor options (``torch.compile``'s ``options``)."""
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        gm, tensors = self._traced(fn, args, autocast)
+        n = len(self._codes)
+        with self.mode, torch.no_grad(), inductor_config.patch(**(options or {})):
+            try:
+                compile_fx_inner(gm, list(tensors))
+            except Exception as e:  # noqa: BLE001  (the capture stops the compilation by raising)
+                if not _in_chain(e, _Stop):
+                    raise
+        if len(self._codes) == n:  # nothing to generate (the graph only returns its inputs or views)
+            return "def call(args):\n    pass\n"
+        return self._codes[n]
+
+    def compiled_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
+                          options: Optional[dict] = None) -> Launches:
+        return parse_launches(self.code(fn, args, autocast, options))
+
+    def eager_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None) -> Launches:
+        """What eager mode launches for fn(*args) on the device, op by op."""
+        counter = _EagerCount()
+        with self.mode, torch.no_grad(), torch.autocast("cuda", dtype=autocast or torch.bfloat16,
+                                                         enabled=autocast is not None):
+            with counter:
+                fn(*args)
+        return counter.out

@@ -1,0 +1,271 @@
+"""Kernels and bytes of the compiled training step on a CUDA device, read from the code inductor
+generates for it, on any machine: the GPU side of ``train.compile`` without a GPU.
+
+1. One training step of the trainer's path (``LocalBackend``, bf16 autocast, inter_supv, keyed
+   drop path, the default memory policy) runs on the CPU with each function ``train.compile``
+   compiles (the blocks' forward and hand-written backward, the fusions, the shortcut's
+   backward, the decoders) replaced by a recorder: what the engine calls, how often, with which
+   shapes, strides and dtypes. It runs three times, small (batch 1 and 2 at ``--res-small``, batch
+   1 at twice it), so that each dimension's dependence on batch and resolution is read off and
+   the calls are carried to the target's batch and resolution exactly.
+2. Each distinct call is lowered by inductor for a CUDA device (``fake_cuda.FakeCuda``: an H200,
+   fake tensors, stopped before any kernel is compiled) and run eagerly on the same fake device,
+   under the autocast it was called in. Its launches (Triton kernels, cuBLAS/cuDNN calls) and
+   the bytes its memory-bound kernels move (inductor's count for each Triton kernel; eager: each
+   op's inputs and outputs) are multiplied by the calls per step.
+
+One JSON line per function and one for the step: compiled against eager kernels and GB (the
+baseline: the same functions op by op, what ``train.compile: false`` runs), and the GB as
+milliseconds at the device's bandwidth (``--peak-gbs``, 4,000: the H200's measured copy
+bandwidth): a floor for the memory-bound part, matmuls and convolutions apart.
+
+What it cannot see: the fusions' and decoders' backward (their autograd graphs need a driver
+to trace on a CUDA device: reported as ``forward_only``), the kernels cuBLAS/cuDNN launch
+inside one call, eager ops outside the compiled functions (``ops_per_step.py`` counts those),
+and time itself. On CUDA a block's input is fp32 where a CPU's autocast leaves the fusion's
+LayerNorm output in bf16; the recorded dtypes are carried over with that one correction.
+
+  .venv/bin/python benchmarks/triton_codegen.py                        # RevCol-B, batch 128, 224 px
+  .venv/bin/python benchmarks/triton_codegen.py --model revcol_tiny --batch 64
+Needs triton beside torch (CI installs it; a CPU build of torch is enough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional, Tuple
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fake_cuda  # noqa: E402
+import ops_per_step as ops  # noqa: E402  (the trainer step's pieces; puts the project on sys.path)
+
+from revcol_dist.engine.optim import make_optimizer  # noqa: E402
+from revcol_dist.models import create_model  # noqa: E402
+from revcol_dist.models.layers import random_streams, stream_keeps  # noqa: E402
+from revcol_dist.parallel import compile as compile_setting  # noqa: E402
+from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
+from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
+from revcol_dist.randomness import SampleKeys  # noqa: E402
+from revcol_dist.reversible import block_kernels, coupling, fusion_kernels, lean_block  # noqa: E402
+from revcol_dist.parallel import decoder_kernels  # noqa: E402
+
+FUNCTIONS = {"forward_full": block_kernels.forward_full, "hidden": block_kernels.hidden,
+             "tail_grads": block_kernels.tail_grads, "body_grads": block_kernels.body_grads,
+             "fusion": fusion_kernels.fusion_forward, "shortcut": coupling.shortcut_backward,
+             "decoder_stage": decoder_kernels.stage_forward, "decoder_output": decoder_kernels.output_forward}
+WARMUP = 2
+BLOCK_INPUT = {"forward_full": 0, "body_grads": 1}  # the block input x: fp32 on CUDA (see the docstring)
+
+
+class Tensor(NamedTuple):
+    """A recorded tensor argument: shape, dimension order (outermost first) and dtype."""
+    shape: Tuple[int, ...]
+    order: Tuple[int, ...]
+    dtype: torch.dtype
+
+
+class Call(NamedTuple):
+    name: str
+    args: tuple  # Tensor, None or a constant (nested tuples kept)
+    autocast: Optional[torch.dtype]
+    grad: bool
+
+
+def _describe(a):
+    if isinstance(a, torch.Tensor):
+        order = tuple(sorted(range(a.dim()), key=lambda d: (-a.stride(d), d)))
+        return Tensor(tuple(a.shape), order, a.dtype)
+    if isinstance(a, (tuple, list)):
+        return tuple(_describe(x) for x in a)
+    return a
+
+
+def _recorder(name: str, fn, calls: List[Call]):
+    def run(*args):
+        on = torch.is_autocast_enabled("cpu")
+        calls.append(Call(name, _describe(args), torch.get_autocast_dtype("cpu") if on else None,
+                          torch.is_grad_enabled()))
+        return fn(*args)
+    return run
+
+
+def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict] = None,
+                target: Tuple[int, int] = (0, 0)) -> List[Call]:
+    """The compiled functions' calls in one training step at this batch and resolution (CPU),
+    with the engine's one size-dependent choice (``lean_block.keeps_output``) made as at
+    ``target`` (batch, resolution) where given."""
+    calls: List[Call] = []
+    if target[0]:
+        scale = target[0] / batch * (target[1] / res) ** 2
+        decision = mock.patch.object(lean_block, "keeps_output", lambda block, o: (
+            o.shape[0] * o.shape[1] * o.shape[2] * scale < block.pwconv2.weight.shape[1]))
+    else:
+        decision = contextlib.nullcontext()
+    rec = {n: _recorder(n, f, calls) for n, f in FUNCTIONS.items()}
+    kernels = lean_block.Kernels(rec["forward_full"], rec["hidden"], rec["tail_grads"], rec["body_grads"],
+                                 rec["fusion"], rec["shortcut"])
+    saved = compile_setting.compiled_kernels, compile_setting.compiled_decoder
+    compile_setting.compiled_kernels = lambda: kernels
+    compile_setting.compiled_decoder = lambda: (rec["decoder_stage"], rec["decoder_output"])
+    try:
+        decision.__enter__()
+        torch.manual_seed(0)
+        model = create_model(model_name, num_classes=ops.CLASSES, inter_supv=True, **(model_args or {})).train()
+        compile_setting.apply_compile(model, True, torch.device("cpu"))
+        opt = partial(make_optimizer, name="adamw", weight_decay=ops.WEIGHT_DECAY, layer_decay=ops.LAYER_DECAY)
+        backend = LocalBackend(model, DistInfo(0, 1, 0), opt, torch.device("cpu"), "bf16", ops.CLIP)
+        streams = random_streams(model)
+        keeps = stream_keeps(model, streams)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, 3, res, res, generator=g)
+        y = torch.randint(0, ops.CLASSES, (batch,), generator=g)
+        for i in range(WARMUP + 1):  # the engine's steady state: warm-up steps first, as ops_per_step counts
+            if i == WARMUP:
+                calls.clear()
+            backend.forward_backward([(x, y, SampleKeys(0, i, torch.arange(batch), streams, keeps))], ops.LOSS)
+            if i < WARMUP:
+                backend.step(lr=1e-4)
+        compile_setting.apply_compile(model, False, torch.device("cpu"))
+    finally:
+        decision.__exit__(None, None, None)
+        compile_setting.compiled_kernels, compile_setting.compiled_decoder = saved
+        lean_block.use_kernels(None)
+    return calls
+
+
+def _exponent(small: int, big: int, factor: int) -> int:
+    """k where big == small * factor**k (k in 0..2), else an error: a dimension not proportional."""
+    for k in range(3):
+        if big == small * factor ** k:
+            return k
+    raise ValueError(f"dimension {small} -> {big} is not a power of the scale {factor}")
+
+
+def _carry(a, b, c, batch: float, res: float):
+    """a recorded at (1, r), b at (2, r), c at (1, 2r): the same argument at (batch, res * r)."""
+    if isinstance(a, Tensor):
+        shape = []
+        for da, db, dc in zip(a.shape, b.shape, c.shape):
+            n_exp, r_exp = _exponent(da, db, 2), _exponent(da, dc, 2)
+            size = da * batch ** n_exp * res ** r_exp
+            if size != int(size):
+                raise ValueError(f"a dimension of {da} does not scale to an integer at this batch and resolution")
+            shape.append(int(size))
+        return b._replace(shape=tuple(shape))  # b's dimension order: no batch of one to leave it ambiguous
+    if isinstance(a, tuple) and not isinstance(a, Tensor):
+        return tuple(_carry(x, y, z, batch, res) for x, y, z in zip(a, b, c))
+    if isinstance(a, int) and not isinstance(a, bool) and (a != b or a != c):  # a size (interpolation target)
+        return int(a * batch ** _exponent(a, b, 2) * res ** _exponent(a, c, 2))
+    return a
+
+
+def _nones(a) -> tuple:
+    """Where an argument is None (the same in every recording, or they are not the same call)."""
+    return tuple(_nones(x) if isinstance(x, tuple) and not isinstance(x, Tensor) else x is None for x in a)
+
+
+def step_calls(model_name: str, batch: int, res: int, res_small: int, model_args: Optional[dict] = None) -> Counter:
+    """Calls per step at (batch, res), each with its count, from three small recordings (the
+    deepest map at least 2x2 in each: a 1x1 map's memory layout cannot be told)."""
+    if res_small < 64 or res % 32:
+        raise ValueError(f"--res-small {res_small} and --res {res}: both multiples of 32, the recordings' at least 64")
+    runs = [record_step(model_name, n, r, model_args, (batch, res))
+            for n, r in ((1, res_small), (2, res_small), (1, 2 * res_small))]
+    if len({len(r) for r in runs}) != 1 or any(len({(c.name, _nones(c.args)) for c in cs}) != 1 for cs in zip(*runs)):
+        raise RuntimeError("the engine's calls differ between the recordings' sizes: the step is not carried exactly")
+    out: Counter = Counter()
+    for a, b, c in zip(*runs):
+        out[a._replace(args=_carry(a.args, b.args, c.args, batch, res / res_small))] += 1
+    return out
+
+
+def _materialise(cuda: fake_cuda.FakeCuda, call: Call):
+    def build(i, a):
+        if isinstance(a, Tensor):
+            dtype = torch.float32 if BLOCK_INPUT.get(call.name) == i and a.dtype == torch.bfloat16 else a.dtype
+            stride, n = [0] * len(a.shape), 1
+            for d in reversed(a.order):
+                stride[d], n = n, n * max(a.shape[d], 1)
+            return cuda.tensor(a.shape, dtype, stride)
+        if isinstance(a, tuple):
+            return tuple(build(None, x) for x in a)
+        return a
+    return [build(i, a) for i, a in enumerate(call.args)]
+
+
+def generate(calls: Counter, options: Optional[dict] = None) -> Dict[str, dict]:
+    """Per function: calls, and compiled and eager launches and GB per step (``options``:
+    inductor's, as ``train.compile`` passes them)."""
+    options = compile_setting.INDUCTOR_OPTIONS if options is None else options
+    rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, compiled_kernels=0, eager_kernels=0, compiled_gb=0.0,
+                                                     eager_gb=0.0, extern=Counter(), forward_only=0))
+    with fake_cuda.FakeCuda() as cuda:
+        for call, n in calls.items():
+            fn = FUNCTIONS[call.name]
+            try:
+                compiled = cuda.compiled_launches(fn, _materialise(cuda, call), call.autocast, options)
+                eager = cuda.eager_launches(fn, _materialise(cuda, call), call.autocast)
+            except Exception as e:
+                raise RuntimeError(f"{call.name} on {[getattr(a, 'shape', a) for a in call.args]}: {e}") from e
+            row = rows[call.name]
+            row["calls"] += n
+            row["compiled_kernels"] += n * compiled.kernels
+            row["eager_kernels"] += n * eager.kernels
+            row["compiled_gb"] += n * compiled.gb
+            row["eager_gb"] += n * eager.gb
+            for e in compiled.extern:
+                row["extern"][e] += n
+            if call.grad and call.name in ("fusion", "decoder_stage", "decoder_output"):
+                row["forward_only"] += n  # an autograd graph: its backward is not generated here
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="revcol_base")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--res-small", type=int, default=64, help="the recordings' resolution (and twice it)")
+    p.add_argument("--peak-gbs", type=float, default=4000.0)
+    p.add_argument("--model-args", default="{}", help="JSON: the model's arguments changed (tests)")
+    p.add_argument("--inductor-options", default=None,
+                   help="JSON: inductor's options instead of train.compile's (parallel/compile.INDUCTOR_OPTIONS)")
+    args = p.parse_args()
+    why = fake_cuda.available()
+    if why:
+        print(json.dumps({"bench": "triton_codegen", "skipped": why}))
+        return
+    options = None if args.inductor_options is None else json.loads(args.inductor_options)
+    rows = generate(step_calls(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args)), options)
+    ms = lambda gb: round(gb / args.peak_gbs * 1e3, 3)  # noqa: E731
+    total = dict(calls=0, compiled_kernels=0, eager_kernels=0, compiled_gb=0.0, eager_gb=0.0, forward_only=0)
+    for name, row in sorted(rows.items()):
+        for k in total:
+            total[k] += row[k]
+        print(json.dumps({"bench": "triton_codegen", "function": name, **{k: v for k, v in row.items() if k != "extern"},
+                          "compiled_gb": round(row["compiled_gb"], 3), "eager_gb": round(row["eager_gb"], 3),
+                          "compiled_ms_at_peak": ms(row["compiled_gb"]), "eager_ms_at_peak": ms(row["eager_gb"]),
+                          "extern_per_step": dict(row["extern"])}))
+    print(json.dumps({"bench": "triton_codegen", "model": args.model, "batch": args.batch, "res": args.res,
+                      "device": fake_cuda.H200.name, "torch": torch.__version__,
+                      "inductor_options": compile_setting.INDUCTOR_OPTIONS if options is None else options, **total,
+                      "compiled_gb": round(total["compiled_gb"], 3), "eager_gb": round(total["eager_gb"], 3),
+                      "kernels_compiled_over_eager": round(total["compiled_kernels"] / total["eager_kernels"], 3),
+                      "gb_compiled_over_eager": round(total["compiled_gb"] / total["eager_gb"], 3),
+                      "compiled_ms_at_peak": ms(total["compiled_gb"]), "eager_ms_at_peak": ms(total["eager_gb"]),
+                      "peak_gbs": args.peak_gbs}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""benchmarks/triton_codegen.py and its fake CUDA device (benchmarks/fake_cuda.py): inductor's
+CUDA code read without a GPU, its launches and bytes checked against hand counts, and the
+recorded step carried to another size exactly."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import fake_cuda  # noqa: E402
+
+pytestmark = pytest.mark.skipif(fake_cuda.available() is not None, reason=str(fake_cuda.available()))
+
+TINY = {"channels": [8, 16, 24, 32], "layers": [1, 1, 1, 1]}
+
+
+def test_layer_norm_launches_and_bytes_as_counted_by_hand():
+    T, C = 4096, 72
+    with fake_cuda.FakeCuda() as cuda:
+        x, w, b = cuda.tensor((T, C), torch.float32), cuda.tensor((C,), torch.float32), cuda.tensor((C,), torch.float32)
+        ln = lambda x, w, b: F.layer_norm(x, (C,), w, b, 1e-6)  # noqa: E731
+        compiled = cuda.compiled_launches(ln, [x, w, b])
+        eager = cuda.eager_launches(ln, [x, w, b])
+    # one generated kernel: x and the affine read, the output written
+    assert compiled.triton == compiled.kernels == 1
+    assert compiled.gb == pytest.approx((2 * T * C * 4 + 2 * C * 4) / 1e9, rel=1e-3)
+    # eager: native_layer_norm, which also writes its mean and rstd
+    assert [k.name for k in eager.launches] == ["native_layer_norm"]
+    assert eager.gb == pytest.approx((2 * T * C * 4 + 2 * C * 4 + 2 * T * 4) / 1e9, rel=1e-9)
+
+
+def test_a_block_forward_fuses_between_its_convolution_and_matmuls():
+    from revcol_dist.reversible import block_kernels
+
+    N, C, H = 4, 16, 8
+    bf, f32 = torch.bfloat16, torch.float32
+    with fake_cuda.FakeCuda() as cuda:
+        t = cuda.tensor
+        x = t((N, C, H, H), f32, (C * H * H, 1, H * C, C))  # the residual stream, channels-last
+        args = [x, t((C, 1, 7, 7), bf), t((C,), bf), t((C,), f32), t((C,), f32), t((4 * C, C), bf), t((4 * C,), bf),
+                t((C, 4 * C), bf), t((C,), bf), t((C,), f32), t((N, 1, 1, 1), f32), ((1, 1), (3, 3), (1, 1), C), 1e-6]
+        compiled = cuda.compiled_launches(block_kernels.forward_full, args, torch.bfloat16)
+        eager = cuda.eager_launches(block_kernels.forward_full, args, torch.bfloat16)
+    assert compiled.extern == eager.extern == ["convolution", "addmm", "addmm"]
+    # between them: the input's cast, LayerNorm, GELU, layer scale + drop path + residual
+    assert compiled.triton == 4 < eager.triton
+    assert 0 < compiled.gb < eager.gb
+
+
+def test_the_fake_device_leaves_nothing_behind():
+    before = (torch.cuda.is_available(), torch.Tensor.__getitem__, torch.Tensor.contiguous)
+    with fake_cuda.FakeCuda() as cuda:
+        assert torch.cuda.is_available()
+        assert cuda.tensor((2, 3), torch.float32)[:, None].shape == (2, 1, 3)
+    assert (torch.cuda.is_available(), torch.Tensor.__getitem__, torch.Tensor.contiguous) == before
+    assert torch.arange(6).view(2, 3)[1, 1:].tolist() == [4, 5]
+
+
+@pytest.mark.slow
+def test_calls_carried_to_a_size_equal_the_calls_recorded_there():
+    import triton_codegen as tc
+
+    carried = tc.step_calls("revcol_tiny", 4, 128, 64, TINY)
+    recorded = Counter(tc.record_step("revcol_tiny", 4, 128, TINY, target=(4, 128)))
+    assert carried == recorded
+    assert {c.name for c in carried} >= {"forward_full", "tail_grads", "body_grads", "fusion", "decoder_stage"}
+
+
+@pytest.mark.slow
+def test_cli_prints_a_line_per_function_and_the_step_against_eager():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_codegen.py"), "--model", "revcol_tiny",
+                          "--model-args", json.dumps(TINY), "--batch", "4", "--res", "128", "--res-small", "64"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    functions, total = rows[:-1], rows[-1]
+    assert total["calls"] == sum(r["calls"] for r in functions)
+    assert total["compiled_kernels"] == sum(r["compiled_kernels"] for r in functions)
+    assert 0 < total["kernels_compiled_over_eager"] < 1 and 0 < total["gb_compiled_over_eager"] < 1
+    assert total["compiled_ms_at_peak"] == pytest.approx(total["compiled_gb"] / 4000 * 1e3, abs=1e-3)
