@@ -62,10 +62,11 @@ from revcol_dist.parallel import decoder_kernels  # noqa: E402
 
 FUNCTIONS = {"forward_full": block_kernels.forward_full, "hidden": block_kernels.hidden,
              "tail_grads": block_kernels.tail_grads, "body_grads": block_kernels.body_grads,
+             "block_grads": block_kernels.block_grads,
              "fusion": fusion_kernels.fusion_forward, "shortcut": coupling.shortcut_backward,
              "decoder_stage": decoder_kernels.stage_forward, "decoder_output": decoder_kernels.output_forward}
 WARMUP = 2
-BLOCK_INPUT = {"forward_full": 0, "body_grads": 1}  # the block input x: fp32 on CUDA (see the docstring)
+BLOCK_INPUT = {"forward_full": 0, "body_grads": 1, "block_grads": 1}  # the block input x: fp32 on CUDA (see the docstring)
 
 
 class Tensor(NamedTuple):
@@ -114,7 +115,7 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
         decision = contextlib.nullcontext()
     rec = {n: _recorder(n, f, calls) for n, f in FUNCTIONS.items()}
     kernels = lean_block.Kernels(rec["forward_full"], rec["hidden"], rec["tail_grads"], rec["body_grads"],
-                                 rec["fusion"], rec["shortcut"])
+                                 rec["fusion"], rec["shortcut"], rec["block_grads"])
     saved = compile_setting.compiled_kernels, compile_setting.compiled_decoder
     compile_setting.compiled_kernels = lambda: kernels
     compile_setting.compiled_decoder = lambda: (rec["decoder_stage"], rec["decoder_output"])

@@ -71,7 +71,7 @@ def compiled_kernels() -> lean_block.Kernels:
         compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
         _COMPILED = lean_block.Kernels(*(compile_(f) for f in (
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
-            fusion_kernels.fusion_forward, coupling.shortcut_backward)))
+            fusion_kernels.fusion_forward, coupling.shortcut_backward, block_kernels.block_grads)))
     return _COMPILED
 
 

@@ -103,3 +103,15 @@ def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamm
     grads = (_to(g_cw, pdt or cw.dtype), _to(g_cb, pdt or cb.dtype) if cb is not None else None,
              _to(g_lw, lw.dtype), _to(g_lb, lb.dtype), _to(gw1, pdt or w1.dtype), _to(gb1, pdt or b1.dtype))
     return _to(g_x, g.dtype) + g, grads
+
+
+def block_grads(g, x, d, mean, rstd, h, a, o, n, mask, cw, cb, lw, lb, w1, b1, w2c, w2, b2, gamma, cdt: torch.dtype,
+                conv: Conv, eps: float, pdt: Optional[torch.dtype] = None):
+    """``tail_grads`` and ``body_grads`` as one graph, for a backward that takes both at once
+    (the reversible engine's levels): (gradient of the block input, BODY's gradients + TAIL's).
+    One compiled call where there were two, and what both read of g (its token layout, the
+    drop-path mask) is read once. ``w2c``: pwconv2's weight in the compute dtype (the body's
+    matmul), ``w2``: the parameter (the tail's gradient dtype and layer-scale identity)."""
+    tail = tail_grads(g, mask, h, a, o, w2, b2, gamma, cdt)
+    g_x, body = body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2c, gamma, cdt, conv, eps, pdt)
+    return g_x, body + tail

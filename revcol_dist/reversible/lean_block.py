@@ -69,6 +69,7 @@ class Kernels(NamedTuple):
     body_grads: object
     fusion: object = None  # fusion_kernels.fusion_forward, for the reversible engine's levels
     shortcut: object = None  # coupling.shortcut_backward, for the reversible engine's shortcut nodes
+    block_grads: object = None  # block_kernels.block_grads: tail and body in one call (``backward_both``)
 
 
 _KERNELS: Optional[Kernels] = None
@@ -437,9 +438,16 @@ def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
 
 
 def backward_both(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL). Each
-    part lays out g itself: sharing that copy would keep it alive through the body's LN and
-    conv backward."""
+    """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL). Compiled,
+    one graph (``block_grads``); eager, each part lays out g itself: sharing that copy would keep
+    it alive through the body's LN and conv backward."""
+    if _KERNELS is not None and _KERNELS.block_grads is not None and s.h is not None:
+        cw, cb, lw, lb, w1, b1 = body_params(block)
+        w2 = block.pwconv2.weight
+        return _KERNELS.block_grads(g, s.x, s.d, s.mean, s.rstd, s.h, s.a, s.o, s.n, s.mask, _cast(cw, s.d.dtype),
+                                    _cast(cb, s.d.dtype), lw, lb, _cast(w1, s.cdt), _cast(b1, s.cdt), _cast(w2, s.cdt),
+                                    w2, block.pwconv2.bias, block.gamma, s.cdt, _conv_args(block), block.norm.eps,
+                                    w1.dtype)
     tail = backward_tail(block, s, g)
     g_x, body = backward_body(block, s, g)
     return g_x, body + tail

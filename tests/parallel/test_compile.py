@@ -181,7 +181,8 @@ def test_weights_cast_once_per_step(model, batch, monkeypatch, reversible):
         return run
 
     lean_block.use_kernels(compiled._replace(forward_full=record(5, compiled.forward_full),
-                                             body_grads=record(12, compiled.body_grads)))
+                                             body_grads=record(12, compiled.body_grads),
+                                             block_grads=record(14, compiled.block_grads)))
     cast_once = step(model, batch, None, reversible, autocast=True)
     assert seen and all(w.dtype == torch.bfloat16 for w in seen)
     assert len({w.untyped_storage().data_ptr() for w in seen}) == 1  # views of one buffer
@@ -194,6 +195,27 @@ def test_weights_cast_once_per_step(model, batch, monkeypatch, reversible):
     assert seen and all(w.dtype == torch.float32 for w in seen)
     assert abs(cast_once[0] - in_graph[0]) <= 1e-6 * abs(in_graph[0])
     assert worst(in_graph[1], cast_once[1]) < 1e-5
+
+
+def test_each_block_backward_runs_once_in_one_graph_in_reversible_levels(model, batch):
+    """The reversible levels take a block's tail and body gradients in one compiled call
+    (``block_grads``); the plain column's separate autograd nodes keep one each; every column
+    block's backward runs exactly once either way."""
+    apply_compile(model, True, CPU)
+    compiled = lean_block.use_kernels(None)
+    calls = {"tail_grads": 0, "body_grads": 0, "block_grads": 0}
+
+    def counted(name):
+        def run(*args):
+            calls[name] += 1
+            return getattr(compiled, name)(*args)
+        return run
+
+    lean_block.use_kernels(compiled._replace(**{name: counted(name) for name in calls}))
+    step(model, batch, None, True, autocast=True)
+    blocks = sum(1 for n, _ in model.named_parameters() if n.startswith("columns.") and n.endswith("pwconv1.weight"))
+    assert calls["block_grads"] > 0 and calls["tail_grads"] == calls["body_grads"]
+    assert calls["block_grads"] + calls["body_grads"] == blocks
 
 
 @pytest.mark.parametrize("kept", [False, True], ids=["reconstructed", "kept"])
