@@ -174,6 +174,24 @@ def _getitem(self: torch.Tensor, index):
     return out
 
 
+_CONV_MEMORY_FORMAT = torch._C._conv_determine_backend_memory_format
+
+
+def _suggests_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _conv_memory_format(input_: torch.Tensor, weight: torch.Tensor, backend) -> torch.memory_format:
+    """cuDNN's layout for a convolution on the (fake) CUDA device: channels-last where the input
+    or the weight is (``cudnn_conv_suggest_memory_format``), as a CUDA build decides it; a CPU
+    build would pick a non-cuDNN backend and NCHW."""
+    if input_.device.type != "cuda":
+        return _CONV_MEMORY_FORMAT(input_, weight, backend)
+    if _suggests_channels_last(input_) or _suggests_channels_last(weight):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class FakeCuda(contextlib.AbstractContextManager):
     """Within: a CUDA device that exists for tracing and inductor's code generation only."""
 
@@ -211,6 +229,7 @@ class FakeCuda(contextlib.AbstractContextManager):
             (triton_utils, "triton_hash_with_backend", lambda: f"fake-{props.name}"),
             (inductor_graph.GraphLowering, "_compile_to_module", lambda graph: self._capture(graph)),
             (torch.Tensor, "contiguous", _contiguous), (torch.Tensor, "__getitem__", _getitem),
+            (torch._C, "_conv_determine_backend_memory_format", _conv_memory_format),
         ]
         for name, value in (("get_compute_capability", lambda device=None: props.major * 10 + props.minor),
                             ("get_device_properties", lambda device=None: props),
