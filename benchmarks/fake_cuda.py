@@ -174,6 +174,18 @@ def _getitem(self: torch.Tensor, index):
     return out
 
 
+def _clear_device_caches() -> None:
+    """What torch caches about the device it runs on: ``has_triton`` and its kin, and inductor's
+    device properties."""
+    import torch.utils._triton as triton_utils
+    from torch._inductor.runtime.hints import DeviceProperties
+
+    for fn in vars(triton_utils).values():
+        if callable(fn) and hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    DeviceProperties.create.cache_clear()
+
+
 _CONV_MEMORY_FORMAT = torch._C._conv_determine_backend_memory_format
 
 
@@ -205,7 +217,6 @@ class FakeCuda(contextlib.AbstractContextManager):
         from torch._dynamo import device_interface
         from torch._inductor import config as inductor_config
         from torch._inductor import graph as inductor_graph
-        from torch._inductor.runtime.hints import DeviceProperties
         from torch._subclasses import fake_tensor
         import torch.utils._triton as triton_utils
         from triton.backends.compiler import GPUTarget
@@ -239,8 +250,8 @@ class FakeCuda(contextlib.AbstractContextManager):
         for obj, name, value in patches:
             s.enter_context(mock.patch.object(obj, name, value))
         s.enter_context(inductor_config.patch(benchmark_kernel=True, fx_graph_cache=False, compile_threads=1))
-        DeviceProperties.create.cache_clear()
-        s.callback(DeviceProperties.create.cache_clear)
+        _clear_device_caches()  # answers cached before (no GPU, no triton) would hold within
+        s.callback(_clear_device_caches)  # and the fake device's answers would hold after
         self.mode = fake_tensor.FakeTensorMode()
         return self
 

@@ -66,7 +66,7 @@ FUNCTIONS = {"forward_full": block_kernels.forward_full, "hidden": block_kernels
              "fusion": fusion_kernels.fusion_forward, "shortcut": coupling.shortcut_backward,
              "decoder_stage": decoder_kernels.stage_forward, "decoder_output": decoder_kernels.output_forward}
 WARMUP = 2
-BLOCK_INPUT = {"forward_full": 0, "body_grads": 1, "block_grads": 1}  # the block input x: fp32 on CUDA (see the docstring)
+BLOCK_INPUT = {"forward_full": 0}  # the block input x: fp32 on CUDA (see the docstring)
 
 
 class Tensor(NamedTuple):

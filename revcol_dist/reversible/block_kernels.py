@@ -36,17 +36,20 @@ def _norm(d: torch.Tensor, lw: torch.Tensor, lb: torch.Tensor, eps: float):
 
 
 def forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask: Optional[torch.Tensor], conv: Conv, eps: float):
-    """(out, conv output d, mean, rstd, h, a = gelu(h), o): the block's output and everything
-    its backward may need. The forward keeps none of it; returning it costs no extra kernel
-    (each is the output of a matmul, a convolution or a fused reduction anyway)."""
-    d = F.conv2d(x, cw, cb, *conv)
+    """(out, conv output d, mean, rstd, h, a = gelu(h), o, xc): the block's output and
+    everything its backward may need. The forward keeps none of it; returning it costs no extra
+    kernel (each is the output of a matmul, a convolution or a fused reduction anyway). ``xc``
+    is x as the convolution reads it (cast to the weight's dtype, as autocast would cast it):
+    the backward's convolution gradient reads it again instead of casting x a second time."""
+    xc = _to(x, cw.dtype) if cw.dtype in (torch.bfloat16, torch.float16) else x
+    d = F.conv2d(xc, cw, cb, *conv)
     n, mean, rstd = _norm(d, lw, lb, eps)
     h = F.linear(n, w1, b1)
     a = F.gelu(h)
     o = F.linear(a, w2, b2)
     y = (gamma * o).permute(0, 3, 1, 2)
     out = x + (y * mask if mask is not None else y)
-    return out, d, mean, rstd, h, a, o
+    return out, d, mean, rstd, h, a, o, xc
 
 
 def hidden(d, lw, lb, w1, b1, eps: float, cdt: torch.dtype):

@@ -48,7 +48,7 @@ def chunk_elements(device, kept_h: bool) -> int:
 
 
 class Saved(NamedTuple):
-    x: torch.Tensor  # block input (NCHW)
+    x: torch.Tensor  # block input (NCHW); compiled, as the convolution read it (its compute dtype)
     d: torch.Tensor  # depthwise conv output (NCHW, conv compute dtype)
     mean: torch.Tensor
     rstd: torch.Tensor
@@ -249,11 +249,11 @@ def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: b
     cw, cb, lw, lb, w1, b1, w2, b2, gamma = _tensors(block)
     if _CASTS is not None and torch.is_autocast_enabled(dev):  # what autocast would cast in the graph
         cw, cb, w1, b1, w2, b2 = (_cast(t, cdt) for t in (cw, cb, w1, b1, w2, b2))
-    out, d, mean, rstd, h, a, o = _KERNELS.forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
-                                                        _conv_args(block), block.norm.eps)
+    out, d, mean, rstd, h, a, o, xc = _KERNELS.forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
+                                                            _conv_args(block), block.norm.eps)
     if not keep:
         return out, None
-    return out, Saved(x, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype,
+    return out, Saved(xc, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype,
                       o.flatten(0, 2) if keeps_output(block, o) else None, a.flatten(0, 2) if keep_gelu else None)
 
 
