@@ -81,6 +81,22 @@ def tail_grads(g, mask, h, a, o, w2, b2, gamma, cdt: torch.dtype):
     return _to(g_gamma, gamma.dtype), _to(gw2, w2.dtype), _to(gamma * gy_sum, b2.dtype)
 
 
+BIAS_PAD = 8  # columns appended to a matmul's input for its bias gradient (16-byte rows in bf16)
+
+
+def _linear_grads(g: torch.Tensor, inp: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) gradients of a linear layer from its output's gradient g (tokens x out)
+    and its input (tokens x in): the bias's sum over tokens as one more column of the weight's
+    matmul (the input padded with a column of ones, and zeros to keep rows aligned), so that g,
+    the largest map of a block's backward, is read once, by the matmul, and not again by a
+    reduction. Rounded like the weight's (the matmul's dtype), as autocast's own bias gradient."""
+    c = inp.shape[1]
+    col = torch.arange(c + BIAS_PAD, device=inp.device)
+    padded = torch.where(col == c, torch.ones((), dtype=inp.dtype, device=inp.device), F.pad(inp, (0, BIAS_PAD)))
+    m = g.t() @ padded
+    return _to(m[:, :c], acc), _to(m[:, c], acc)
+
+
 def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamma, cdt: torch.dtype,
                conv: Conv, eps: float, pdt: Optional[torch.dtype] = None):
     """(gradient of the block input, gradients of dwconv.weight, dwconv.bias, norm.weight,
@@ -92,8 +108,7 @@ def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamm
     if n is None:
         n = _norm(d, lw, lb, eps)[0].flatten(0, 2)
     g_h = torch.ops.aten.gelu_backward(g_o @ _to(w2, cdt), h)
-    gw1 = _to(g_h.t() @ _to(n, cdt), acc)
-    gb1 = _to(g_h.sum(0), acc)
+    gw1, gb1 = _linear_grads(g_h, _to(n, cdt), acc)
     g_n = g_h @ _to(w1, cdt)
     ln_dt = torch.promote_types(d.dtype, lw.dtype)
     g_dp, g_lw, g_lb = torch.ops.aten.native_layer_norm_backward(
