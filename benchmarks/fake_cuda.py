@@ -10,7 +10,10 @@ and stopped once the wrapper code exists, before anything is compiled or loaded.
 What it needs: torch and triton (a CPU build of torch with the ``triton`` wheel beside it is
 enough; the GPU machine's CUDA build as well). What it cannot do: autograd on CUDA tensors
 needs a driver (autograd asks the device for its current stream), so an autograd graph's
-backward is not generated here; hand-written backward functions of tensors are.
+backward is not generated here; hand-written backward functions of tensors are. The graph goes
+to inductor's inner compiler as an inference graph: the joint-graph pattern passes that
+``torch.compile`` runs before it are not run (they build example tensors on the device), and
+an output keeps the layout inductor chooses where eager's might differ.
 
   with FakeCuda() as cuda:
       launches = cuda.compiled_launches(fn, args, autocast=torch.bfloat16)
@@ -20,6 +23,7 @@ backward is not generated here; hand-written backward functions of tensors are.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -97,8 +101,9 @@ def parse_launches(code: str) -> Launches:
     start = code.rindex("def call(")  # the wrapper's (each kernel's source ends with a harness of its own)
     end = code.find("def benchmark_compiled_module", start)
     call = code[start:end if end > 0 else len(code)]
-    gb = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"async_compile\.triton\('(\w+)'.*?'kernel_num_gb': ([0-9.e+-]+)", code, re.S)}
+    gb = {m.group(1): float(m.group(3)) for m in re.finditer(
+        r"async_compile\.triton\('(\w+)'((?:(?!async_compile\.triton\().)*?)'kernel_num_gb': ([0-9.e+-]+)",
+        code, re.S)}
     out = Launches()
     for m in re.finditer(r"\b(triton_\w+)\.run\(|\b(extern_kernels\.\w+|torch\.ops\.aten\.[\w.]+)\(", call):
         if m.group(1):
@@ -175,15 +180,20 @@ def _getitem(self: torch.Tensor, index):
 
 
 def _clear_device_caches() -> None:
-    """What torch caches about the device it runs on: ``has_triton`` and its kin, and inductor's
-    device properties."""
+    """What torch caches about the device it runs on: ``has_triton`` and its kin, inductor's
+    device queries and properties, dynamo's worker copy of them."""
     import torch.utils._triton as triton_utils
     from torch._inductor.runtime.hints import DeviceProperties
 
-    for fn in vars(triton_utils).values():
-        if callable(fn) and hasattr(fn, "cache_clear"):
-            fn.cache_clear()
+    from torch._dynamo import device_interface
+    from torch._inductor import utils as inductor_utils
+
+    for module in (triton_utils, inductor_utils):
+        for fn in vars(module).values():
+            if callable(fn) and hasattr(fn, "cache_clear"):
+                fn.cache_clear()
     DeviceProperties.create.cache_clear()
+    device_interface.caching_worker_device_properties.pop("cuda", None)
 
 
 _CONV_MEMORY_FORMAT = torch._C._conv_determine_backend_memory_format
@@ -249,6 +259,10 @@ class FakeCuda(contextlib.AbstractContextManager):
             patches.append((device_interface.CudaInterface, name, staticmethod(value)))
         for obj, name, value in patches:
             s.enter_context(mock.patch.object(obj, name, value))
+        # inductor turns a fallback for an op that has a decomposition into an error where CI is
+        # set (a check for PyTorch's own CI); a real compile here falls back as it would anywhere
+        s.enter_context(mock.patch.dict(os.environ))
+        os.environ.pop("CI", None)
         s.enter_context(inductor_config.patch(benchmark_kernel=True, fx_graph_cache=False, compile_threads=1))
         _clear_device_caches()  # answers cached before (no GPU, no triton) would hold within
         s.callback(_clear_device_caches)  # and the fake device's answers would hold after
@@ -302,7 +316,7 @@ class FakeCuda(contextlib.AbstractContextManager):
         n = len(self._codes)
         with self.mode, torch.no_grad(), inductor_config.patch(**(options or {})):
             try:
-                compile_fx_inner(gm, list(tensors))
+                compile_fx_inner(gm, list(tensors), is_inference=True)  # as a no-grad torch.compile's
             except Exception as e:  # noqa: BLE001  (the capture stops the compilation by raising)
                 if not _in_chain(e, _Stop):
                     raise

@@ -244,7 +244,7 @@ def generate(calls: Counter, options: Optional[dict] = None) -> Dict[str, dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="revcol_base")
     p.add_argument("--batch", type=int, default=128)
@@ -254,7 +254,7 @@ def main() -> None:
     p.add_argument("--model-args", default="{}", help="JSON: the model's arguments changed (tests)")
     p.add_argument("--inductor-options", default=None,
                    help="JSON: inductor's options instead of train.compile's (parallel/compile.INDUCTOR_OPTIONS)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     why = fake_cuda.available()
     if why:
         print(json.dumps({"bench": "triton_codegen", "skipped": why}))

@@ -86,10 +86,13 @@ BIAS_PAD = 8  # columns appended to a matmul's input for its bias gradient (16-b
 
 def _linear_grads(g: torch.Tensor, inp: torch.Tensor, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) gradients of a linear layer from its output's gradient g (tokens x out)
-    and its input (tokens x in): the bias's sum over tokens as one more column of the weight's
-    matmul (the input padded with a column of ones, and zeros to keep rows aligned), so that g,
-    the largest map of a block's backward, is read once, by the matmul, and not again by a
-    reduction. Rounded like the weight's (the matmul's dtype), as autocast's own bias gradient."""
+    and its input (tokens x in). In bf16/fp16 the bias's sum over tokens is one more column of
+    the weight's matmul (the input padded with a column of ones, and zeros to keep rows
+    aligned), so that g, the largest map of a block's backward, is read once, by the matmul, and
+    not again by a reduction; rounded like the weight's, in the matmul's dtype (autocast's own
+    bias gradient is rounded to it too). In fp32 a plain sum: a TF32 matmul would round g first."""
+    if g.dtype not in (torch.bfloat16, torch.float16):
+        return _to(g.t() @ inp, acc), _to(g.sum(0), acc)
     c = inp.shape[1]
     col = torch.arange(c + BIAS_PAD, device=inp.device)
     padded = torch.where(col == c, torch.ones((), dtype=inp.dtype, device=inp.device), F.pad(inp, (0, BIAS_PAD)))
