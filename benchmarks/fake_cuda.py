@@ -8,16 +8,26 @@ and launching them needs the device. Here the function is traced on fake CUDA te
 and stopped once the wrapper code exists, before anything is compiled or loaded.
 
 What it needs: torch and triton (a CPU build of torch with the ``triton`` wheel beside it is
-enough; the GPU machine's CUDA build as well). What it cannot do: autograd on CUDA tensors
-needs a driver (autograd asks the device for its current stream), so an autograd graph's
-backward is not generated here; hand-written backward functions of tensors are. The graph goes
-to inductor's inner compiler as an inference graph: the joint-graph pattern passes that
-``torch.compile`` runs before it are not run (they build example tensors on the device), and
-an output keeps the layout inductor chooses where eager's might differ.
+enough; the GPU machine's CUDA build as well). A function called without autograd goes to
+inductor's inner compiler as an inference graph, without the joint-graph pattern passes that
+``torch.compile`` runs first; an output keeps the layout inductor chooses where eager's might
+differ.
+
+A function called with autograd (``training_launches``) is a forward and a backward graph, as
+AOTAutograd splits it. Autograd on CUDA tensors needs a driver (it asks the device for its
+current stream), so the split is made on the CPU: the forward is traced on the fake device
+(autocast's casts as CUDA's autocast makes them), moved to the CPU as an aten graph, and given
+to AOTAutograd there with inductor's own partitioner (its joint-graph passes, then the min-cut
+that chooses what the backward keeps and what it recomputes); both parts are then moved back
+and generated for the device, the backward's saved inputs in the layouts the forward produces
+them. What a CUDA build would decide differently while partitioning (a joint pass that only
+applies on CUDA, such as padding a matmul, which would time the choice on the device) is not
+seen.
 
   with FakeCuda() as cuda:
       launches = cuda.compiled_launches(fn, args, autocast=torch.bfloat16)
       baseline = cuda.eager_launches(fn, args, autocast=torch.bfloat16)
+      forward, backward = cuda.training_launches(fn, args, torch.bfloat16, requires_grad=[True, ...])
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import os
 import re
 import types
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
@@ -112,6 +122,21 @@ def parse_launches(code: str) -> Launches:
             out.launches.append(Launch(m.group(2).split(".")[-1] if m.group(2).startswith("extern") else m.group(2),
                                        False))
     return out
+
+
+def _retarget(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
+    """A copy of an aten graph whose ops make their tensors on ``device`` (no node metadata)."""
+    graph, env = torch.fx.Graph(), {}
+    move = lambda a: torch.device(device) if isinstance(a, torch.device) else a  # noqa: E731
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            raise ValueError(f"the graph holds a constant ({node.target}): it cannot be moved between devices")
+        new = graph.node_copy(node, lambda n: env[n])
+        new.args = torch.fx.node.map_aggregate(new.args, move)
+        new.kwargs = torch.fx.node.map_aggregate(new.kwargs, move)
+        new.meta = {}
+        env[node] = new
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _touched(t: torch.Tensor) -> int:
@@ -284,9 +309,10 @@ class FakeCuda(contextlib.AbstractContextManager):
                 return torch.empty(tuple(shape), dtype=dtype, device="cuda")
             return torch.empty_strided(tuple(shape), tuple(stride), dtype=dtype, device="cuda")
 
-    def _traced(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype]):
-        """fn's aten graph (inductor's decompositions) over its tensor arguments, those inside
-        tuples included (graph inputs, as dynamo makes them); the others fixed."""
+    def _traced(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype], decompose: bool = True):
+        """fn's aten graph (with inductor's decompositions where ``decompose``) over its tensor
+        arguments, those inside tuples included (graph inputs, as dynamo makes them); the others
+        fixed."""
         from torch._inductor.decomposition import select_decomp_table
         from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -303,26 +329,122 @@ class FakeCuda(contextlib.AbstractContextManager):
 
         tensors = [leaves[i] for i in where]
         with self.mode:
-            return make_fx(over_tensors, decomposition_table=select_decomp_table())(*tensors), tensors
+            return make_fx(over_tensors, decomposition_table=select_decomp_table() if decompose else {})(*tensors), tensors
 
     def code(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
              options: Optional[dict] = None) -> str:
         """Inductor's wrapper code for fn(*args) on the device (args: fake CUDA tensors and
         constants), under these inductor options (``torch.compile``'s ``options``)."""
+        gm, tensors = self._traced(fn, args, autocast)
+        with torch.no_grad():
+            return self._generate(gm, tensors, options, is_inference=True)  # as a no-grad torch.compile's
+
+    def _generate(self, gm, inputs: Sequence, options: Optional[dict], **kind) -> str:
+        """Inductor's wrapper code for an aten graph over fake device inputs (``kind``: the inner
+        compiler's is_inference / is_backward)."""
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx_inner
 
-        gm, tensors = self._traced(fn, args, autocast)
         n = len(self._codes)
-        with self.mode, torch.no_grad(), inductor_config.patch(**(options or {})):
+        with self.mode, inductor_config.patch(**(options or {})):
             try:
-                compile_fx_inner(gm, list(tensors), is_inference=True)  # as a no-grad torch.compile's
+                compile_fx_inner(gm, list(inputs), **kind)
             except Exception as e:  # noqa: BLE001  (the capture stops the compilation by raising)
                 if not _in_chain(e, _Stop):
                     raise
         if len(self._codes) == n:  # nothing to generate (the graph only returns its inputs or views)
             return "def call(args):\n    pass\n"
         return self._codes[n]
+
+    def _like(self, t):
+        return self.tensor(t.shape, t.dtype, t.stride()) if isinstance(t, torch.Tensor) else t
+
+    def _on_device(self, gm, inputs: Sequence, strides: Optional[dict] = None):
+        """A CPU graph of AOTAutograd's traced again on the fake device, over inputs of the same
+        shapes (``strides``: a placeholder's layout by name, where the device's differs)."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        like = [self.tensor(t.shape, t.dtype, (strides or {}).get(name, t.stride())) if isinstance(t, torch.Tensor)
+                else t for name, t in zip(names, inputs)]
+        with self.mode:
+            return make_fx(_retarget(gm, "cuda"))(*like), like
+
+    def _split(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype], options: Optional[dict],
+               requires_grad: Sequence[bool]):
+        """AOTAutograd's forward and backward graphs of fn(*args) (CPU graphs and their example
+        inputs), split by inductor's partitioner."""
+        from torch._functorch import config as functorch_config
+        from torch._functorch.aot_autograd import aot_module_simplified
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import partition_fn
+        from torch._inductor.decomposition import select_decomp_table
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from functorch.compile import make_boxed_func
+
+        gm, tensors = self._traced(fn, args, autocast, decompose=False)  # autograd formulas for aten ops
+        cpu_gm = _retarget(gm, "cpu")
+        with FakeTensorMode():
+            inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(bool(g))
+                      for t, g in zip(tensors, requires_grad)]
+        parts = {}
+
+        def keep(kind):
+            def compiler(graph, example_inputs):
+                parts[kind] = (graph, list(example_inputs))
+                return make_boxed_func(graph)
+            return compiler
+
+        with functorch_config.patch(force_non_lazy_backward_lowering=True), inductor_config.patch(**(options or {})):
+            aot_module_simplified(cpu_gm, inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                                  partition_fn=partition_fn, decompositions=select_decomp_table())
+        return parts["forward"], parts.get("backward")  # no backward: nothing to differentiate
+
+    def training_codes(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
+                       options: Optional[dict] = None, requires_grad: Sequence[bool] = ()) -> Tuple[str, str]:
+        """Inductor's wrapper code for fn(*args) as ``torch.compile`` compiles it under autograd:
+        the forward (which also writes what the backward keeps) and the backward.
+        ``requires_grad``: for each tensor argument, in order (those inside tuples included)."""
+        (fw, fw_in), backward = self._split(fn, args, autocast, options, requires_grad)
+        fw_dev, fw_dev_in = self._on_device(fw, fw_in)
+        if backward is None:  # (an output that is an input, or no input that requires grad reaches one)
+            return self._generate(fw_dev, fw_dev_in, options), "def call(args):\n    pass\n"
+        bw, bw_in = backward
+        # the backward's saved inputs as the forward leaves them on the device (by output name)
+        outs = [o for o in fw.graph.output_node().args[0]]
+        dev_outs = list(fw_dev.graph.output_node().args[0])
+        strides = {o.name: d.meta["val"].stride() for o, d in zip(outs, dev_outs)
+                   if isinstance(o, torch.fx.Node) and isinstance(d, torch.fx.Node)
+                   and isinstance(d.meta.get("val"), torch.Tensor)}
+        bw_dev, bw_dev_in = self._on_device(bw, bw_in, strides)
+        return (self._generate(fw_dev, fw_dev_in, options),
+                self._generate(bw_dev, bw_dev_in, options, is_backward=True))
+
+    def training_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
+                          options: Optional[dict] = None, requires_grad: Sequence[bool] = ()) -> Tuple[Launches, Launches]:
+        forward, backward = self.training_codes(fn, args, autocast, options, requires_grad)
+        return parse_launches(forward), parse_launches(backward)
+
+    def eager_training_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
+                                requires_grad: Sequence[bool] = ()) -> Tuple[Launches, Launches]:
+        """What eager mode launches for fn(*args) and its backward, op by op: the forward on the
+        device; the backward's autograd formulas run on the CPU over the forward's aten graph
+        (autograd needs a driver on the device), the same ops a CUDA build dispatches."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        forward = self.eager_launches(fn, args, autocast)
+        gm, tensors = self._traced(fn, args, autocast, decompose=False)
+        cpu_gm = _retarget(gm, "cpu")
+        counter = _EagerCount()
+        with FakeTensorMode():
+            inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(bool(g))
+                      for t, g in zip(tensors, requires_grad)]
+            outs = [o for o in cpu_gm(*inputs) if isinstance(o, torch.Tensor) and o.requires_grad]
+            wanted = [t for t in inputs if t.requires_grad]
+            tangents = [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype) for o in outs]
+            with counter:
+                torch.autograd.grad(outs, wanted, tangents, allow_unused=True)
+        return forward, counter.out
 
     def compiled_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
                           options: Optional[dict] = None) -> Launches:

@@ -12,16 +12,19 @@ generates for it, on any machine: the GPU side of ``train.compile`` without a GP
    fake tensors, stopped before any kernel is compiled) and run eagerly on the same fake device,
    under the autocast it was called in. Its launches (Triton kernels, cuBLAS/cuDNN calls) and
    the bytes its memory-bound kernels move (inductor's count for each Triton kernel; eager: each
-   op's inputs and outputs) are multiplied by the calls per step.
+   op's inputs and outputs) are multiplied by the calls per step. A call made under autograd
+   with an argument that requires grad (a fusion, a decoder) is compiled as ``torch.compile``
+   compiles it there: a training forward, which also writes what its backward keeps, and a
+   backward graph (``fake_cuda.FakeCuda.training_launches``), counted where the recording saw
+   that call's backward run (the reversible forward's fusions are detached: only their
+   recomputation's backward runs).
 
 One JSON line per function and one for the step: compiled against eager kernels and GB (the
 baseline: the same functions op by op, what ``train.compile: false`` runs), and the GB as
 milliseconds at the device's bandwidth (``--peak-gbs``, 4,000: the H200's measured copy
 bandwidth): a floor for the memory-bound part, matmuls and convolutions apart.
 
-What it cannot see: the fusions' and decoders' backward (their autograd graphs need a driver
-to trace on a CUDA device: reported as ``forward_only``), the kernels cuBLAS/cuDNN launch
-inside one call, eager ops outside the compiled functions (``ops_per_step.py`` counts those),
+What it cannot see: the kernels cuBLAS/cuDNN launch inside one call, eager ops outside the compiled functions (``ops_per_step.py`` counts those),
 and time itself. The recording runs LayerNorm in fp32 under autocast, as CUDA's autocast does
 (the CPU's keeps bf16), so that the recorded dtypes are CUDA's.
 
@@ -82,10 +85,12 @@ def _layer_norm_as_on_cuda(input, normalized_shape, weight=None, bias=None, eps=
 
 
 class Tensor(NamedTuple):
-    """A recorded tensor argument: shape, dimension order (outermost first) and dtype."""
+    """A recorded tensor argument: shape, dimension order (outermost first), dtype, and whether
+    it requires grad."""
     shape: Tuple[int, ...]
     order: Tuple[int, ...]
     dtype: torch.dtype
+    requires_grad: bool = False
 
 
 class Call(NamedTuple):
@@ -93,24 +98,42 @@ class Call(NamedTuple):
     args: tuple  # Tensor, None or a constant (nested tuples kept)
     autocast: Optional[torch.dtype]
     grad: bool
+    backward: bool = False  # the call's backward ran in the step
 
 
 def _describe(a):
     if isinstance(a, torch.Tensor):
         order = tuple(sorted(range(a.dim()), key=lambda d: (-a.stride(d), d)))
-        return Tensor(tuple(a.shape), order, a.dtype)
+        return Tensor(tuple(a.shape), order, a.dtype, a.requires_grad)
     if isinstance(a, (tuple, list)):
         return tuple(_describe(x) for x in a)
     return a
 
 
-def _recorder(name: str, fn, calls: List[Call]):
+def _recorder(name: str, fn, calls: list):
+    """fn, recording each call in ``calls`` as [Call, whether its backward ran]."""
     def run(*args):
         on = torch.is_autocast_enabled("cpu")
-        calls.append(Call(name, _describe(args), torch.get_autocast_dtype("cpu") if on else None,
-                          torch.is_grad_enabled()))
-        return fn(*args)
+        entry = [Call(name, _describe(args), torch.get_autocast_dtype("cpu") if on else None,
+                      torch.is_grad_enabled()), False]
+        calls.append(entry)
+        out = fn(*args)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                t.register_hook(lambda g: entry.__setitem__(1, True))  # fires when its gradient is computed
+        return out
     return run
+
+
+def _requires_grad(args) -> List[bool]:
+    """For each Tensor among the arguments (those inside tuples too, in order), requires_grad."""
+    out: List[bool] = []
+    for a in args:
+        if isinstance(a, Tensor):
+            out.append(a.requires_grad)
+        elif isinstance(a, tuple):
+            out.extend(_requires_grad(a))
+    return out
 
 
 def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict] = None,
@@ -118,7 +141,7 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
     """The compiled functions' calls in one training step at this batch and resolution (CPU),
     with the engine's one size-dependent choice (``lean_block.keeps_output``) made as at
     ``target`` (batch, resolution) where given."""
-    calls: List[Call] = []
+    calls: list = []  # [Call, its backward ran]
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(F, "layer_norm", _layer_norm_as_on_cuda))
     if target[0]:
@@ -155,7 +178,7 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
         stack.close()
         compile_setting.compiled_kernels, compile_setting.compiled_decoder = saved
         lean_block.use_kernels(None)
-    return calls
+    return [call._replace(backward=ran) for call, ran in calls]
 
 
 def _exponent(small: int, big: int, factor: int) -> int:
@@ -221,26 +244,33 @@ def generate(calls: Counter, options: Optional[dict] = None) -> Dict[str, dict]:
     """Per function: calls, and compiled and eager launches and GB per step (``options``:
     inductor's, as ``train.compile`` passes them)."""
     options = getattr(compile_setting, "INDUCTOR_OPTIONS", {}) if options is None else options
-    rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, compiled_kernels=0, eager_kernels=0, compiled_gb=0.0,
-                                                     eager_gb=0.0, extern=Counter(), forward_only=0))
+    rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0,
+                                                     compiled_gb=0.0, eager_gb=0.0, extern=Counter()))
     with fake_cuda.FakeCuda() as cuda:
         for call, n in calls.items():
             fn = FUNCTIONS[call.name]
+            grads = _requires_grad(call.args)
+            training = call.grad and any(grads)  # torch.compile makes it a forward and a backward graph
             try:
-                compiled = cuda.compiled_launches(fn, _materialise(cuda, call), call.autocast, options)
-                eager = cuda.eager_launches(fn, _materialise(cuda, call), call.autocast)
+                if training:
+                    compiled = cuda.training_launches(fn, _materialise(cuda, call), call.autocast, options, grads)
+                    eager = cuda.eager_training_launches(fn, _materialise(cuda, call), call.autocast, grads)
+                else:
+                    compiled = (cuda.compiled_launches(fn, _materialise(cuda, call), call.autocast, options),)
+                    eager = (cuda.eager_launches(fn, _materialise(cuda, call), call.autocast),)
             except Exception as e:
                 raise RuntimeError(f"{call.name} on {[getattr(a, 'shape', a) for a in call.args]}: {e}") from e
             row = rows[call.name]
             row["calls"] += n
-            row["compiled_kernels"] += n * compiled.kernels
-            row["eager_kernels"] += n * eager.kernels
-            row["compiled_gb"] += n * compiled.gb
-            row["eager_gb"] += n * eager.gb
-            for e in compiled.extern:
-                row["extern"][e] += n
-            if call.grad and call.name in ("fusion", "decoder_stage", "decoder_output"):
-                row["forward_only"] += n  # an autograd graph: its backward is not generated here
+            runs = (n, n if call.backward else 0)  # the forward per call; the backward where it ran
+            row["backward_calls"] += runs[1] if training else 0
+            for c, e, k in zip(compiled, eager, runs):
+                row["compiled_kernels"] += k * c.kernels
+                row["eager_kernels"] += k * e.kernels
+                row["compiled_gb"] += k * c.gb
+                row["eager_gb"] += k * e.gb
+                for name in c.extern:
+                    row["extern"][name] += k
     return rows
 
 
@@ -262,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     options = None if args.inductor_options is None else json.loads(args.inductor_options)
     rows = generate(step_calls(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args)), options)
     ms = lambda gb: round(gb / args.peak_gbs * 1e3, 3)  # noqa: E731
-    total = dict(calls=0, compiled_kernels=0, eager_kernels=0, compiled_gb=0.0, eager_gb=0.0, forward_only=0)
+    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, compiled_gb=0.0, eager_gb=0.0)
     for name, row in sorted(rows.items()):
         for k in total:
             total[k] += row[k]

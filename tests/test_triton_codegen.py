@@ -54,6 +54,27 @@ def test_a_block_forward_fuses_between_its_convolution_and_matmuls():
     assert 0 < compiled.gb < eager.gb
 
 
+def test_a_trained_matmul_and_gelu_split_into_a_forward_and_a_backward_as_counted_by_hand():
+    T, C, D = 4096, 64, 256
+    bf = torch.bfloat16
+    fn = lambda x, w: F.gelu(x @ w.t())  # noqa: E731
+    with fake_cuda.FakeCuda() as cuda:
+        x, w = cuda.tensor((T, C), bf), cuda.tensor((D, C), bf)
+        forward, backward = cuda.training_launches(fn, [x, w], requires_grad=[True, True])
+        _, weight_only = cuda.training_launches(fn, [x, w], requires_grad=[False, True])
+        eager_forward, eager_backward = cuda.eager_training_launches(fn, [x, w], requires_grad=[True, True])
+    # forward: the matmul, then GELU (which writes the output; the matmul's output is kept for the backward)
+    assert forward.extern == ["mm"] and forward.triton == 1
+    assert forward.gb == pytest.approx(2 * T * D * 2 / 1e9, rel=1e-3)
+    # backward: GELU's derivative in one kernel (the gradient and the kept matmul output read, dh
+    # written), then dx and dw as two matmuls; with x not requiring grad, only dw
+    assert backward.extern == ["mm", "mm"] and backward.triton == 1
+    assert backward.gb == pytest.approx(3 * T * D * 2 / 1e9, rel=1e-3)
+    assert weight_only.extern == ["mm"]
+    assert [k.name for k in eager_backward.launches] == ["gelu_backward", "mm", "mm"]
+    assert eager_forward.kernels == 2
+
+
 def test_the_fake_device_leaves_nothing_behind():
     before = (torch.cuda.is_available(), torch.Tensor.__getitem__, torch.Tensor.contiguous)
     with fake_cuda.FakeCuda() as cuda:
@@ -72,6 +93,10 @@ def test_calls_carried_to_a_size_equal_the_calls_recorded_there():
     assert carried == recorded
     assert {c.name for c in carried} >= {"forward_full", "block_grads", "tail_grads", "body_grads", "fusion",
                                          "decoder_stage", "decoder_output"}
+    # a fusion's backward runs for its recomputation, not for the reversible forward's detached call
+    fusions = Counter({c.backward: n for c, n in carried.items() if c.name == "fusion" and c.grad})
+    assert fusions[True] > 0 and fusions[False] > 0
+    assert not any(c.backward for c in carried if not c.grad)
 
 
 @pytest.mark.slow
@@ -85,6 +110,7 @@ def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monke
     functions, total = rows[:-1], rows[-1]
     assert {r["function"] for r in functions} >= {"forward_full", "block_grads", "fusion", "decoder_stage"}
     assert total["calls"] == sum(r["calls"] for r in functions)
+    assert 0 < total["backward_calls"] == sum(r["backward_calls"] for r in functions)
     assert total["compiled_kernels"] == sum(r["compiled_kernels"] for r in functions)
     assert 0 < total["kernels_compiled_over_eager"] < 1 and 0 < total["gb_compiled_over_eager"] < 1
     assert total["compiled_ms_at_peak"] == pytest.approx(total["compiled_gb"] / 4000 * 1e3, abs=1e-3)
