@@ -88,9 +88,14 @@ class Launches:
 
     @property
     def gb(self) -> float:
-        """Bytes the memory-bound kernels move (the Triton kernels; extern matmuls and convolutions
-        are counted by neither side)."""
-        return sum(k.gb for k in self.launches)
+        """Bytes the generated (Triton) kernels move; a Triton matmul template's included."""
+        return sum(k.gb for k in self.launches if k.triton)
+
+    @property
+    def extern_gb(self) -> float:
+        """Bytes the extern kernels (cuBLAS matmuls, cuDNN convolutions, aten fallbacks) read and
+        write: their inputs and outputs once, inductor's own count (``get_read_write_buffers_sizes``)."""
+        return sum(k.gb for k in self.launches if not k.triton)
 
 
 class _Stop(Exception):
@@ -105,9 +110,10 @@ def _in_chain(e: BaseException, kind: type) -> bool:
     return False
 
 
-def parse_launches(code: str) -> Launches:
+def parse_launches(code: str, extern_gb: Optional[dict] = None) -> Launches:
     """The launches of inductor's wrapper code, in order: each ``<triton kernel>.run(`` and each
-    ``extern_kernels.<op>(`` or aten fallback in the wrapper's ``call``."""
+    ``extern_kernels.<op>(`` or aten fallback in the wrapper's ``call`` (``extern_gb``: an extern
+    kernel's GB by the buffer it writes)."""
     start = code.rindex("def call(")  # the wrapper's (each kernel's source ends with a harness of its own)
     end = code.find("def benchmark_compiled_module", start)
     call = code[start:end if end > 0 else len(code)]
@@ -119,8 +125,10 @@ def parse_launches(code: str) -> Launches:
         if m.group(1):
             out.launches.append(Launch(m.group(1), True, gb.get(m.group(1), 0.0)))
         else:
+            line = call[call.rfind("\n", 0, m.start()) + 1:call.find("\n", m.end())]
+            written = re.search(r"out=(buf\d+)", line) or re.match(r"\s*(buf\d+) = ", line)
             out.launches.append(Launch(m.group(2).split(".")[-1] if m.group(2).startswith("extern") else m.group(2),
-                                       False))
+                                       False, (extern_gb or {}).get(written.group(1) if written else "", 0.0)))
     return out
 
 
@@ -149,8 +157,8 @@ def _touched(t: torch.Tensor) -> int:
 
 class _EagerCount(TorchDispatchMode):
     """Eager launches on the fake device: each op that does work (not views or metadata), with
-    the bytes of its tensor inputs and outputs for the memory-bound ones (matmuls and
-    convolutions apart, as on the compiled side)."""
+    the bytes of its tensor inputs and outputs (matmuls and convolutions as extern launches, as
+    on the compiled side)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -163,12 +171,9 @@ class _EagerCount(TorchDispatchMode):
         if func.is_view or not results or name in ("empty", "empty_strided", "empty_like", "new_empty_strided",
                                                      "_local_scalar_dense", "lift_fresh", "detach"):
             return out
-        if name.rstrip("_") in MATMULS:
-            self.out.launches.append(Launch(name, False))
-            return out
         inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         moved = sum(_touched(t) for t in inputs) + sum(_touched(t) for t in results)
-        self.out.launches.append(Launch(name, True, moved / 1e9))
+        self.out.launches.append(Launch(name, name.rstrip("_") not in MATMULS, moved / 1e9))
         return out
 
 
@@ -221,6 +226,17 @@ def _clear_device_caches() -> None:
     device_interface.caching_worker_device_properties.pop("cuda", None)
 
 
+def _first_template(select):
+    """inductor's choice between a matmul's implementations, made without timing them on a
+    device: its first Triton template where it has one (a choice of one is not timed)."""
+    def choose(self, name, choices, *args, **kwargs):
+        from torch._inductor.select_algorithm import ExternKernelCaller
+
+        templates = [c for c in choices if not isinstance(c, ExternKernelCaller)]
+        return select(self, name, templates[:1] or choices[:1], *args, **kwargs)
+    return choose
+
+
 _CONV_MEMORY_FORMAT = torch._C._conv_determine_backend_memory_format
 
 
@@ -242,11 +258,17 @@ def _conv_memory_format(input_: torch.Tensor, weight: torch.Tensor, backend) -> 
 class FakeCuda(contextlib.AbstractContextManager):
     """Within: a CUDA device that exists for tracing and inductor's code generation only."""
 
-    def __init__(self, props=H200) -> None:
+    def __init__(self, props=H200, matmul_templates: bool = False) -> None:
+        """``matmul_templates``: every matmul inductor can generate as a Triton template is
+        generated so (its pointwise neighbours fused into it as prologue and epilogue), as if
+        max-autotune had timed each template faster than cuBLAS on the device; the template's
+        first configuration is taken, which changes its speed, not its launches or bytes."""
         self.props = props
+        self.matmul_templates = matmul_templates
         self._stack = contextlib.ExitStack()
         self.mode = None
         self._codes: List[str] = []
+        self._extern_gb: dict = {}  # a wrapper's code -> its extern kernels' GB by written buffer
 
     def __enter__(self) -> "FakeCuda":
         from torch._dynamo import device_interface
@@ -289,6 +311,12 @@ class FakeCuda(contextlib.AbstractContextManager):
         s.enter_context(mock.patch.dict(os.environ))
         os.environ.pop("CI", None)
         s.enter_context(inductor_config.patch(benchmark_kernel=True, fx_graph_cache=False, compile_threads=1))
+        if self.matmul_templates:
+            from torch._inductor import select_algorithm
+
+            s.enter_context(inductor_config.patch(max_autotune_gemm=True, max_autotune_gemm_backends="ATEN,TRITON"))
+            s.enter_context(mock.patch.object(select_algorithm.AlgorithmSelectorCache, "__call__",
+                                              _first_template(select_algorithm.AlgorithmSelectorCache.__call__)))
         _clear_device_caches()  # answers cached before (no GPU, no triton) would hold within
         s.callback(_clear_device_caches)  # and the fake device's answers would hold after
         self.mode = fake_tensor.FakeTensorMode()
@@ -299,8 +327,20 @@ class FakeCuda(contextlib.AbstractContextManager):
         self.mode = None
 
     def _capture(self, graph) -> None:
-        self._codes.append(graph.codegen()[0].value)
+        from torch._inductor.scheduler import ExternKernelSchedulerNode
+        from torch._inductor.virtualized import V
+
+        code = graph.codegen()[0].value
+        with V.set_graph_handler(graph):
+            self._extern_gb[code] = {buf.get_name(): n.get_read_write_buffers_sizes() / 1e9
+                                     for n in graph.scheduler.nodes if isinstance(n, ExternKernelSchedulerNode)
+                                     for buf in n.get_outputs()}
+        self._codes.append(code)
         raise _Stop()
+
+    def launches(self, code: str) -> Launches:
+        """The launches of wrapper code generated here, extern kernels' bytes included."""
+        return parse_launches(code, self._extern_gb.get(code))
 
     def tensor(self, shape: Sequence[int], dtype: torch.dtype, stride: Optional[Sequence[int]] = None) -> torch.Tensor:
         """A fake CUDA tensor of this shape, dtype and strides."""
@@ -423,7 +463,7 @@ class FakeCuda(contextlib.AbstractContextManager):
     def training_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
                           options: Optional[dict] = None, requires_grad: Sequence[bool] = ()) -> Tuple[Launches, Launches]:
         forward, backward = self.training_codes(fn, args, autocast, options, requires_grad)
-        return parse_launches(forward), parse_launches(backward)
+        return self.launches(forward), self.launches(backward)
 
     def eager_training_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
                                 requires_grad: Sequence[bool] = ()) -> Tuple[Launches, Launches]:
@@ -448,7 +488,7 @@ class FakeCuda(contextlib.AbstractContextManager):
 
     def compiled_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
                           options: Optional[dict] = None) -> Launches:
-        return parse_launches(self.code(fn, args, autocast, options))
+        return self.launches(self.code(fn, args, autocast, options))
 
     def eager_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None) -> Launches:
         """What eager mode launches for fn(*args) on the device, op by op."""

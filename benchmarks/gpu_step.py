@@ -62,11 +62,12 @@ class Setting:
 
 # ---- the two kinds of step ------------------------------------------------------------------
 
-def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, graphed: bool = False):
+def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, graphed: bool = False,
+                autotune: bool = False):
     """The trainer's step (as ops_per_step builds it), its blocks compiled or eager
     (``train.compile``), its forward and backward replayed as one CUDA graph or not
     (``train.cuda_graph``; captured within the warm-up); returns (step, model config, chosen
-    policy, reason)."""
+    policy, reason). ``autotune``: ``train.compile_autotune``."""
     torch.manual_seed(0)
     args = CPU_ARGS if s.cpu else {}
     reason = None
@@ -74,7 +75,7 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
         policy, reason = auto_policy(name, s, args)
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).train()
     model.reversible = policy == "reversible"
-    apply_compile(model, compiled, s.device)
+    apply_compile(model, compiled, s.device, autotune)
     compile_loss(ops.LOSS, compiled, s.device)
     if compiled and s.cpu:
         ops.count_compiled()  # the graphs callable under the CPU's op counter (dynamo refuses a dispatch mode)
@@ -97,7 +98,7 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
     return step, model.config, policy, reason
 
 
-def alone_step(name: str, policy: str, s: Setting, compiled: bool = False):
+def alone_step(name: str, policy: str, s: Setting, compiled: bool = False, autotune: bool = False):
     """The model alone with the same heads and decoders, as issue 25 measured it: no drop path,
     torch's fused AdamW over one group, the sum of every head's logits and reconstructions as
     the loss; no layer decay, clipping, finite check, keys or EMA. What the trainer's step costs
@@ -106,7 +107,7 @@ def alone_step(name: str, policy: str, s: Setting, compiled: bool = False):
     args = dict(CPU_ARGS if s.cpu else {}, drop_path=0.0)
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).to(s.device).train()
     model.reversible = policy == "reversible"
-    apply_compile(model, compiled, s.device)
+    apply_compile(model, compiled, s.device, autotune)
     if compiled and s.cpu:
         ops.count_compiled()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -254,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--graph", choices=["off", "on", "both"], default="off",
                     help="the forward and backward replayed as one CUDA graph (train.cuda_graph), with the "
                          "blocks compiled; 'both' adds a graphed row beside each compiled one (GPU only)")
+    ap.add_argument("--autotune", action="store_true",
+                    help="compiled rows with inductor's matmul search (train.compile_autotune: each matmul timed "
+                         "as cuBLAS against Triton templates with their neighbours fused; compiling takes minutes)")
     a = ap.parse_args(argv)
     cpu = a.mode == "cpu"
     if cpu and a.graph != "off":
@@ -276,9 +280,10 @@ def main(argv=None) -> int:
             kinds = [(c, False) for c in compiles if not (c and a.graph == "on")] + \
                 ([(True, True)] if a.graph != "off" else [])
             for compiled, graphed in kinds:
-                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed)
+                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed, a.autotune)
                 r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason,
-                                            "compiled": compiled, "cuda_graph": graphed}, measure(step, s),
+                                            "compiled": compiled, "compile_autotune": compiled and a.autotune,
+                                            "cuda_graph": graphed}, measure(step, s),
                         train_flops_per_image(config, s.res))
                 print(json.dumps(r), flush=True)
                 ratios[(name, policy + (":compiled" if compiled else "") + (":graph" if graphed else ""))] = \
@@ -287,7 +292,7 @@ def main(argv=None) -> int:
                 if not cpu:
                     torch.cuda.empty_cache()
                 if a.alone and not graphed and chosen in ("reversible", "plain"):
-                    step, config = alone_step(name, chosen, s, compiled)
+                    step, config = alone_step(name, chosen, s, compiled, a.autotune)
                     alone = row("alone", name, s, {"memory_policy": chosen, "compiled": compiled}, measure(step, s),
                                 train_flops_per_image(config, s.res))
                     alone["trainer_step_over_alone"] = alone["images_per_sec"] / r["images_per_sec"]

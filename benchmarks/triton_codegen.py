@@ -240,13 +240,14 @@ def _materialise(cuda: fake_cuda.FakeCuda, call: Call):
     return [build(a) for a in call.args]
 
 
-def generate(calls: Counter, options: Optional[dict] = None) -> Dict[str, dict]:
+def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: bool = False) -> Dict[str, dict]:
     """Per function: calls, and compiled and eager launches and GB per step (``options``:
-    inductor's, as ``train.compile`` passes them)."""
+    inductor's, as ``train.compile`` passes them; ``matmul_templates``: see ``fake_cuda.FakeCuda``)."""
     options = getattr(compile_setting, "INDUCTOR_OPTIONS", {}) if options is None else options
     rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0,
-                                                     compiled_gb=0.0, eager_gb=0.0, extern=Counter()))
-    with fake_cuda.FakeCuda() as cuda:
+                                                     compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0,
+                                                     eager_extern_gb=0.0, extern=Counter()))
+    with fake_cuda.FakeCuda(matmul_templates=matmul_templates) as cuda:
         for call, n in calls.items():
             fn = FUNCTIONS[call.name]
             grads = _requires_grad(call.args)
@@ -269,6 +270,8 @@ def generate(calls: Counter, options: Optional[dict] = None) -> Dict[str, dict]:
                 row["eager_kernels"] += k * e.kernels
                 row["compiled_gb"] += k * c.gb
                 row["eager_gb"] += k * e.gb
+                row["compiled_extern_gb"] += k * c.extern_gb
+                row["eager_extern_gb"] += k * e.extern_gb
                 for name in c.extern:
                     row["extern"][name] += k
     return rows
@@ -282,6 +285,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--res-small", type=int, default=64, help="the recordings' resolution (and twice it)")
     p.add_argument("--peak-gbs", type=float, default=4000.0)
     p.add_argument("--model-args", default="{}", help="JSON: the model's arguments changed (tests)")
+    p.add_argument("--matmuls", choices=("extern", "triton"), default="extern",
+                   help="triton: every matmul inductor can template as a Triton template with its neighbours "
+                        "fused in (what max-autotune would generate where it times the templates faster)")
     p.add_argument("--inductor-options", default=None,
                    help="JSON: inductor's options instead of train.compile's (parallel/compile.INDUCTOR_OPTIONS)")
     args = p.parse_args(argv)
@@ -290,24 +296,29 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps({"bench": "triton_codegen", "skipped": why}))
         return
     options = None if args.inductor_options is None else json.loads(args.inductor_options)
-    rows = generate(step_calls(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args)), options)
+    rows = generate(step_calls(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args)), options,
+                    args.matmuls == "triton")
     ms = lambda gb: round(gb / args.peak_gbs * 1e3, 3)  # noqa: E731
-    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, compiled_gb=0.0, eager_gb=0.0)
+    gbs = ("compiled_gb", "eager_gb", "compiled_extern_gb", "eager_extern_gb")
+    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, **{k: 0.0 for k in gbs})
     for name, row in sorted(rows.items()):
         for k in total:
             total[k] += row[k]
         print(json.dumps({"bench": "triton_codegen", "function": name, **{k: v for k, v in row.items() if k != "extern"},
-                          "compiled_gb": round(row["compiled_gb"], 3), "eager_gb": round(row["eager_gb"], 3),
+                          **{k: round(row[k], 3) for k in gbs},
                           "compiled_ms_at_peak": ms(row["compiled_gb"]), "eager_ms_at_peak": ms(row["eager_gb"]),
+                          "compiled_all_ms_at_peak": ms(row["compiled_gb"] + row["compiled_extern_gb"]),
+                          "eager_all_ms_at_peak": ms(row["eager_gb"] + row["eager_extern_gb"]),
                           "extern_per_step": dict(row["extern"])}))
     print(json.dumps({"bench": "triton_codegen", "model": args.model, "batch": args.batch, "res": args.res,
                       "device": fake_cuda.H200.name, "torch": torch.__version__,
                       "inductor_options": getattr(compile_setting, "INDUCTOR_OPTIONS", {}) if options is None else options,
-                      **total,
-                      "compiled_gb": round(total["compiled_gb"], 3), "eager_gb": round(total["eager_gb"], 3),
+                      "matmuls": args.matmuls, **total, **{k: round(total[k], 3) for k in gbs},
                       "kernels_compiled_over_eager": round(total["compiled_kernels"] / total["eager_kernels"], 3),
                       "gb_compiled_over_eager": round(total["compiled_gb"] / total["eager_gb"], 3),
                       "compiled_ms_at_peak": ms(total["compiled_gb"]), "eager_ms_at_peak": ms(total["eager_gb"]),
+                      "compiled_all_ms_at_peak": ms(total["compiled_gb"] + total["compiled_extern_gb"]),
+                      "eager_all_ms_at_peak": ms(total["eager_gb"] + total["eager_extern_gb"]),
                       "peak_gbs": args.peak_gbs}))
 
 

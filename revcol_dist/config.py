@@ -94,6 +94,11 @@ class TrainSection:
     # compiled graphs (torch.compile, parallel/compile.py): auto | true | false. auto compiles on
     # CUDA devices; a CPU run would wait minutes for C++ compilation it never earns back.
     compile: Any = "auto"
+    # With compile: time each matmul on the device as cuBLAS against Triton templates with their
+    # neighbours (GELU, layer scale, residual) fused in, and keep the faster (inductor's
+    # max-autotune GEMM search; parallel/compile.AUTOTUNE_OPTIONS). Off until measured on a GPU;
+    # the first steps wait minutes longer.
+    compile_autotune: bool = False
     # Capture the step's forward and backward as one CUDA graph after three eager steps and
     # replay it (parallel/cuda_graph.py): one launch for thousands of kernels, for models and
     # batches bound by the host's launches. One process on a CUDA device.

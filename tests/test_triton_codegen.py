@@ -52,6 +52,35 @@ def test_a_block_forward_fuses_between_its_convolution_and_matmuls():
     # between them: the input's cast, LayerNorm, GELU, layer scale + drop path + residual
     assert compiled.triton == 4 < eager.triton
     assert 0 < compiled.gb < eager.gb
+    # the extern kernels' bytes (inductor's count) by hand: the convolution reads x (bf16) and its
+    # weight and writes its output (inductor adds its bias in the next kernel); each addmm reads its
+    # input, weight and bias and writes its output
+    T, w = N * H * H, 2
+    by_hand = (2 * T * C + C * 49) * w + (T * C + 4 * C * C + 4 * C + T * 4 * C) * w + (T * 4 * C + 4 * C * C + C + T * C) * w
+    assert compiled.extern_gb == pytest.approx(by_hand / 1e9, rel=1e-6)
+    assert eager.extern_gb == pytest.approx((by_hand + C * w) / 1e9, rel=1e-6)  # eager's convolution adds its bias
+
+
+def test_matmul_templates_take_their_neighbours_in():
+    from revcol_dist.reversible import block_kernels
+
+    N, C, H = 4, 16, 8
+    bf, f32 = torch.bfloat16, torch.float32
+    out = {}
+    for templates in (False, True):
+        with fake_cuda.FakeCuda(matmul_templates=templates) as cuda:
+            t = cuda.tensor
+            x = t((N, C, H, H), f32, (C * H * H, 1, H * C, C))
+            args = [x, t((C, 1, 7, 7), bf), t((C,), bf), t((C,), f32), t((C,), f32), t((4 * C, C), bf),
+                    t((4 * C,), bf), t((C, 4 * C), bf), t((C,), bf), t((C,), f32), t((N, 1, 1, 1), f32),
+                    ((1, 1), (3, 3), (1, 1), C), 1e-6]
+            out[templates] = cuda.compiled_launches(block_kernels.forward_full, args, torch.bfloat16)
+    extern, templated = out[False], out[True]
+    # GELU into the first matmul, layer scale + residual into the second: two launches fewer, and
+    # neither the hidden map's second pass nor the second matmul's output go through memory again
+    assert "addmm" not in templated.extern and sum(k.name.startswith("triton_tem") for k in templated.launches) >= 2
+    assert templated.kernels == extern.kernels - 2
+    assert templated.gb + templated.extern_gb < extern.gb + extern.extern_gb
 
 
 def test_a_trained_matmul_and_gelu_split_into_a_forward_and_a_backward_as_counted_by_hand():
@@ -114,3 +143,6 @@ def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monke
     assert total["compiled_kernels"] == sum(r["compiled_kernels"] for r in functions)
     assert 0 < total["kernels_compiled_over_eager"] < 1 and 0 < total["gb_compiled_over_eager"] < 1
     assert total["compiled_ms_at_peak"] == pytest.approx(total["compiled_gb"] / 4000 * 1e3, abs=1e-3)
+    # the same matmuls and convolutions counted twice, independently: inductor's scheduler on the
+    # compiled side, the eager ops' tensors on the other (a convolution's bias apart)
+    assert total["compiled_extern_gb"] == pytest.approx(total["eager_extern_gb"], rel=0.02)

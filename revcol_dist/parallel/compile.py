@@ -28,7 +28,7 @@ from __future__ import annotations
 import weakref
 from functools import partial
 from types import MethodType
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -49,8 +49,23 @@ RECOMPILE_LIMIT = 64
 # channels-last (benchmarks/triton_codegen.py reads it off the generated code).
 INDUCTOR_OPTIONS = {"force_layout_optimization": True}
 
-_COMPILED: Optional[lean_block.Kernels] = None
-_DECODER: Optional[tuple] = None
+# ``train.compile_autotune``: inductor's matmul search. Each matmul (and convolution) is timed on
+# the device at compile time as cuBLAS/cuDNN against Triton templates with their pointwise
+# neighbours fused in as epilogues (GELU into pwconv1, layer scale and the residual into
+# pwconv2), and the faster kept. At RevCol's widths most matmuls are bound by memory, not
+# FLOPs; generated as templates, a RevCol-B step's compiled graphs move 0.77x the bytes in 0.89x
+# the launches (benchmarks/triton_codegen.py --matmuls triton, an upper bound: every template
+# taken). What the timing decides needs a GPU; the first steps wait minutes for it.
+AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
+
+_COMPILED: Dict[bool, lean_block.Kernels] = {}  # by autotune
+_DECODER: Dict[bool, tuple] = {}
+_AUTOTUNE = False  # apply_compile's choice, read by the decoders' compiled stages when called
+
+
+def inductor_options(autotune: bool = False) -> dict:
+    """The options every graph here compiles with."""
+    return {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if autotune else {})}
 
 
 def wants_compile(setting: Union[str, bool], device: torch.device) -> bool:
@@ -61,27 +76,28 @@ def wants_compile(setting: Union[str, bool], device: torch.device) -> bool:
     return bool(setting)
 
 
-def compiled_kernels() -> lean_block.Kernels:
-    """The block kernels under ``torch.compile`` (built once per process; graphs compile on
-    first use, per shape)."""
-    global _COMPILED
-    if _COMPILED is None:
+def compiled_kernels(autotune: Optional[bool] = None) -> lean_block.Kernels:
+    """The block kernels under ``torch.compile`` (built once per process and ``autotune``, by
+    default apply_compile's; graphs compile on first use, per shape)."""
+    key = _AUTOTUNE if autotune is None else bool(autotune)
+    if key not in _COMPILED:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
-        _COMPILED = lean_block.Kernels(*(compile_(f) for f in (
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(key))
+        _COMPILED[key] = lean_block.Kernels(*(compile_(f) for f in (
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
             fusion_kernels.fusion_forward, coupling.shortcut_backward, block_kernels.block_grads)))
-    return _COMPILED
+    return _COMPILED[key]
 
 
-def compiled_decoder() -> tuple:
-    """(stage, output) of ``decoder_kernels`` under ``torch.compile``, built once per process."""
-    global _DECODER
-    if _DECODER is None:
-        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
-        _DECODER = (compile_(decoder_kernels.stage_forward), compile_(decoder_kernels.output_forward))
-    return _DECODER
+def compiled_decoder(autotune: Optional[bool] = None) -> tuple:
+    """(stage, output) of ``decoder_kernels`` under ``torch.compile``, built once per process
+    and ``autotune`` (by default apply_compile's)."""
+    key = _AUTOTUNE if autotune is None else bool(autotune)
+    if key not in _DECODER:
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(key))
+        _DECODER[key] = (compile_(decoder_kernels.stage_forward), compile_(decoder_kernels.output_forward))
+    return _DECODER[key]
 
 
 def _compiled_stage(self: Decoder, i: int, x: torch.Tensor, size) -> torch.Tensor:
@@ -176,9 +192,12 @@ def _partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: torch.device) -> Optional[str]:
+def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: torch.device,
+                  autotune: bool = False) -> Optional[str]:
     """Switch the process's lean blocks to compiled kernels where ``setting`` asks for it (and
-    back to eager where not); returns a line for the log, or None when nothing is compiled."""
+    back to eager where not), with inductor's matmul search where ``autotune``
+    (``train.compile_autotune``); returns a line for the log, or None when nothing is compiled."""
+    global _AUTOTUNE
     if not wants_compile(setting, device):
         lean_block.use_kernels(None)
         _set_fusions(model, False)
@@ -191,6 +210,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         lean_block.use_kernels(None)
         return ("train.compile: not applied under ZeRO-3 (its partitioned parameters run the blocks' own "
                 "forward under DeepSpeed's hooks); blocks run eagerly, the loss is still compiled")
+    _AUTOTUNE = bool(autotune)
     lean_block.use_kernels(compiled_kernels())
     _set_fusions(model, True)
     _set_decoders(model, True)
@@ -201,5 +221,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         _set_cast_hooks(model, True)
     mode = "" if policy is None or policy.recompute == "level" else (
         " (recompute: block: the reversible columns' blocks stay eager, their chunked recomputation is not compiled)")
+    search = (", each matmul timed against Triton templates with their neighbours fused (train.compile_autotune: "
+              "the first steps wait minutes longer)") if autotune else ""
     return ("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs (forward, recomputation and "
-            "backward; the first steps wait for compilation)" + mode)
+            "backward; the first steps wait for compilation" + search + ")" + mode)

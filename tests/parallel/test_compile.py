@@ -293,6 +293,16 @@ def test_trainer_applies_the_switch(tmp_path):
     assert lean_block.kernels_in_use() and trainer.model.block_runner is not None
     assert trainer.loss_fn.terms is not trainer.loss_fn.eager_terms  # the loss compiled too
     assert any(line.startswith("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs") for line in lines)
+    # train.compile_autotune: the blocks', fusions' and decoders' graphs from the compile with
+    # inductor's matmul search (a CPU run offers it cuBLAS's counterpart alone: nothing to time)
+    from revcol_dist.parallel import compile as compile_setting
+
+    Trainer(load_config(None, base + ["train.compile=true", "train.compile_autotune=true"]), log=lines.append)
+    assert lean_block.kernels() is compile_setting.compiled_kernels(True) is not compile_setting.compiled_kernels(False)
+    assert compile_setting.compiled_decoder() is compile_setting.compiled_decoder(True)
+    assert compile_setting.inductor_options(True)["max_autotune_gemm"] and "max_autotune_gemm" not in \
+        compile_setting.inductor_options(False)
+    assert any("train.compile_autotune" in line for line in lines)
     trainer = Trainer(load_config(None, base), log=lines.append)  # auto, on a CPU
     assert not lean_block.kernels_in_use() and not wants_compile("auto", CPU)
     assert trainer.loss_fn.terms is trainer.loss_fn.eager_terms
