@@ -126,7 +126,7 @@ def parse_launches(code: str, extern_gb: Optional[dict] = None) -> Launches:
             out.launches.append(Launch(m.group(1), True, gb.get(m.group(1), 0.0)))
         else:
             line = call[call.rfind("\n", 0, m.start()) + 1:call.find("\n", m.end())]
-            written = re.search(r"out=(buf\d+)", line) or re.match(r"\s*(buf\d+) = ", line)
+            written = re.search(r"out=(?:reinterpret_tensor\()?(buf\d+)", line) or re.match(r"\s*(buf\d+) = ", line)
             out.launches.append(Launch(m.group(2).split(".")[-1] if m.group(2).startswith("extern") else m.group(2),
                                        False, (extern_gb or {}).get(written.group(1) if written else "", 0.0)))
     return out
@@ -145,6 +145,15 @@ def _retarget(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
         new.meta = {}
         env[node] = new
     return torch.fx.GraphModule(gm, graph)
+
+
+def _static_stride(node) -> Optional[Tuple[int, ...]]:
+    """An inductor graph output's strides as integers (None where it has none: a view of an
+    input, a non-tensor)."""
+    try:
+        return tuple(int(s) for s in node.get_layout().stride)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _touched(t: torch.Tensor) -> int:
@@ -228,12 +237,15 @@ def _clear_device_caches() -> None:
 
 def _first_template(select):
     """inductor's choice between a matmul's implementations, made without timing them on a
-    device: its first Triton template where it has one (a choice of one is not timed)."""
+    device: its first Triton template where it has one, else cuBLAS's (a choice of one is not
+    timed)."""
     def choose(self, name, choices, *args, **kwargs):
-        from torch._inductor.select_algorithm import ExternKernelCaller
+        from torch._inductor.select_algorithm import ExternKernelCaller, TritonTemplateCaller
 
-        templates = [c for c in choices if not isinstance(c, ExternKernelCaller)]
-        return select(self, name, templates[:1] or choices[:1], *args, **kwargs)
+        # (not a subgraph choice such as decompose-k's split matmul, nor cuBLAS)
+        templates = [c for c in choices if isinstance(c, TritonTemplateCaller)]
+        externs = [c for c in choices if isinstance(c, ExternKernelCaller)]
+        return select(self, name, templates[:1] or externs[:1] or choices[:1], *args, **kwargs)
     return choose
 
 
@@ -269,6 +281,7 @@ class FakeCuda(contextlib.AbstractContextManager):
         self.mode = None
         self._codes: List[str] = []
         self._extern_gb: dict = {}  # a wrapper's code -> its extern kernels' GB by written buffer
+        self._out_strides: dict = {}  # a wrapper's code -> the strides inductor chose for its outputs
 
     def __enter__(self) -> "FakeCuda":
         from torch._dynamo import device_interface
@@ -335,12 +348,19 @@ class FakeCuda(contextlib.AbstractContextManager):
             self._extern_gb[code] = {buf.get_name(): n.get_read_write_buffers_sizes() / 1e9
                                      for n in graph.scheduler.nodes if isinstance(n, ExternKernelSchedulerNode)
                                      for buf in n.get_outputs()}
+            self._out_strides[code] = [_static_stride(o) for o in graph.graph_outputs]
         self._codes.append(code)
         raise _Stop()
 
     def launches(self, code: str) -> Launches:
-        """The launches of wrapper code generated here, extern kernels' bytes included."""
-        return parse_launches(code, self._extern_gb.get(code))
+        """The launches of wrapper code generated here, extern kernels' bytes included (each
+        extern kernel of inductor's schedule found at a launch, or an error)."""
+        out = parse_launches(code, self._extern_gb.get(code))
+        scheduled = sum(self._extern_gb.get(code, {}).values())
+        if abs(out.extern_gb - scheduled) > 1e-9 + 1e-6 * scheduled:
+            raise RuntimeError(f"extern kernels' bytes: {out.extern_gb:.6f} GB found at launches, {scheduled:.6f} GB "
+                               "in inductor's schedule: a launch line parse_launches does not read")
+        return out
 
     def tensor(self, shape: Sequence[int], dtype: torch.dtype, stride: Optional[Sequence[int]] = None) -> torch.Tensor:
         """A fake CUDA tensor of this shape, dtype and strides."""
@@ -379,12 +399,20 @@ class FakeCuda(contextlib.AbstractContextManager):
         with torch.no_grad():
             return self._generate(gm, tensors, options, is_inference=True)  # as a no-grad torch.compile's
 
-    def _generate(self, gm, inputs: Sequence, options: Optional[dict], **kind) -> str:
+    def _generate(self, gm, inputs: Sequence, options: Optional[dict], visible: Optional[int] = None, **kind) -> str:
         """Inductor's wrapper code for an aten graph over fake device inputs (``kind``: the inner
-        compiler's is_inference / is_backward)."""
+        compiler's is_inference / is_backward). As ``compile_fx`` does before the inner compiler,
+        the graph's first ``visible`` outputs (all where None) are marked user-visible: they keep
+        the strides eager gives them; the others (what a training forward saves for its
+        backward) take the layouts inductor prefers."""
         from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.compile_fx import compile_fx_inner, record_original_output_strides
 
+        out = gm.graph.find_nodes(op="output")[0]
+        outs = out.args[0] if not isinstance(out.args[0], torch.fx.Node) else out.args
+        out.meta["user_visible_output_idxs"] = [i for i in range(len(outs) if visible is None else visible)
+                                                if isinstance(outs[i], torch.fx.Node)]
+        record_original_output_strides(gm)
         n = len(self._codes)
         with self.mode, inductor_config.patch(**(options or {})):
             try:
@@ -417,6 +445,7 @@ class FakeCuda(contextlib.AbstractContextManager):
         from torch._functorch import config as functorch_config
         from torch._functorch.aot_autograd import aot_module_simplified
         from torch._inductor import config as inductor_config
+        from torch._inductor import decomposition as inductor_decomposition
         from torch._inductor.compile_fx import partition_fn
         from torch._inductor.decomposition import select_decomp_table
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -435,7 +464,13 @@ class FakeCuda(contextlib.AbstractContextManager):
                 return make_boxed_func(graph)
             return compiler
 
-        with functorch_config.patch(force_non_lazy_backward_lowering=True), inductor_config.patch(**(options or {})):
+        if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+            raise RuntimeError(f"torch {torch.__version__} compiles a backward graph only when it runs: training "
+                               "graphs need a torch whose functorch config has force_non_lazy_backward_lowering")
+        # inductor decomposes some ops for a GPU only (a convolution's bias gradient as a sum of its
+        # own): decomposed here, on the CPU, as for the device
+        gpu = mock.patch.object(inductor_decomposition, "is_gpu", lambda device: True)
+        with functorch_config.patch(force_non_lazy_backward_lowering=True), inductor_config.patch(**(options or {})), gpu:
             aot_module_simplified(cpu_gm, inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                                   partition_fn=partition_fn, decompositions=select_decomp_table())
         return parts["forward"], parts.get("backward")  # no backward: nothing to differentiate
@@ -447,18 +482,21 @@ class FakeCuda(contextlib.AbstractContextManager):
         ``requires_grad``: for each tensor argument, in order (those inside tuples included)."""
         (fw, fw_in), backward = self._split(fn, args, autocast, options, requires_grad)
         fw_dev, fw_dev_in = self._on_device(fw, fw_in)
+        outs = list(fw.graph.output_node().args[0])
         if backward is None:  # (an output that is an input, or no input that requires grad reaches one)
             return self._generate(fw_dev, fw_dev_in, options), "def call(args):\n    pass\n"
         bw, bw_in = backward
-        # the backward's saved inputs as the forward leaves them on the device (by output name)
-        outs = [o for o in fw.graph.output_node().args[0]]
-        dev_outs = list(fw_dev.graph.output_node().args[0])
-        strides = {o.name: d.meta["val"].stride() for o, d in zip(outs, dev_outs)
-                   if isinstance(o, torch.fx.Node) and isinstance(d, torch.fx.Node)
-                   and isinstance(d.meta.get("val"), torch.Tensor)}
+        # AOTAutograd's forward returns the user's outputs, then what the backward keeps (each a
+        # backward placeholder of the same name, beside the tangents)
+        saved = {n.name for n in bw.graph.nodes if n.op == "placeholder"} & {o.name for o in outs
+                                                                              if isinstance(o, torch.fx.Node)}
+        forward = self._generate(fw_dev, fw_dev_in, options, visible=len(outs) - len(saved))
+        # the backward's saved inputs in the layouts inductor wrote them in (AOTAutograd restrides
+        # the backward's placeholders to the compiled forward's outputs likewise)
+        strides = {o.name: st for o, st in zip(outs, self._out_strides.get(forward, []))
+                   if isinstance(o, torch.fx.Node) and st is not None}
         bw_dev, bw_dev_in = self._on_device(bw, bw_in, strides)
-        return (self._generate(fw_dev, fw_dev_in, options),
-                self._generate(bw_dev, bw_dev_in, options, is_backward=True))
+        return forward, self._generate(bw_dev, bw_dev_in, options, is_backward=True)
 
     def training_launches(self, fn: Callable, args: Sequence, autocast: Optional[torch.dtype] = None,
                           options: Optional[dict] = None, requires_grad: Sequence[bool] = ()) -> Tuple[Launches, Launches]:

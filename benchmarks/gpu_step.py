@@ -293,7 +293,8 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                 if a.alone and not graphed and chosen in ("reversible", "plain"):
                     step, config = alone_step(name, chosen, s, compiled, a.autotune)
-                    alone = row("alone", name, s, {"memory_policy": chosen, "compiled": compiled}, measure(step, s),
+                    alone = row("alone", name, s, {"memory_policy": chosen, "compiled": compiled,
+                                                   "compile_autotune": compiled and a.autotune}, measure(step, s),
                                 train_flops_per_image(config, s.res))
                     alone["trainer_step_over_alone"] = alone["images_per_sec"] / r["images_per_sec"]
                     alone["trainer_kernels_over_alone"] = r["kernels_per_step"] / alone["kernels_per_step"]

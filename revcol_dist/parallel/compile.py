@@ -52,10 +52,10 @@ INDUCTOR_OPTIONS = {"force_layout_optimization": True}
 # ``train.compile_autotune``: inductor's matmul search. Each matmul (and convolution) is timed on
 # the device at compile time as cuBLAS/cuDNN against Triton templates with their pointwise
 # neighbours fused in as epilogues (GELU into pwconv1, layer scale and the residual into
-# pwconv2), and the faster kept. At RevCol's widths most matmuls are bound by memory, not
-# FLOPs; generated as templates, a RevCol-B step's compiled graphs move 0.77x the bytes in 0.89x
-# the launches (benchmarks/triton_codegen.py --matmuls triton, an upper bound: every template
-# taken). What the timing decides needs a GPU; the first steps wait minutes for it.
+# pwconv2), and the faster kept. At RevCol's narrow levels the pwconv matmuls are bound by
+# memory (~0.8*C FLOP per byte); generated as templates, a RevCol-B step's compiled graphs move
+# 0.82x the bytes in 0.91x the launches (benchmarks/triton_codegen.py --matmuls triton: every
+# template taken). What the timing decides needs a GPU; the first steps wait minutes for it.
 AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
 
 _COMPILED: Dict[bool, lean_block.Kernels] = {}  # by autotune
@@ -205,11 +205,13 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         if hasattr(model, "block_runner"):
             model.block_runner = None
         _set_cast_hooks(model, False)
-        return None
+        return ("train.compile_autotune: ignored, nothing is compiled here (train.compile is "
+                f"{setting!r} on {torch.device(device).type}); set train.compile=true to use it") if autotune else None
     if _partitioned(model):
         lean_block.use_kernels(None)
         return ("train.compile: not applied under ZeRO-3 (its partitioned parameters run the blocks' own "
-                "forward under DeepSpeed's hooks); blocks run eagerly, the loss is still compiled")
+                "forward under DeepSpeed's hooks); blocks run eagerly, the loss is still compiled"
+                + (" (train.compile_autotune with it)" if autotune else ""))
     _AUTOTUNE = bool(autotune)
     lean_block.use_kernels(compiled_kernels())
     _set_fusions(model, True)

@@ -249,7 +249,10 @@ def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: b
     cw, cb, lw, lb, w1, b1, w2, b2, gamma = _tensors(block)
     if _CASTS is not None and torch.is_autocast_enabled(dev):  # what autocast would cast in the graph
         cw, cb, w1, b1, w2, b2 = (_cast(t, cdt) for t in (cw, cb, w1, b1, w2, b2))
-    out, d, mean, rstd, h, a, o, xc = _KERNELS.forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
+    # x detached: the forward passes an input that requires grad, the recomputation a detached
+    # one, and a compiled function guards on requires_grad: the two would compile (and, with
+    # train.compile_autotune, time) two graphs, where exact reconstruction needs one
+    out, d, mean, rstd, h, a, o, xc = _KERNELS.forward_full(x.detach(), cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
                                                             _conv_args(block), block.norm.eps)
     if not keep:
         return out, None

@@ -95,8 +95,12 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
     apply_compile(model, True, CPU)
     compiled = lean_block.use_kernels(None)
     latest = {}
+    guards = {}  # per call's shapes, dtypes and strides: the requires_grad flags it came with
 
     def forward_full(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        guards.setdefault(tuple((t.shape, t.dtype, t.stride()) for t in tensors), set()).add(
+            tuple(t.requires_grad for t in tensors))
         out = compiled.forward_full(*args)
         latest["ptr"] = out[0].data_ptr()
         return out
@@ -126,6 +130,9 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
     # (RevCol-T keeps level 3 with ordinary autograd)
     assert len(recomputed_f) == 6
     assert all(from_kernel for _, from_kernel in forward_f + recomputed_f)
+    # one compiled graph per shape: the forward and the recomputation call it with the same
+    # requires_grad flags, which torch.compile guards on (two graphs could pick different kernels)
+    assert guards and all(len(flags) == 1 for flags in guards.values())
     for f, _ in recomputed_f:
         assert any(f.shape == g.shape and torch.equal(f, g) for g, _ in forward_f)
     # the fusions too: each of the 9 reversible levels (3 columns x levels 0-2) in the forward
@@ -297,12 +304,36 @@ def test_trainer_applies_the_switch(tmp_path):
     # inductor's matmul search (a CPU run offers it cuBLAS's counterpart alone: nothing to time)
     from revcol_dist.parallel import compile as compile_setting
 
-    Trainer(load_config(None, base + ["train.compile=true", "train.compile_autotune=true"]), log=lines.append)
-    assert lean_block.kernels() is compile_setting.compiled_kernels(True) is not compile_setting.compiled_kernels(False)
-    assert compile_setting.compiled_decoder() is compile_setting.compiled_decoder(True)
-    assert compile_setting.inductor_options(True)["max_autotune_gemm"] and "max_autotune_gemm" not in \
-        compile_setting.inductor_options(False)
+    compiles = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        compiles.append((getattr(fn, "__name__", fn), kwargs.get("options")))
+        return real_compile(fn, **kwargs)
+
+    saved = dict(compile_setting._COMPILED), dict(compile_setting._DECODER)
+    compile_setting._COMPILED.clear()
+    compile_setting._DECODER.clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "compile", recording_compile)
+            Trainer(load_config(None, base + ["train.compile=true", "train.compile_autotune=true"]), log=lines.append)
+            compile_setting.compiled_decoder()
+        assert lean_block.kernels() is compile_setting.compiled_kernels(True)
+        assert compile_setting.compiled_decoder() is compile_setting.compiled_decoder(True)
+    finally:
+        compile_setting._COMPILED.update(saved[0])
+        compile_setting._DECODER.update(saved[1])
+        compile_setting._AUTOTUNE = False
+    # every block, fusion and decoder function compiled with the search on
+    kernels = {"forward_full", "hidden", "tail_grads", "body_grads", "block_grads", "fusion_forward",
+               "shortcut_backward", "stage_forward", "output_forward"}
+    assert kernels <= {name for name, _ in compiles}
+    assert all(options["max_autotune_gemm"] and options["force_layout_optimization"]
+               for name, options in compiles if name in kernels)
     assert any("train.compile_autotune" in line for line in lines)
+    assert apply_compile(torch.nn.Module(), "auto", CPU, autotune=True).startswith(
+        "train.compile_autotune: ignored, nothing is compiled here")
     trainer = Trainer(load_config(None, base), log=lines.append)  # auto, on a CPU
     assert not lean_block.kernels_in_use() and not wants_compile("auto", CPU)
     assert trainer.loss_fn.terms is trainer.loss_fn.eager_terms
