@@ -17,9 +17,13 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi";
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >>"$LOG" 2>&1
 
+# ONLY=a,b runs those parts alone; without it every part runs but the optional ones (OPTIONAL).
+OPTIONAL=",gpu_step_autotune,"
 part() {  # part NAME LIMIT_S COMMAND...: its stdout to NAME.jsonl, its exit and last stderr lines to the log
   local name=$1 limit=$2 t0=$SECONDS status
   shift 2
+  if [ -n "${ONLY:-}" ]; then [[ ",$ONLY," == *",$name,"* ]] || return 0
+  elif [[ "$OPTIONAL" == *",$name,"* ]]; then return 0; fi
   timeout "$limit" "$@" >"$OUT/$name.jsonl" 2>"/tmp/$name.err"
   status=$?
   { echo "== $name: exit $status after $((SECONDS - t0)) s (limit $limit s)"; tail -n 15 "/tmp/$name.err"; } >>"$LOG"
@@ -41,6 +45,10 @@ part trainer_graph 60 sh -c 'python3 launchers/pretrain.py --set train.cuda_grap
   s=$?; tail -n 5 /tmp/trainer_graph.log >&2; cat /tmp/trainer_graph/metrics.json; exit $s'
 # Per-kernel table of RevCol-B's step: achieved GB/s and TFLOP/s against the H200's
 part kernel_table 45 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table.py
+# Optional (ONLY=gpu_step_autotune, a session of its own): RevCol-B reversible, compiled, with inductor's
+# matmul search (train.compile_autotune) beside without it; the search's compilation takes minutes
+part gpu_step_autotune 540 sh -c 'python3 benchmarks/gpu_step.py --models revcol_base --policies reversible \
+  --compile on && python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on --autotune'
 # Correctness on the device: process groups on NCCL, reversible gradients, offload, planner, data path
 part gpu_check 100 python3 benchmarks/gpu_check.py --budget-s 85 --only local_step,process_groups,reversible_gradients,offload,memory_vs_planner,throughput,data_finish
 cat "$LOG"
