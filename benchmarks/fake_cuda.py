@@ -424,9 +424,6 @@ class FakeCuda(contextlib.AbstractContextManager):
             return "def call(args):\n    pass\n"
         return self._codes[n]
 
-    def _like(self, t):
-        return self.tensor(t.shape, t.dtype, t.stride()) if isinstance(t, torch.Tensor) else t
-
     def _on_device(self, gm, inputs: Sequence, strides: Optional[dict] = None):
         """A CPU graph of AOTAutograd's traced again on the fake device, over inputs of the same
         shapes (``strides``: a placeholder's layout by name, where the device's differs)."""
