@@ -51,7 +51,8 @@ part gpu_step_autotune 540 sh -c 'python3 benchmarks/gpu_step.py --models revcol
   --compile on && python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on --autotune'
 # Optional (ONLY=codegen_on_device): the block kernels as torch.compile generates them on this device,
 # their launches against triton_codegen.py's fake device (the same commit's rows), and their time
-part codegen_on_device 240 python3 benchmarks/codegen_on_device.py --functions forward_full,block_grads,shortcut
+part codegen_on_device 240 python3 benchmarks/codegen_on_device.py --functions forward_full,block_grads,shortcut \
+  --budget-s 180
 # Correctness on the device: process groups on NCCL, reversible gradients, offload, planner, data path
 part gpu_check 100 python3 benchmarks/gpu_check.py --budget-s 85 --only local_step,process_groups,reversible_gradients,offload,memory_vs_planner,throughput,data_finish
 cat "$LOG"
