@@ -75,11 +75,11 @@ def _timed(run, device: torch.device, reps: int) -> float:
 
 def measure_call(call: tc.Call, options: dict, device: torch.device, reps: int = 10):
     """(launches of each code torch.compile generated for the call: its forward, and its
-    backward where the call's backward ran; milliseconds per call)."""
+    backward where the call's backward ran; milliseconds per call). A call whose graph this
+    process compiled before generates nothing new: ``main`` resets dynamo before each."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    torch._dynamo.reset()  # each call compiled afresh, its code captured whole
     # kernel_num_gb in each kernel's source, as on the fake device (a harness per kernel, the
     # same kernels); no cache: a cached graph would bring its backward's code along unasked
     fn = torch.compile(tc.FUNCTIONS[call.name], dynamic=False, fullgraph=True,
@@ -161,7 +161,11 @@ def main(argv: Optional[list] = None) -> int:
     options = compile_setting.inductor_options(a.autotune)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     say = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
-    rows = add_up(calls, lambda call: measure_call(call, options, device), only, a.budget_s, say)
+    def fresh(call):
+        torch._dynamo.reset()  # each call compiled afresh, its code captured whole
+        return measure_call(call, options, device)
+
+    rows = add_up(calls, fresh, only, a.budget_s, say)
     total = dict(calls=0, backward_calls=0, device_kernels=0, device_gb=0.0, ms=0.0)
     for name, row in sorted(rows.items()):
         for k in total:
