@@ -41,10 +41,7 @@ def real_arguments(call: tc.Call, device: torch.device) -> list:
     requires_grad flags; normal values (what a kernel's choice and time do not depend on)."""
     def build(a):
         if isinstance(a, tc.Tensor):
-            stride, n = [0] * len(a.shape), 1
-            for d in reversed(a.order):
-                stride[d], n = n, n * max(a.shape[d], 1)
-            t = torch.empty_strided(a.shape, stride, dtype=a.dtype, device=device)
+            t = torch.empty_strided(a.shape, tc.strides(a), dtype=a.dtype, device=device)
             t = t.normal_() if t.is_floating_point() else t.zero_()
             return t.requires_grad_(a.requires_grad and t.is_floating_point())
         if isinstance(a, tuple):
@@ -85,7 +82,7 @@ def measure_call(call: tc.Call, options: dict, device: torch.device, reps: int =
     fn = torch.compile(tc.FUNCTIONS[call.name], dynamic=False, fullgraph=True,
                        options={**options, "benchmark_kernel": True})
     args = real_arguments(call, device)
-    backward = call.grad and call.backward and any(tc._requires_grad(call.args))
+    backward = tc.runs_backward(call)
 
     def run():
         with torch.autocast(device.type, dtype=call.autocast or torch.bfloat16, enabled=call.autocast is not None), \
@@ -123,13 +120,12 @@ def add_up(calls, measure, only: set, budget_s: float, say) -> dict:
             break
         launches, ms = measure(call)
         kernels, gb = sum(l.kernels for l in launches), sum(l.gb for l in launches)
-        ran_backward = call.grad and call.backward and any(tc._requires_grad(call.args))
         say({"bench": "codegen_on_device", "call": call.name, "count": n, "shapes": [getattr(a, "shape", None)
              for a in call.args if isinstance(a, tc.Tensor)][:2], "graphs": len(launches), "kernels": kernels,
              "gb": round(gb, 4), "ms": round(ms, 4)})
         row = rows[call.name]
         row["calls"] += n
-        row["backward_calls"] += n if ran_backward else 0
+        row["backward_calls"] += n if tc.runs_backward(call) else 0
         row["device_kernels"] += n * kernels
         row["device_gb"] += n * gb
         row["ms"] += n * ms

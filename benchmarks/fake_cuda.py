@@ -147,6 +147,16 @@ def _retarget(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
+def _cpu_inputs(tensors: Sequence[torch.Tensor], requires_grad: Sequence[bool], mode=None) -> list:
+    """Fake CPU tensors shaped, strided and typed as these, requiring grad where told (in
+    ``mode``, or a fake mode of their own)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with mode or FakeTensorMode():
+        return [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(bool(g))
+                for t, g in zip(tensors, requires_grad)]
+
+
 def _static_stride(node) -> Optional[Tuple[int, ...]]:
     """An inductor graph output's strides as integers (None where it has none: a view of an
     input, a non-tensor)."""
@@ -445,14 +455,11 @@ class FakeCuda(contextlib.AbstractContextManager):
         from torch._inductor import decomposition as inductor_decomposition
         from torch._inductor.compile_fx import partition_fn
         from torch._inductor.decomposition import select_decomp_table
-        from torch._subclasses.fake_tensor import FakeTensorMode
         from functorch.compile import make_boxed_func
 
         gm, tensors = self._traced(fn, args, autocast, decompose=False)  # autograd formulas for aten ops
         cpu_gm = _retarget(gm, "cpu")
-        with FakeTensorMode():
-            inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(bool(g))
-                      for t, g in zip(tensors, requires_grad)]
+        inputs = _cpu_inputs(tensors, requires_grad)
         parts = {}
 
         def keep(kind):
@@ -511,9 +518,9 @@ class FakeCuda(contextlib.AbstractContextManager):
         gm, tensors = self._traced(fn, args, autocast, decompose=False)
         cpu_gm = _retarget(gm, "cpu")
         counter = _EagerCount()
-        with FakeTensorMode():
-            inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).requires_grad_(bool(g))
-                      for t, g in zip(tensors, requires_grad)]
+        mode = FakeTensorMode()
+        inputs = _cpu_inputs(tensors, requires_grad, mode)
+        with mode:
             outs = [o for o in cpu_gm(*inputs) if isinstance(o, torch.Tensor) and o.requires_grad]
             wanted = [t for t in inputs if t.requires_grad]
             tangents = [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype) for o in outs]

@@ -227,13 +227,23 @@ def step_calls(model_name: str, batch: int, res: int, res_small: int, model_args
     return out
 
 
+def strides(a: Tensor) -> List[int]:
+    """A recorded tensor's dense strides in its dimension order."""
+    stride, n = [0] * len(a.shape), 1
+    for d in reversed(a.order):
+        stride[d], n = n, n * max(a.shape[d], 1)
+    return stride
+
+
+def runs_backward(call: Call) -> bool:
+    """The call is a training graph (grad on, an argument requiring grad) whose backward ran."""
+    return call.grad and call.backward and any(_requires_grad(call.args))
+
+
 def _materialise(cuda: fake_cuda.FakeCuda, call: Call):
     def build(a):
         if isinstance(a, Tensor):
-            stride, n = [0] * len(a.shape), 1
-            for d in reversed(a.order):
-                stride[d], n = n, n * max(a.shape[d], 1)
-            return cuda.tensor(a.shape, a.dtype, stride)
+            return cuda.tensor(a.shape, a.dtype, strides(a))
         if isinstance(a, tuple):
             return tuple(build(x) for x in a)
         return a
