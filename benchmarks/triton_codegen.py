@@ -62,7 +62,7 @@ from revcol_dist.parallel.backends import LocalBackend  # noqa: E402
 from revcol_dist.parallel.distributed import DistInfo  # noqa: E402
 from revcol_dist.randomness import SampleKeys  # noqa: E402
 from revcol_dist.reversible import block_kernels, coupling, fusion_kernels, lean_block  # noqa: E402
-from revcol_dist.parallel import decoder_kernels  # noqa: E402
+from revcol_dist.parallel import decoder_kernels, step_casts  # noqa: E402
 
 FUNCTIONS = {"forward_full": block_kernels.forward_full, "hidden": block_kernels.hidden,
              "tail_grads": block_kernels.tail_grads, "body_grads": block_kernels.body_grads,
@@ -85,12 +85,14 @@ def _layer_norm_as_on_cuda(input, normalized_shape, weight=None, bias=None, eps=
 
 
 class Tensor(NamedTuple):
-    """A recorded tensor argument: shape, dimension order (outermost first), dtype, and whether
-    it requires grad."""
+    """A recorded tensor argument: shape, dimension order (outermost first), dtype, whether it
+    requires grad, and whether it is a weight the step cast once for the compiled calls (from
+    fp32: eager mode, ``train.compile: false``, casts it inside the call)."""
     shape: Tuple[int, ...]
     order: Tuple[int, ...]
     dtype: torch.dtype
     requires_grad: bool = False
+    cast: bool = False
 
 
 class Call(NamedTuple):
@@ -101,10 +103,24 @@ class Call(NamedTuple):
     backward: bool = False  # the call's backward ran in the step
 
 
+_CAST_BUFFERS: List[torch.Tensor] = []  # the recorded step's weight casts (held: no address reused)
+
+
+def _casting(fn):
+    """``lean_block.aligned_flat``, its buffers remembered: a tensor in one is a cast weight."""
+    def run(*args, **kwargs):
+        flat, offsets = fn(*args, **kwargs)
+        _CAST_BUFFERS.append(flat)
+        return flat, offsets
+    return run
+
+
 def _describe(a):
     if isinstance(a, torch.Tensor):
         order = tuple(sorted(range(a.dim()), key=lambda d: (-a.stride(d), d)))
-        return Tensor(tuple(a.shape), order, a.dtype, a.requires_grad)
+        ptr = a.untyped_storage().data_ptr()
+        cast = any(b.untyped_storage().data_ptr() == ptr for b in _CAST_BUFFERS)
+        return Tensor(tuple(a.shape), order, a.dtype, a.requires_grad, cast)
     if isinstance(a, (tuple, list)):
         return tuple(_describe(x) for x in a)
     return a
@@ -144,6 +160,8 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
     calls: list = []  # [Call, its backward ran]
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(F, "layer_norm", _layer_norm_as_on_cuda))
+    for module in (lean_block, step_casts):
+        stack.enter_context(mock.patch.object(module, "aligned_flat", _casting(lean_block.aligned_flat)))
     if target[0]:
         scale = target[0] / batch * (target[1] / res) ** 2
         decision = mock.patch.object(lean_block, "keeps_output", lambda block, o: (
@@ -170,12 +188,14 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
         for i in range(WARMUP + 1):  # the engine's steady state: warm-up steps first, as ops_per_step counts
             if i == WARMUP:
                 calls.clear()
+                _CAST_BUFFERS.clear()
             backend.forward_backward([(x, y, SampleKeys(0, i, torch.arange(batch), streams, keeps))], ops.LOSS)
             if i < WARMUP:
                 backend.step(lr=1e-4)
         compile_setting.apply_compile(model, False, torch.device("cpu"))
     finally:
         stack.close()
+        _CAST_BUFFERS.clear()
         compile_setting.compiled_kernels, compile_setting.compiled_decoder = saved
         lean_block.use_kernels(None)
     return [call._replace(backward=ran) for call, ran in calls]
@@ -240,10 +260,11 @@ def runs_backward(call: Call) -> bool:
     return call.grad and call.backward and any(_requires_grad(call.args))
 
 
-def _materialise(cuda: fake_cuda.FakeCuda, call: Call):
+def _materialise(cuda: fake_cuda.FakeCuda, call: Call, eager: bool = False):
+    """The call's arguments on the device (``eager``: cast weights in fp32, as eager mode passes them)."""
     def build(a):
         if isinstance(a, Tensor):
-            return cuda.tensor(a.shape, a.dtype, strides(a))
+            return cuda.tensor(a.shape, torch.float32 if eager and a.cast else a.dtype, strides(a))
         if isinstance(a, tuple):
             return tuple(build(x) for x in a)
         return a
@@ -265,10 +286,10 @@ def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: b
             try:
                 if training:
                     compiled = cuda.training_launches(fn, _materialise(cuda, call), call.autocast, options, grads)
-                    eager = cuda.eager_training_launches(fn, _materialise(cuda, call), call.autocast, grads)
+                    eager = cuda.eager_training_launches(fn, _materialise(cuda, call, eager=True), call.autocast, grads)
                 else:
                     compiled = (cuda.compiled_launches(fn, _materialise(cuda, call), call.autocast, options),)
-                    eager = (cuda.eager_launches(fn, _materialise(cuda, call), call.autocast),)
+                    eager = (cuda.eager_launches(fn, _materialise(cuda, call, eager=True), call.autocast),)
             except Exception as e:
                 raise RuntimeError(f"{call.name} on {[getattr(a, 'shape', a) for a in call.args]}: {e}") from e
             row = rows[call.name]

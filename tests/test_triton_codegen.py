@@ -137,6 +137,19 @@ def test_calls_carried_to_a_size_equal_the_calls_recorded_there():
     # a fusion's backward runs for its recomputation, not for the reversible forward's detached
     # call, and at most once per Fusion module (TINY has 8)
     assert 0 < ran["fusion", True] <= 8 and ran["fusion", False] > 0
+    # the weights the step casts once arrive in bf16 and are marked, so that the eager baseline
+    # gets them in fp32 (as train.compile: false passes them) and casts them in the call
+    weights = {"forward_full": 1, "fusion": 3, "decoder_stage": 2}  # a conv or Linear weight's argument
+
+    def weight(call):
+        a = call.args[weights[call.name]]
+        return a if a is None or isinstance(a, tc.Tensor) else a[0]
+
+    seen = [(c.name, weight(c)) for c in carried if c.name in weights and weight(c) is not None]
+    assert all(w.cast == (w.dtype == torch.bfloat16) for _, w in seen)  # fp32: a fusion the engine does not run
+    assert {name for name, w in seen if w.cast} == set(weights)
+    activations = [c.args[0] for c in carried if c.name in weights]
+    assert not any(a.cast for a in activations)
 
 @pytest.mark.slow
 def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monkeypatch):
@@ -156,3 +169,55 @@ def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monke
     # the same matmuls and convolutions counted twice, independently: inductor's scheduler on the
     # compiled side, the eager ops' tensors on the other (a convolution's bias apart)
     assert total["compiled_extern_gb"] == pytest.approx(total["eager_extern_gb"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_resize_indices_passed_in_save_the_index_kernels():
+    """A decoder stage (bilinear 7² -> 14²) and a fusion's up part (nearest 7² -> 14²) as
+    training graphs, their resize as ``F.interpolate`` (inductor computes the source indices in
+    the graph, and the partitioner saves them for the backward: a kernel each) against the
+    indices passed in (``reversible/resize.py``): six and one fewer forward kernels, the
+    backward no longer, the bytes the same within the index tensors'."""
+    from revcol_dist.parallel import decoder_kernels
+    from revcol_dist.reversible import fusion_kernels, resize
+
+    def stage_interpolating(x, size, proj, block, block_conv, eps, index):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(resize, "bilinear", lambda y, _: F.interpolate(y, size=size, mode="bilinear", align_corners=True))
+            return decoder_kernels.stage_forward(x, size, proj, block, block_conv, eps, index)
+
+    def up_interpolating(x, w, b, lw, lb, index):
+        u = fusion_kernels._layer_norm(F.linear(x.permute(0, 2, 3, 1), w, b), lw, lb, 1e-6).permute(0, 3, 1, 2)
+        return F.interpolate(u, size=(14, 14), mode="nearest")
+
+    def up_indexed(x, w, b, lw, lb, index):
+        return fusion_kernels._up(x, w, b, lw, lb, 1e-6, index)
+
+    N, C, D = 4, 32, 16
+    bf, f32 = torch.bfloat16, torch.float32
+    counts = {}
+    with fake_cuda.FakeCuda() as cuda:
+        t = cuda.tensor
+        dev = torch.device("cuda")
+        x = t((N, C, 7, 7), f32, (C * 49, 1, 7 * C, C))
+        proj = (t((D, C, 1, 1), bf), t((D,), bf), t((D,), f32), t((D,), f32))
+        block = (t((D, 1, 3, 3), bf), t((D,), bf), t((D,), f32), t((D,), f32), t((4 * D, D), bf), t((4 * D,), bf),
+                 t((D, 4 * D), bf), t((D,), bf), t((D,), f32))
+        with pytest.MonkeyPatch.context() as m:  # the index tensors as fake device tensors of their real shapes
+            m.setattr(torch, "arange", lambda n, **kw: t((n,), kw.get("dtype") or torch.int64))
+            bil = resize.bilinear_indices.__wrapped__((7, 7), (14, 14), dev)
+            near = resize.nearest_indices.__wrapped__((7, 7), (14, 14), dev)
+        stage_args = [x, (14, 14), proj, block, ((1, 1), (1, 1), (1, 1), D), (1e-6, 1e-6), bil]
+        grads = [True] + [True] * 4 + [True] * 9 + [False] * 6
+        for name, fn in (("interpolate", stage_interpolating), ("indexed", decoder_kernels.stage_forward)):
+            counts["stage", name] = cuda.training_launches(fn, stage_args, bf, {"force_layout_optimization": True}, grads)
+        up_args = [t((N, 2 * C, 7, 7), f32, (2 * C * 49, 1, 14 * C, 2 * C)), t((C, 2 * C), bf), t((C,), bf),
+                   t((C,), f32), t((C,), f32), near]
+        for name, fn in (("interpolate", up_interpolating), ("indexed", up_indexed)):
+            counts["up", name] = cuda.training_launches(fn, up_args, bf, {"force_layout_optimization": True},
+                                                        [True] * 5 + [False] * 2)
+    for what, fewer in (("stage", 6), ("up", 1)):
+        (fw_old, bw_old), (fw_new, bw_new) = counts[what, "interpolate"], counts[what, "indexed"]
+        assert fw_new.kernels == fw_old.kernels - fewer, what
+        assert bw_new.kernels <= bw_old.kernels, what
+        assert fw_new.gb == pytest.approx(fw_old.gb, rel=0.01) and bw_new.gb == pytest.approx(bw_old.gb, rel=0.01)

@@ -18,6 +18,13 @@ The decoders of intermediate supervision (``decoder_kernels.py``) likewise: each
 output as one compiled function, pointed at by the ``Decoder``'s ``stage`` and ``output``;
 a checkpointed stage recomputes through the same graph.
 
+Under autocast every graph here takes its conv and matmul weights already in the compute dtype,
+cast once per step, not inside each call (the forward, the recomputation and the backward would
+each cast them again, on a GPU a kernel per weight): the blocks' and the reversible levels'
+fusions' from the engine's one buffer (``lean_block.cast_weights``), the decoders' and a plain
+forward's fusions' from one autograd node made when the model's forward starts
+(``step_casts``).
+
 Where blocks do not run through the lean functions (ZeRO-3's partitioned parameters, the
 memory-first ``recompute: block`` mode), they stay eager: the switch changes speed, never what
 is computed beyond rounding.
@@ -36,7 +43,7 @@ from ..models.column import Fusion
 from ..models.heads import Decoder
 
 from ..reversible import block_kernels, coupling, fusion_kernels, lean_block
-from . import decoder_kernels
+from . import decoder_kernels, step_casts
 
 # Graphs per compiled function: 4 levels x (drop path on/off) x (training, evaluation) x
 # (h kept, recomputed) and precision changes stay well below this.
@@ -102,12 +109,14 @@ def compiled_decoder(autotune: Optional[bool] = None) -> tuple:
 
 def _compiled_stage(self: Decoder, i: int, x: torch.Tensor, size) -> torch.Tensor:
     """``Decoder.stage`` through the compiled stage function."""
-    return compiled_decoder()[0](x, decoder_kernels.sizes(size), *decoder_kernels.stage_arguments(self, i))
+    args = step_casts.swapped(decoder_kernels.stage_arguments(self, i), step_casts.casts_of(self))
+    return compiled_decoder()[0](x, decoder_kernels.sizes(size), *args, decoder_kernels.stage_index(x, size))
 
 
 def _compiled_output(self: Decoder, x: torch.Tensor, image_size) -> torch.Tensor:
     """``Decoder.output`` through the compiled output function."""
-    return compiled_decoder()[1](x, decoder_kernels.sizes(image_size), *decoder_kernels.output_arguments(self))
+    args = step_casts.swapped(decoder_kernels.output_arguments(self), step_casts.casts_of(self))
+    return compiled_decoder()[1](x, decoder_kernels.sizes(image_size), *args)
 
 
 def _set_decoders(model: torch.nn.Module, compiled: bool) -> None:
@@ -118,6 +127,8 @@ def _set_decoders(model: torch.nn.Module, compiled: bool) -> None:
                     setattr(m, name, MethodType(fn, m))
                 elif name in m.__dict__:
                     delattr(m, name)  # the class's own again
+            if not compiled:
+                step_casts.drop([m])
 
 
 def compile_loss(loss_fn, setting: Union[str, bool], device: torch.device) -> None:
@@ -147,18 +158,36 @@ def _column_blocks(model: torch.nn.Module) -> list:
     return [b for col in model.columns for l in range(4) for b in getattr(col, f"level{l}").blocks]
 
 
+def _autograd_cast_targets(model: torch.nn.Module, plain: bool) -> list:
+    """(module, tensors autocast would cast) for the compiled functions that run under ordinary
+    autograd: the decoders, and in a plain forward the fusions (the reversible engine casts its
+    levels' own)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, Decoder) and "stage" in m.__dict__:
+            out.append((m, decoder_kernels.cast_targets(m)))
+        elif plain and isinstance(m, Fusion) and "forward" in m.__dict__:
+            out.append((m, fusion_kernels.cast_targets(m)))
+    return out
+
+
 def _cast_before_forward(model: torch.nn.Module, args) -> None:
-    """A plain training forward under autocast (``memory_policy: plain``): every column block's
-    weights cast once, for the forward and (held by each block's node) its backward. The
-    reversible engine casts its own."""
+    """A training forward under autocast: the decoders' conv and matmul weights (and in a
+    plain forward, ``memory_policy: plain``, the fusions') cast once as one autograd node
+    (``step_casts``); in a plain forward every column block's weights too, for the forward and
+    (held by each block's node) its backward. The reversible engine casts its own levels'."""
     global _FORWARD_CASTS
     x = args[0] if args else None
     _FORWARD_CASTS = None
-    if (getattr(model, "reversible", True) or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor)
-            or not torch.is_autocast_enabled(x.device.type)):
+    if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return
-    _FORWARD_CASTS = {}
-    lean_block.cast_weights(_FORWARD_CASTS, _column_blocks(model), torch.get_autocast_dtype(x.device.type))
+    dtype = torch.get_autocast_dtype(x.device.type)
+    plain = not getattr(model, "reversible", True)
+    step_casts.drop([m for m in model.modules() if isinstance(m, (Fusion, Decoder))])  # an earlier forward's
+    step_casts.cast_once(_autograd_cast_targets(model, plain), dtype)
+    if plain:
+        _FORWARD_CASTS = {}
+        lean_block.cast_weights(_FORWARD_CASTS, _column_blocks(model), dtype)
 
 
 def _cast_after_forward(model: torch.nn.Module, args, output) -> None:
@@ -176,7 +205,9 @@ def _set_cast_hooks(model: torch.nn.Module, on: bool) -> None:
 
 def _compiled_fusion_forward(self: Fusion, down_in, up_in=None, up2_in=None):
     """``Fusion.forward`` through the compiled fusion function."""
-    return lean_block.kernels().fusion(down_in, up_in, up2_in, *fusion_kernels.fusion_arguments(self))
+    return lean_block.kernels().fusion(down_in, up_in, up2_in,
+                                       *fusion_kernels.fusion_arguments(self, step_casts.casts_of(self)),
+                                       fusion_kernels.resize_indices(self, down_in, up_in, up2_in))
 
 
 def _set_fusions(model: torch.nn.Module, compiled: bool) -> None:
@@ -186,6 +217,8 @@ def _set_fusions(model: torch.nn.Module, compiled: bool) -> None:
                 m.forward = MethodType(_compiled_fusion_forward, m)
             elif "forward" in m.__dict__:
                 del m.forward  # the class's own again
+            if not compiled:
+                step_casts.drop([m])
 
 
 def _partitioned(model: torch.nn.Module) -> bool:

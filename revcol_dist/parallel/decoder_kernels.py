@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reversible import block_kernels
+from ..reversible import block_kernels, resize
 
 
 def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,13 +28,14 @@ def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -
 
 
 def stage_forward(x: torch.Tensor, size: Tuple[int, int], proj: tuple, block: tuple, block_conv: block_kernels.Conv,
-                  eps: Tuple[float, float]) -> torch.Tensor:
+                  eps: Tuple[float, float], index: tuple) -> torch.Tensor:
     """``Decoder.stage``: ``proj`` = (conv weight, conv bias, LN weight, LN bias), ``block`` the
-    ConvNeXt block's tensors in ``block_kernels.forward_full``'s order."""
+    ConvNeXt block's tensors in ``block_kernels.forward_full``'s order, ``index`` the bilinear
+    resize's source indices to ``size`` (``stage_index``)."""
     cw, cb, lw, lb = proj
     y = F.conv2d(x, cw, cb)
     y = F.gelu(_layer_norm(y.permute(0, 2, 3, 1), lw, lb, eps[0]).permute(0, 3, 1, 2))
-    y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+    y = resize.bilinear(y, index)
     return block_kernels.forward_full(y, *block, None, block_conv, eps[1])[0]
 
 
@@ -58,9 +59,26 @@ def stage_arguments(decoder: nn.Module, i: int) -> tuple:
             (tuple(dw.stride), tuple(dw.padding), tuple(dw.dilation), dw.groups), (norm.eps, block.norm.eps))
 
 
+def stage_index(x: torch.Tensor, size: Sequence[int]) -> tuple:
+    """The bilinear resize's source indices from x's size to ``size`` (``resize.bilinear_indices``)."""
+    return resize.bilinear_indices(tuple(x.shape[-2:]), sizes(size), x.device)
+
+
 def output_arguments(decoder: nn.Module) -> tuple:
     conv, shuffle = decoder.projback
     return conv.weight, conv.bias, shuffle.upscale_factor
+
+
+def cast_targets(decoder: nn.Module) -> Tuple[torch.Tensor, ...]:
+    """What autocast casts in a decoder: its convolutions' and its blocks' conv and matmul
+    weights and biases (not the LayerNorms', not the layer scales)."""
+    from ..reversible.lean_block import cast_targets as block_targets
+
+    out = []
+    for proj, (block,) in zip(decoder.proj_layers, decoder.normal_layers):
+        out += [proj[0].weight, proj[0].bias, *block_targets(block)]
+    conv = decoder.projback[0]
+    return tuple(t for t in (*out, conv.weight, conv.bias) if t is not None)
 
 
 def fits(decoder: nn.Module) -> bool:

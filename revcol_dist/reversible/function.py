@@ -129,8 +129,9 @@ class _StepState:
 class _Recompute:
     """A level recomputed in backward, shared by its fusion, block and shortcut nodes."""
 
-    def __init__(self, ins, ys=None, block_inputs=None, saved=None) -> None:
+    def __init__(self, ins, ys=None, block_inputs=None, saved=None, leaves=None) -> None:
         self.ins = ins  # the level's inputs (detached, requiring grad where needed)
+        self.leaves = leaves or {}  # the compiled fusion's cast weights, by id of their parameter (_fusion_leaves)
         self.ys = ys  # "level" mode: graph tensors [fusion out, block 1 out, ..., level out]
         self.block_inputs = block_inputs  # "block" mode: no-grad inputs of each block
         self.saved = saved  # "level" mode, lean blocks: what each block's hand-written backward needs
@@ -146,16 +147,37 @@ def _compiled_fusion(st: "_StepState", fusion: torch.nn.Module):
     return k.fusion
 
 
-def _run_fusion(st: "_StepState", fusion: torch.nn.Module, ins: Sequence[torch.Tensor]) -> torch.Tensor:
+def _run_fusion(st: "_StepState", fusion: torch.nn.Module, ins: Sequence[torch.Tensor],
+                leaves: Optional[dict] = None) -> torch.Tensor:
     """The fusion on the level's inputs ``ins`` (down, then up and up2 where the level has them),
     with autograd as the caller has it. Compiled: the same training graph in the forward and
-    the recomputation (so the same kernels), its backward AOTAutograd's."""
+    the recomputation (so the same kernels), its backward AOTAutograd's; its conv and matmul
+    weights from the step's casts (``leaves``, filled where given: what its backward reaches)."""
     compiled = _compiled_fusion(st, fusion)
     if compiled is None:
         return fusion(*ins)
     up = ins[1] if fusion.up is not None else None
     up2 = ins[-1] if fusion.up2 is not None else None
-    return compiled(ins[0], up, up2, *fusion_kernels.fusion_arguments(fusion))
+    casts = _fusion_leaves(st, fusion)
+    if leaves is not None:
+        leaves.update(casts)
+    return compiled(ins[0], up, up2, *fusion_kernels.fusion_arguments(fusion, casts),
+                    fusion_kernels.resize_indices(fusion, ins[0], up, up2))
+
+
+def _fusion_leaves(st: "_StepState", fusion: torch.nn.Module) -> dict:
+    """The fusion's conv and matmul weights in the compute dtype, as fresh leaves over the
+    step's one cast (``st.casts``), by id of their parameter: under autocast the compiled
+    graph would cast them in every call (forward and recomputation); the backward
+    differentiates for the leaves and casts those gradients to the parameters' dtype."""
+    if not st.casts:
+        return {}
+    dtype, out = st.autocast.dtype, {}
+    for p in fusion_kernels.cast_targets(fusion):
+        cast = st.casts.get((id(p), dtype))
+        if cast is not None:
+            out[id(p)] = cast.detach().requires_grad_(p.requires_grad)
+    return out
 
 
 def _shortcut_backward(st: "_StepState"):
@@ -196,7 +218,12 @@ class _Fusion(torch.autograd.Function):
                 y0 = fusion(*rec.ins)
         wrt_ins = [t for t, n in zip(rec.ins, in_needs) if n]
         wrt_p = [p for i, p in enumerate(params) if needs[6 + i]]
-        grads = _backprop(y0, wrt_ins, wrt_p, module_params, g)
+        grads = _backprop(y0, wrt_ins, [rec.leaves.get(id(p), p) for p in wrt_p], module_params, g)
+        if rec.leaves:  # gradients of the cast weights, in the parameters' dtype (as autocast's casts give them)
+            n = len(wrt_ins)
+            grads[n:] = [gp if gp is None or gp.dtype == p.dtype else gp.to(p.dtype) for gp, p in zip(grads[n:], wrt_p)]
+            for p in fusion_kernels.cast_targets(fusion):
+                st.casts.pop((id(p), st.autocast.dtype), None)  # the step's last use
         it_in, it_p = iter(grads[: len(wrt_ins)]), iter(grads[len(wrt_ins) :])
         g_ins = [next(it_in) if n else None for n in in_needs]
         g_params = [next(it_p) if needs[6 + i] else None for i in range(len(params))]
@@ -308,9 +335,10 @@ class _Shortcut(torch.autograd.Function):
         fneeds = st.fusion_needs[(j, l)]
         ins = [v.detach().requires_grad_(n) for v, n in zip(vals, fneeds)]
         device = st.x.device
+        leaves: dict = {}
         if not st.block_mode and st.lean:
             with torch.enable_grad(), st.autocast.context():
-                y0 = _run_fusion(st, level.fusion, ins)
+                y0 = _run_fusion(st, level.fusion, ins, leaves)
             saved, y = [], y0.detach()
             with st.autocast.context(), lean_block.weight_casts(st.casts):
                 for b, block in enumerate(level.blocks):
@@ -318,15 +346,15 @@ class _Shortcut(torch.autograd.Function):
                         y, kept = lean_block.forward(block, y, keep=True, keep_gelu=True)
                     saved.append(kept)
             f = y
-            st.recomputes[(j, l)] = _Recompute(ins, ys=[y0], saved=saved)
+            st.recomputes[(j, l)] = _Recompute(ins, ys=[y0], saved=saved, leaves=leaves)
         elif not st.block_mode:
             with torch.enable_grad(), st.autocast.context():
-                ys = [_run_fusion(st, level.fusion, ins)]
+                ys = [_run_fusion(st, level.fusion, ins, leaves)]
                 for b, block in enumerate(level.blocks):
                     with st.replay((j, l, b)):
                         ys.append(block(ys[-1]))
             f = ys[-1].detach()
-            st.recomputes[(j, l)] = _Recompute(ins, ys=ys)
+            st.recomputes[(j, l)] = _Recompute(ins, ys=ys, leaves=leaves)
         else:
             block_inputs = []
             with torch.no_grad(), st.autocast.context():
@@ -581,9 +609,11 @@ def run_reversible(
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
         st.alphas, small_alpha = _alpha_pass(seg, policy.min_reconstruct_alpha)
     if st.lean and not st.block_mode and lean_block.kernels_in_use() and st.autocast.enabled:
-        # every block weight in the compute dtype at once, for the forward, recomputation and backward
+        # every block weight, and the reversible levels' fusion weights, in the compute dtype at
+        # once, for the forward, recomputation and backward
         lean_block.cast_weights(st.casts, [b for c in columns for l in range(4) for b in getattr(c, f"level{l}").blocks],
-                                st.autocast.dtype)
+                                st.autocast.dtype, [t for c in seg for l in range(4)
+                                                    for t in fusion_kernels.cast_targets(getattr(c, f"level{l}").fusion)])
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
     if segment is not None:

@@ -19,7 +19,7 @@ the output is bitwise the module's and reconstruction stays exact.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -123,17 +123,13 @@ def _cast(p: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 _ALIGN = 64  # elements: each cast weight starts 128-byte aligned in bf16 (generated kernels assume 16)
 
 
-def cast_weights(cache: dict, blocks, dtype: torch.dtype) -> None:
-    """The conv and matmul weights of ``blocks`` in ``dtype``, into ``cache`` at once: one
-    concatenation into an aligned flat buffer (on a GPU a kernel per ~hundred tensors) and one
-    cast, instead of a cast per weight; each cached weight is a view of that buffer."""
-    ps = [p for b in blocks for p in _cast_targets(b)
-          if p is not None and p.dtype != dtype and (id(p), dtype) not in cache]
-    if not ps:
-        return
+def aligned_flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
+    """``tensors`` in ``dtype``, concatenated into one flat buffer where each starts 128-byte
+    aligned in bf16 (one concatenation, on a GPU a kernel per ~hundred tensors, and one cast),
+    and each one's offset in it."""
     pieces, offsets, at = [], [], 0
-    pad = torch.zeros(_ALIGN, dtype=ps[0].dtype, device=ps[0].device)
-    for p in ps:
+    pad = torch.zeros(_ALIGN, dtype=tensors[0].dtype, device=tensors[0].device)
+    for p in tensors:
         offsets.append(at)
         pieces.append(p.detach().reshape(-1))
         at += p.numel()
@@ -142,12 +138,27 @@ def cast_weights(cache: dict, blocks, dtype: torch.dtype) -> None:
             at += _ALIGN - at % _ALIGN
     # concatenated in the weights' own dtype, then cast: CUDA's batched concatenation needs one
     # dtype in and out (else it copies tensor by tensor)
-    flat = torch.cat(pieces).to(dtype)
+    return torch.cat(pieces).to(dtype), offsets
+
+
+def cast_tensors(cache: dict, tensors, dtype: torch.dtype) -> None:
+    """``tensors`` in ``dtype``, into ``cache`` at once (``aligned_flat``), instead of a cast
+    per weight; each cached weight is a view of one buffer."""
+    ps = [p for p in tensors if p is not None and p.dtype != dtype and (id(p), dtype) not in cache]
+    if not ps:
+        return
+    flat, offsets = aligned_flat(ps, dtype)
     for p, o in zip(ps, offsets):
         cache[(id(p), dtype)] = flat[o : o + p.numel()].view(p.shape)
 
 
-def _cast_targets(block: nn.Module) -> Tuple[torch.Tensor, ...]:
+def cast_weights(cache: dict, blocks, dtype: torch.dtype, extra=()) -> None:
+    """The conv and matmul weights of ``blocks`` (and the tensors ``extra``) in ``dtype``,
+    into ``cache`` at once (``cast_tensors``)."""
+    cast_tensors(cache, [p for b in blocks for p in cast_targets(b)] + list(extra), dtype)
+
+
+def cast_targets(block: nn.Module) -> Tuple[torch.Tensor, ...]:
     """What autocast casts in a block: the conv and the two Linears (not LayerNorm, not gamma)."""
     return (block.dwconv.weight, block.dwconv.bias, block.pwconv1.weight, block.pwconv1.bias,
             block.pwconv2.weight, block.pwconv2.bias)

@@ -3,6 +3,7 @@ gradients within the precision's rounding, the reversible recomputation bitwise 
 (exact reconstruction), and the switch as the Trainer applies it."""
 
 import dataclasses
+from collections import Counter
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 
 from revcol_dist.config import ConfigError, load_config
 from revcol_dist.models import create_model
+from revcol_dist.models.column import Fusion
 from revcol_dist.parallel.compile import apply_compile, wants_compile
-from revcol_dist.reversible import function, lean_block
+from revcol_dist.reversible import function, fusion_kernels, lean_block
 
 # compiles ~a dozen graphs, shared by the tests of this module (suite.py keeps a module on one worker)
 pytestmark = pytest.mark.slow
@@ -202,6 +204,67 @@ def test_weights_cast_once_per_step(model, batch, monkeypatch, reversible):
     assert seen and all(w.dtype == torch.float32 for w in seen)
     assert abs(cast_once[0] - in_graph[0]) <= 1e-6 * abs(in_graph[0])
     assert worst(in_graph[1], cast_once[1]) < 1e-5
+
+
+@pytest.mark.parametrize("reversible", [True, False], ids=["reversible", "plain"])
+def test_fusion_and_decoder_weights_cast_once_per_step(batch, monkeypatch, reversible):
+    """Under bf16 autocast the compiled fusions (the reversible engine's levels; every fusion of
+    a plain forward) and the decoders' stages and outputs get their conv and matmul weights in
+    bf16, one tensor per weight and step whichever call reads it (the forward, the engine's
+    recomputation, the decoders' checkpointed recomputations), not a cast inside each call;
+    the gradients are those of casting inside the graphs."""
+    from revcol_dist.parallel import compile as compile_module
+    from revcol_dist.parallel import step_casts
+
+    torch.manual_seed(0)
+    m = create_model("revcol_tiny", inter_supv=True, **SMALL).train()
+    apply_compile(m, True, CPU)
+    compiled = lean_block.use_kernels(None)
+    stage, output = compile_module.compiled_decoder()
+    seen = {"fusion": [], "stage": [], "output": []}
+
+    def fusion(*args):
+        part = next((p for p in args[3:6] if p is not None), None)  # down, up, up2 (level 0: maybe none)
+        if part is not None:
+            seen["fusion"].append(part[0])  # the conv's or the Linear's weight
+        return compiled.fusion(*args)
+
+    def record(name, i, fn):
+        def run(*args):
+            seen[name].append(args[i] if name == "output" else args[i][0])
+            return fn(*args)
+        return run
+
+    lean_block.use_kernels(compiled._replace(fusion=fusion))
+    monkeypatch.setattr(compile_module, "compiled_decoder", lambda: (record("stage", 2, stage), record("output", 2, output)))
+    try:
+        cast_once = step(m, batch, None, reversible, autocast=True)
+        fusions = [w for w in seen["fusion"] if w.dtype == torch.bfloat16]
+        uses = Counter(w.data_ptr() for w in fusions)
+        if reversible:  # the engine's levels (the plain last column and kept levels cast in the graph)
+            assert len(uses) >= 2 * len(m.columns) and set(uses.values()) == {2}  # forward, recomputation
+        else:
+            assert len(fusions) == len(seen["fusion"]) and set(uses.values()) == {1}
+            assert len(fusions) == sum(bool(fusion_kernels.cast_targets(mod)) for mod in m.modules()
+                                       if isinstance(mod, Fusion))
+        decoders = [w for name in ("stage", "output") for w in seen[name]]
+        assert decoders and all(w.dtype == torch.bfloat16 for w in decoders)
+        assert len({w.untyped_storage().data_ptr() for w in decoders}) == 1  # one cast for every decoder
+        # one tensor for each weight, whoever reads it: a stage's in the forward, the decoder's
+        # recomputation and its own; the output's in the forward and the decoder's recomputation
+        # (the stage-wise one stops early: checkpoint's early stop)
+        assert set(Counter(w.data_ptr() for w in seen["stage"]).values()) == {3}
+        assert set(Counter(w.data_ptr() for w in seen["output"]).values()) == {2}
+        monkeypatch.setattr(step_casts, "casts_of", lambda module: {})
+        monkeypatch.setattr(function, "_fusion_leaves", lambda st, f: {})
+        for v in seen.values():
+            v.clear()
+        in_graph = step(m, batch, None, reversible, autocast=True)
+        assert all(w.dtype == torch.float32 for v in seen.values() for w in v)
+        assert abs(cast_once[0] - in_graph[0]) <= 1e-6 * abs(in_graph[0])
+        assert worst(in_graph[1], cast_once[1]) < 1e-5
+    finally:
+        apply_compile(m, False, CPU)
 
 
 def test_each_block_backward_runs_once_in_one_graph_in_reversible_levels(model, batch):
