@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import time
 
 import torch
 
@@ -143,10 +144,12 @@ def main(out: str, configs=None) -> None:
     world = torch.distributed.get_world_size()
     rows = []
     for name, zero, stages in configs or [(m, z, 1) for m, z in CONFIGS]:
+        start = time.perf_counter()
         peak = measure(name, zero, world) if stages == 1 else measure_pipeline(name, zero, stages)
         allp = comm.all_gather_object(peak)
         rows.append({"model": name, "zero": zero, "stages": stages, "world": world, "measured": max(allp),
-                     "predicted": predicted(name, zero, world, stages)})
+                     "predicted": predicted(name, zero, world, stages),
+                     "seconds": round(time.perf_counter() - start, 1)})
     if comm.rank() == 0:
         with open(out, "w") as f:
             json.dump(rows, f)

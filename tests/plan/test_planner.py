@@ -23,8 +23,8 @@ from ..parallel.launch_helpers import REPO, env, free_port
     (1, ["revcol_tiny:0", "revcol_small:0", "revcol_tiny:3", "revcol_small:3"]),
     (2, ["revcol_tiny:3", "revcol_small:3", "revcol_small:0:p2", "revcol_small:2:p2"]),  # pipeline 2x1
     (3, ["revcol_tiny:3"]),
-    (4, ["revcol_tiny:0", "revcol_tiny:3", "revcol_small:3",
-         "revcol_small:0:p2", "revcol_small:1:p2", "revcol_small:2:p2"]),  # pipeline 2x2, pipeline.zero 0/1/2
+    # pipeline 2x2, pipeline.zero 0/1/2 (RevCol-T: RevCol-S's pipeline is held at 2x1, its ZeRO-3 at 1-2 ranks)
+    (4, ["revcol_tiny:0", "revcol_tiny:3", "revcol_tiny:0:p2", "revcol_tiny:1:p2", "revcol_tiny:2:p2"]),
 ])
 def test_model_state_figures_match_measured_within_15_percent(tmp_path, world, configs):
     out = tmp_path / "measured.json"
@@ -39,7 +39,7 @@ def test_model_state_figures_match_measured_within_15_percent(tmp_path, world, c
         assert 0.85 <= ratio <= 1.15, x
     if world == 4:  # not trivially equal figures: ZeRO-3 shards, ZeRO-0 replicates; so does pipeline.zero
         assert rows[1]["measured"] < 0.6 * rows[0]["measured"]
-        assert rows[5]["measured"] < rows[4]["measured"] < 0.7 * rows[3]["measured"]
+        assert rows[4]["measured"] < rows[3]["measured"] < 0.7 * rows[2]["measured"]
 
 
 @pytest.mark.slow
