@@ -205,8 +205,8 @@ def test_resize_indices_passed_in_save_the_index_kernels():
                  t((D, 4 * D), bf), t((D,), bf), t((D,), f32))
         with pytest.MonkeyPatch.context() as m:  # the index tensors as fake device tensors of their real shapes
             m.setattr(torch, "arange", lambda n, **kw: t((n,), kw.get("dtype") or torch.int64))
-            bil = resize.bilinear_indices.__wrapped__((7, 7), (14, 14), dev)
-            near = resize.nearest_indices.__wrapped__((7, 7), (14, 14), dev)
+            bil = resize.bilinear_indices.make((7, 7), (14, 14), dev)
+            near = resize.nearest_indices.make((7, 7), (14, 14), dev)
         stage_args = [x, (14, 14), proj, block, ((1, 1), (1, 1), (1, 1), D), (1e-6, 1e-6), bil]
         grads = [True] + [True] * 4 + [True] * 9 + [False] * 6
         for name, fn in (("interpolate", stage_interpolating), ("indexed", decoder_kernels.stage_forward)):

@@ -158,24 +158,25 @@ def _column_blocks(model: torch.nn.Module) -> list:
     return [b for col in model.columns for l in range(4) for b in getattr(col, f"level{l}").blocks]
 
 
-def _autograd_cast_targets(model: torch.nn.Module, plain: bool) -> list:
-    """(module, tensors autocast would cast) for the compiled functions that run under ordinary
-    autograd: the decoders, and in a plain forward the fusions (the reversible engine casts its
-    levels' own)."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, Decoder) and "stage" in m.__dict__:
-            out.append((m, decoder_kernels.cast_targets(m)))
-        elif plain and isinstance(m, Fusion) and "forward" in m.__dict__:
-            out.append((m, fusion_kernels.cast_targets(m)))
-    return out
+def _autograd_cast_groups(model: torch.nn.Module, plain: bool) -> list:
+    """The compiled functions that run under ordinary autograd, in groups that share a cast node
+    (``step_casts``), each a list of (module, tensors autocast would cast): each decoder, and in
+    a plain forward each column's fusions (the reversible engine casts its levels' own)."""
+    groups = [[(m, decoder_kernels.cast_targets(m))] for m in model.modules()
+              if isinstance(m, Decoder) and "stage" in m.__dict__]
+    if plain:
+        for col in getattr(model, "columns", ()):
+            fusions = [getattr(col, f"level{l}").fusion for l in range(4)]
+            groups.append([(f, fusion_kernels.cast_targets(f)) for f in fusions if "forward" in f.__dict__])
+    return groups
 
 
 def _cast_before_forward(model: torch.nn.Module, args) -> None:
     """A training forward under autocast: the decoders' conv and matmul weights (and in a
-    plain forward, ``memory_policy: plain``, the fusions') cast once as one autograd node
-    (``step_casts``); in a plain forward every column block's weights too, for the forward and
-    (held by each block's node) its backward. The reversible engine casts its own levels'."""
+    plain forward, ``memory_policy: plain``, the fusions') to be cast once per group, each group
+    as one autograd node (``step_casts``); in a plain forward every column block's weights too,
+    for the forward and (held by each block's node) its backward. The reversible engine casts
+    its own levels'."""
     global _FORWARD_CASTS
     x = args[0] if args else None
     _FORWARD_CASTS = None
@@ -184,7 +185,7 @@ def _cast_before_forward(model: torch.nn.Module, args) -> None:
     dtype = torch.get_autocast_dtype(x.device.type)
     plain = not getattr(model, "reversible", True)
     step_casts.drop([m for m in model.modules() if isinstance(m, (Fusion, Decoder))])  # an earlier forward's
-    step_casts.cast_once(_autograd_cast_targets(model, plain), dtype)
+    step_casts.register(_autograd_cast_groups(model, plain), dtype)
     if plain:
         _FORWARD_CASTS = {}
         lean_block.cast_weights(_FORWARD_CASTS, _column_blocks(model), dtype)

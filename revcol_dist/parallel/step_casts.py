@@ -3,12 +3,18 @@
 Under autocast a compiled graph casts each fp32 conv and matmul weight it receives, in every
 call: a decoder stage in its forward, its checkpointed decoder's recomputation and its own
 (three times a step), and on a GPU each cast is a kernel of its own. Here the weights of the
-modules ``parallel/compile.py`` names (the decoders; the fusions of a plain forward) are cast
-once when the model's forward starts, as one differentiable node: one concatenation and one
-cast forward, one concatenation and one cast of the gradients backward, where autocast's
-casts give each weight's gradient in the parameter's dtype likewise. The compiled functions
-take the casts in place of the parameters while they are current (same grad mode and autocast
-dtype, parameters not changed since: their version counters).
+groups ``parallel/compile.py`` names when the model's forward starts (each decoder; each
+column's fusions in a plain forward) are cast once per forward and group, as one differentiable
+node: a zero-filled gap, one concatenation and one cast forward and the same backward, where
+autocast's casts give each weight's gradient in the parameter's dtype likewise. A group's node
+is made when its first module first asks (``casts_of``), not when the forward starts: the
+backward engine runs a node after those made later, so made late it runs as soon as its
+group's backward is done (a decoder's, a column's) and DDP can reduce those gradients while the
+rest of the backward runs. Its casts are dropped once its backward has run.
+
+The compiled functions take the casts in place of the parameters while they are current (grad
+mode on, the same autocast dtype, parameters unchanged since: their version counters and
+storage).
 """
 
 from __future__ import annotations
@@ -18,60 +24,82 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..reversible.lean_block import aligned_flat
+from ..reversible.lean_block import aligned_flat, flat_piece, flat_view
 
 
 class _FlatCast(torch.autograd.Function):
     """params -> each in ``dtype``, views of one aligned buffer; backward: the gradients
-    concatenated, cast back once and handed out as views."""
+    concatenated, cast back once and handed out as views; its group released."""
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, *params: torch.Tensor):
+    def forward(ctx, dtype: torch.dtype, group: "weakref.ref", *params: torch.Tensor):
         flat, offsets = aligned_flat(params, dtype)
         ctx.layout = [(o, p.shape, p.dtype) for o, p in zip(offsets, params)]
+        ctx.meta = [torch.empty(p.shape, device="meta") for p in params]  # what flat_view lays out
         ctx.total = flat.numel()
+        ctx.group = group  # weak: the group holds the casts, which hold this node
         ctx.set_materialize_grads(False)
-        return tuple(flat[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, params))
+        return tuple(flat_view(flat, o, p) for o, p in zip(offsets, params))
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
+        group = ctx.group()
+        if group is not None:
+            group.release()
         given = next((g for g in grads if g is not None), None)
         if given is None:
-            return (None,) * (len(grads) + 1)
-        zeros = None
+            return (None, None) + (None,) * len(grads)
         pieces, at = [], 0
         for (o, shape, _), g in zip(ctx.layout, grads):
-            n = shape.numel()
             if o > at:  # the alignment gap before this tensor
                 pieces.append(o - at)
-            pieces.append(g.reshape(-1) if g is not None else n)
-            at = o + n
+            pieces.append(flat_piece(g) if g is not None else shape.numel())
+            at = o + shape.numel()
         if ctx.total > at:
             pieces.append(ctx.total - at)
-        width = max((p for p in pieces if isinstance(p, int)), default=0)
-        if width:
-            zeros = torch.zeros(width, dtype=given.dtype, device=given.device)
-        flat = torch.cat([zeros[:p] if isinstance(p, int) else p for p in pieces])
-        flat = flat.to(ctx.layout[0][2])
-        return (None, *(flat[o : o + shape.numel()].view(shape) if g is not None else None
-                        for (o, shape, _), g in zip(ctx.layout, grads)))
+        gaps = [p for p in pieces if isinstance(p, int)]
+        zeros = torch.zeros(max(gaps, default=0), dtype=given.dtype, device=given.device) if gaps else None
+        flat = torch.cat([zeros[:p] if isinstance(p, int) else p for p in pieces]).to(ctx.layout[0][2])
+        return (None, None, *(flat_view(flat, o, like) if g is not None else None
+                              for (o, _, _), like, g in zip(ctx.layout, ctx.meta, grads)))
 
 
-class _Casts:
-    """One module's casts: by id of the parameter, with what makes them current."""
+class _Group:
+    """Modules whose weights share one cast node, made at the first ``casts_of`` of any."""
 
-    def __init__(self, dtype: torch.dtype, params: Sequence[torch.Tensor], casts: Sequence[torch.Tensor]) -> None:
+    def __init__(self, targets: Sequence[Tuple[torch.nn.Module, Sequence[torch.Tensor]]], dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self.params = list(params)
-        self.versions = [p._version for p in params]
-        self.by_id = {id(p): c for p, c in zip(params, casts)}
+        self.targets = [(m, [t for t in ts if t is not None and t.dtype != dtype]) for m, ts in targets]
+        self.params = [t for _, ts in self.targets for t in ts]
+        self.stamp = _stamp(self.params)
+        self.by_module: Optional[Dict[torch.nn.Module, Dict[int, torch.Tensor]]] = None
+
+    def cast(self) -> None:
+        self.by_module = {m: {} for m, _ in self.targets}
+        if not self.params:
+            return
+        casts = iter(_FlatCast.apply(self.dtype, weakref.ref(self), *self.params))
+        for m, ts in self.targets:
+            self.by_module[m] = {id(t): next(casts) for t in ts}
+
+    def release(self) -> None:
+        """The node's backward ran: the casts' last use."""
+        for m, _ in self.targets:
+            if _GROUPS.get(m) is self:
+                del _GROUPS[m]
 
     def current(self) -> bool:
-        return (torch.is_grad_enabled() and _autocast_dtype(self.params[0]) == self.dtype
-                and all(p._version == v for p, v in zip(self.params, self.versions)))
+        return (torch.is_grad_enabled() and bool(self.params) and _autocast_dtype(self.params[0]) == self.dtype
+                and _stamp(self.params) == self.stamp)
 
 
-_CASTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> its _Group
+
+
+def _stamp(params: Sequence[torch.Tensor]) -> tuple:
+    """What changes when a parameter does: its version counter (in-place updates), its storage
+    (``.data`` rebound or written through, which the counter does not see)."""
+    return tuple((p._version, p.data_ptr()) for p in params)
 
 
 def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
@@ -79,34 +107,29 @@ def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
-def cast_once(targets: Sequence[Tuple[torch.nn.Module, Sequence[torch.Tensor]]], dtype: torch.dtype) -> None:
-    """Each (module, tensors) pair's tensors in ``dtype``, all in one ``_FlatCast`` node;
-    replaces the modules' earlier casts. Tensors already in ``dtype`` are left out."""
-    modules, params = [], []
-    for module, tensors in targets:
-        ps = [t for t in tensors if t is not None and t.dtype != dtype]
-        _CASTS.pop(module, None)
-        if ps:
-            modules.append((module, len(ps)))
-            params.extend(ps)
-    if not params:
-        return
-    casts = _FlatCast.apply(dtype, *params)
-    at = 0
-    for module, n in modules:
-        _CASTS[module] = _Casts(dtype, params[at : at + n], casts[at : at + n])
-        at += n
+def register(groups: Sequence[Sequence[Tuple[torch.nn.Module, Sequence[torch.Tensor]]]], dtype: torch.dtype) -> None:
+    """A forward starts: each group's (module, tensors autocast would cast) pairs, to be cast
+    to ``dtype`` as one node when first asked for; replaces the modules' earlier casts."""
+    for targets in groups:
+        group = _Group(targets, dtype)
+        for m, _ in targets:
+            _GROUPS[m] = group
 
 
 def casts_of(module: torch.nn.Module) -> Dict[int, torch.Tensor]:
-    """The module's current casts by id of their parameter (empty where none are current)."""
-    casts = _CASTS.get(module)
-    return casts.by_id if casts is not None and casts.current() else {}
+    """The module's current casts by id of their parameter (empty where none are current),
+    its group's node made on the first call."""
+    group = _GROUPS.get(module)
+    if group is None or not group.current():
+        return {}
+    if group.by_module is None:
+        group.cast()
+    return group.by_module[module]
 
 
 def drop(modules: Sequence[torch.nn.Module]) -> None:
     for m in modules:
-        _CASTS.pop(m, None)
+        _GROUPS.pop(m, None)
 
 
 def swapped(args, casts: Dict[int, torch.Tensor]):
@@ -120,4 +143,4 @@ def swapped(args, casts: Dict[int, torch.Tensor]):
     return args
 
 
-__all__: List[str] = ["cast_once", "casts_of", "drop", "swapped"]
+__all__: List[str] = ["casts_of", "drop", "register", "swapped"]

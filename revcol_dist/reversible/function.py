@@ -608,19 +608,19 @@ def run_reversible(
     k = policy.boundary_interval
     with _gathered([getattr(c, f"alpha{l}") for c in seg for l in range(4)] if st.accumulate else []):
         st.alphas, small_alpha = _alpha_pass(seg, policy.min_reconstruct_alpha)
+    # Levels run with ordinary autograd in every column (their activations kept): deep levels
+    # hold a large share of the FLOPs and a small share of the activations.
+    plain_levels = set(policy.keep_levels) if not st.accumulate and segment is None else set()
     if st.lean and not st.block_mode and lean_block.kernels_in_use() and st.autocast.enabled:
-        # every block weight, and the reversible levels' fusion weights, in the compute dtype at
-        # once, for the forward, recomputation and backward
+        # every block weight, and the fusion weights of the levels this engine runs, in the
+        # compute dtype at once, for the forward, recomputation and backward
         lean_block.cast_weights(st.casts, [b for c in columns for l in range(4) for b in getattr(c, f"level{l}").blocks],
-                                st.autocast.dtype, [t for c in seg for l in range(4)
+                                st.autocast.dtype, [t for c in seg for l in range(4) if l not in plain_levels
                                                     for t in fusion_kernels.cast_targets(getattr(c, f"level{l}").fusion)])
     tapped: Dict[int, torch.Tensor] = {}
     prev: Optional[List[torch.Tensor]] = list(initial) if initial is not None else None
     if segment is not None:
         segment.st, segment.last = st, len(seg) - 1
-    # Levels run with ordinary autograd in every column (their activations kept): deep levels
-    # hold a large share of the FLOPs and a small share of the activations.
-    plain_levels = set(policy.keep_levels) if not st.accumulate and segment is None else set()
     for j, col in enumerate(seg):
         last = j == len(seg) - 1
         boundary = (last and keep_outputs) or (not last and k is not None and (j + 1) % k == 0)

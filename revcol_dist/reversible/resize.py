@@ -7,20 +7,44 @@ backward, so every call launches a kernel per index tensor before the resize its
 bilinear resize (a decoder stage, three times a step), one per nearest one (a fusion's up
 part). Computed here once per (sizes, device) and passed in, the graphs only gather: the same
 ops on the same index values as the decomposition (``torch._decomp``'s ``_upsample_nearest``
-and ``_upsample_linear``), so the same results.
+and ``_upsample_linear``), so the same results for fp32 input (the decomposition makes its
+indices and weights in the input's dtype; these are fp32 always, as eager's CUDA kernel makes
+them).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
 Size = Tuple[int, int]
 
 
-@lru_cache(maxsize=None)
+_CACHE: Dict[tuple, tuple] = {}
+_CACHE_SIZE = 256  # shapes x devices; a run has a handful
+
+
+def _cached(make: Callable) -> Callable:
+    """``make(in_hw, out_hw, device)`` once per arguments: built as ordinary tensors (not under
+    inference mode, which could never be saved for a backward), not kept when made while a CUDA
+    graph is captured (its memory the graph's); ``make`` itself as ``.make``."""
+    def get(in_hw: Size, out_hw: Size, device: torch.device):
+        key = (make.__name__, tuple(in_hw), tuple(out_hw), torch.device(device))
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        with torch.inference_mode(False), torch.no_grad():
+            made = make(tuple(in_hw), tuple(out_hw), torch.device(device))
+        capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and len(_CACHE) < _CACHE_SIZE:
+            _CACHE[key] = made
+        return made
+    get.make = make
+    return get
+
+
+@_cached
 def nearest_indices(in_hw: Size, out_hw: Size, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Source rows (out_h, 1) and columns (out_w,) of ``mode="nearest"`` at ``out_hw``: floor(i * in / out)."""
     rows, cols = (((torch.arange(o, dtype=torch.float32, device=device)) * (i / o)).to(torch.int64)
@@ -28,7 +52,7 @@ def nearest_indices(in_hw: Size, out_hw: Size, device: torch.device) -> Tuple[to
     return rows.unsqueeze(-1), cols
 
 
-@lru_cache(maxsize=None)
+@_cached
 def bilinear_indices(in_hw: Size, out_hw: Size, device: torch.device) -> Tuple[tuple, tuple]:
     """Per axis (rows shaped (out_h, 1), columns (out_w,)): the lower and upper source index and
     the fp32 weight of the upper one, for ``mode="bilinear", align_corners=True``."""
