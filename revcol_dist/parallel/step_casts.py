@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..reversible.lean_block import aligned_flat, flat_piece, flat_view
+from ..reversible.lean_block import aligned_flat
 
 
 class _FlatCast(torch.autograd.Function):
@@ -35,11 +35,10 @@ class _FlatCast(torch.autograd.Function):
     def forward(ctx, dtype: torch.dtype, group: "weakref.ref", *params: torch.Tensor):
         flat, offsets = aligned_flat(params, dtype)
         ctx.layout = [(o, p.shape, p.dtype) for o, p in zip(offsets, params)]
-        ctx.meta = [torch.empty(p.shape, device="meta") for p in params]  # what flat_view lays out
         ctx.total = flat.numel()
         ctx.group = group  # weak: the group holds the casts, which hold this node
         ctx.set_materialize_grads(False)
-        return tuple(flat_view(flat, o, p) for o, p in zip(offsets, params))
+        return tuple(flat[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, params))
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
@@ -53,15 +52,15 @@ class _FlatCast(torch.autograd.Function):
         for (o, shape, _), g in zip(ctx.layout, grads):
             if o > at:  # the alignment gap before this tensor
                 pieces.append(o - at)
-            pieces.append(flat_piece(g) if g is not None else shape.numel())
+            pieces.append(g.reshape(-1) if g is not None else shape.numel())
             at = o + shape.numel()
         if ctx.total > at:
             pieces.append(ctx.total - at)
         gaps = [p for p in pieces if isinstance(p, int)]
         zeros = torch.zeros(max(gaps, default=0), dtype=given.dtype, device=given.device) if gaps else None
         flat = torch.cat([zeros[:p] if isinstance(p, int) else p for p in pieces]).to(ctx.layout[0][2])
-        return (None, None, *(flat_view(flat, o, like) if g is not None else None
-                              for (o, _, _), like, g in zip(ctx.layout, ctx.meta, grads)))
+        return (None, None, *(flat[o : o + shape.numel()].view(shape) if g is not None else None
+                              for (o, shape, _), g in zip(ctx.layout, grads)))
 
 
 class _Group:

@@ -123,39 +123,21 @@ def _cast(p: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 _ALIGN = 64  # elements: each cast weight starts 128-byte aligned in bf16 (generated kernels assume 16)
 
 
-def _channels_last(p: torch.Tensor) -> bool:
-    """A convolution weight mixing channels over a window (a fusion's 2x2/2 down conv): laid out
-    channels-last in the cast buffer, as inductor's layout optimisation hands it to cuDNN (else a
-    copy per call); 1x1 and depthwise weights are the same either way."""
-    return p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1
-
-
-def flat_piece(t: torch.Tensor) -> torch.Tensor:
-    """t (a weight, or its gradient) flattened in its slot's order in a cast buffer."""
-    return (t.permute(0, 2, 3, 1) if _channels_last(t) else t).reshape(-1)
-
-
-def flat_view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    """The slot at ``offset`` of a cast buffer as a tensor of ``like``'s shape (``flat_piece``'s
-    order: channels-last strides where that applies)."""
-    piece = flat[offset : offset + like.numel()]
-    if _channels_last(like):
-        n, c, h, w = like.shape
-        return piece.view(n, h, w, c).permute(0, 3, 1, 2)
-    return piece.view(like.shape)
-
-
 def aligned_flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> Tuple[torch.Tensor, List[int]]:
     """``tensors`` in ``dtype``, concatenated into one flat buffer where each starts 128-byte
     aligned in bf16 (one concatenation, on a GPU a kernel per ~hundred tensors, and one cast),
-    and each one's offset in it (``flat_view`` reads a slot back)."""
+    and each one's offset in it. (A 2x2 conv weight keeps its NCHW order here: inductor copies it
+    channels-last in the graph; written channels-last here, it costs a copy per step and its
+    gradient another, more than it saves, unless the parameter itself is channels-last.)"""
     pieces, offsets, at = [], [], 0
-    pad = torch.zeros(_ALIGN, dtype=tensors[0].dtype, device=tensors[0].device)
+    pad = None
     for p in tensors:
         offsets.append(at)
-        pieces.append(flat_piece(p.detach()))
+        pieces.append(p.detach().reshape(-1))
         at += p.numel()
         if at % _ALIGN:
+            if pad is None:
+                pad = torch.zeros(_ALIGN, dtype=tensors[0].dtype, device=tensors[0].device)
             pieces.append(pad[: _ALIGN - at % _ALIGN])
             at += _ALIGN - at % _ALIGN
     # concatenated in the weights' own dtype, then cast: CUDA's batched concatenation needs one
@@ -171,7 +153,7 @@ def cast_tensors(cache: dict, tensors, dtype: torch.dtype) -> None:
         return
     flat, offsets = aligned_flat(ps, dtype)
     for p, o in zip(ps, offsets):
-        cache[(id(p), dtype)] = flat_view(flat, o, p)
+        cache[(id(p), dtype)] = flat[o : o + p.numel()].view(p.shape)
 
 
 def cast_weights(cache: dict, blocks, dtype: torch.dtype, extra=()) -> None:
