@@ -12,18 +12,24 @@ from revcol_dist.monitor.throughput import Throughput, peak_tflops
 
 
 def test_window_rates_and_mfu():
+    # the window lasts at least the sleep and at most what the test measures around it (a loaded
+    # machine, or the suite's idle priority, can wake the test late: bounds, not a tolerance)
+    outer = time.perf_counter()
     tp = Throughput(flops_per_image=2e12, devices=4, peak=100.0)
     tp.waited(0.05)
     time.sleep(0.2)
     for _ in range(4):
         tp.stepped(64)
     w = tp.window()
-    assert w["images_per_sec"] == pytest.approx(256 / 0.2, rel=0.3)
+    longest = time.perf_counter() - outer
+    assert 256 / longest <= w["images_per_sec"] <= 256 / 0.2
     assert w["images_per_sec_per_device"] == pytest.approx(w["images_per_sec"] / 4)
     # MFU by hand: per-device images/s x FLOPs per image / peak FLOPS
     assert w["mfu"] == pytest.approx(w["images_per_sec_per_device"] * 2e12 / 100e12)
-    assert w["data_wait_share"] == pytest.approx(0.05 / 0.2, rel=0.3)
-    assert w["step_time"] == pytest.approx(0.05, rel=0.3)
+    assert 0.05 / longest <= w["data_wait_share"] <= 0.05 / 0.2
+    assert 0.2 / 4 <= w["step_time"] <= longest / 4
+    # the rates are of one window: images and wait over the same elapsed time
+    assert w["data_wait_share"] == pytest.approx(0.05 * w["images_per_sec"] / 256)
     tp.reset()
     assert tp.images == 0 and tp.data_wait_s == 0.0
     assert Throughput(1.0, 1, None).window()["mfu"] is None  # unknown peak: no MFU rather than a guess
