@@ -109,13 +109,13 @@ def compiled_decoder(autotune: Optional[bool] = None) -> tuple:
 
 def _compiled_stage(self: Decoder, i: int, x: torch.Tensor, size) -> torch.Tensor:
     """``Decoder.stage`` through the compiled stage function."""
-    args = step_casts.swapped(decoder_kernels.stage_arguments(self, i), step_casts.casts_of(self))
+    args = lean_block.swapped(decoder_kernels.stage_arguments(self, i), step_casts.casts_of(self))
     return compiled_decoder()[0](x, decoder_kernels.sizes(size), *args, decoder_kernels.stage_index(x, size))
 
 
 def _compiled_output(self: Decoder, x: torch.Tensor, image_size) -> torch.Tensor:
     """``Decoder.output`` through the compiled output function."""
-    args = step_casts.swapped(decoder_kernels.output_arguments(self), step_casts.casts_of(self))
+    args = lean_block.swapped(decoder_kernels.output_arguments(self), step_casts.casts_of(self))
     return compiled_decoder()[1](x, decoder_kernels.sizes(image_size), *args)
 
 
@@ -206,9 +206,8 @@ def _set_cast_hooks(model: torch.nn.Module, on: bool) -> None:
 
 def _compiled_fusion_forward(self: Fusion, down_in, up_in=None, up2_in=None):
     """``Fusion.forward`` through the compiled fusion function."""
-    return lean_block.kernels().fusion(down_in, up_in, up2_in,
-                                       *fusion_kernels.fusion_arguments(self, step_casts.casts_of(self)),
-                                       fusion_kernels.resize_indices(self, down_in, up_in, up2_in))
+    args = fusion_kernels.fusion_arguments(self, down_in, up_in, up2_in)
+    return lean_block.kernels().fusion(down_in, up_in, up2_in, *lean_block.swapped(args, step_casts.casts_of(self)))
 
 
 def _set_fusions(model: torch.nn.Module, compiled: bool) -> None:

@@ -131,15 +131,4 @@ def drop(modules: Sequence[torch.nn.Module]) -> None:
         _GROUPS.pop(m, None)
 
 
-def swapped(args, casts: Dict[int, torch.Tensor]):
-    """``args`` (nested tuples) with each tensor that has a cast replaced by it."""
-    if not casts:
-        return args
-    if isinstance(args, torch.Tensor):
-        return casts.get(id(args), args)
-    if isinstance(args, tuple) and not hasattr(args, "_fields"):
-        return tuple(swapped(a, casts) for a in args)
-    return args
-
-
-__all__: List[str] = ["casts_of", "drop", "register", "swapped"]
+__all__: List[str] = ["casts_of", "drop", "register"]

@@ -161,8 +161,8 @@ def _run_fusion(st: "_StepState", fusion: torch.nn.Module, ins: Sequence[torch.T
     casts = _fusion_leaves(st, fusion)
     if leaves is not None:
         leaves.update(casts)
-    return compiled(ins[0], up, up2, *fusion_kernels.fusion_arguments(fusion, casts),
-                    fusion_kernels.resize_indices(fusion, ins[0], up, up2))
+    args = fusion_kernels.fusion_arguments(fusion, ins[0], up, up2)
+    return compiled(ins[0], up, up2, *lean_block.swapped(args, casts))
 
 
 def _fusion_leaves(st: "_StepState", fusion: torch.nn.Module) -> dict:

@@ -36,7 +36,7 @@ def fusion_forward(down_in, up_in, up2_in, down: Optional[tuple], up: Optional[t
                    eps: Tuple[float, float, float], index: Tuple[Optional[tuple], Optional[tuple]] = (None, None)
                    ) -> torch.Tensor:
     """``Fusion.forward``: ``down``, ``up``, ``up2`` are the parts' tensors (``fusion_tensors``);
-    ``index``: the up parts' nearest-resize indices (``resize_indices``)."""
+    ``index``: the up parts' nearest-resize indices (``_resize_indices``)."""
     if down is None:
         y = down_in
     else:
@@ -50,8 +50,8 @@ def fusion_forward(down_in, up_in, up2_in, down: Optional[tuple], up: Optional[t
     return y
 
 
-def resize_indices(fusion: nn.Module, down_in: torch.Tensor, up_in: Optional[torch.Tensor],
-                   up2_in: Optional[torch.Tensor]) -> Tuple[Optional[tuple], Optional[tuple]]:
+def _resize_indices(fusion: nn.Module, down_in: torch.Tensor, up_in: Optional[torch.Tensor],
+                    up2_in: Optional[torch.Tensor]) -> Tuple[Optional[tuple], Optional[tuple]]:
     """The up parts' nearest-resize source indices (``resize.nearest_indices``) to the fusion's
     output size: ``down_in``'s, halved by the 2x2/2 down conv where the fusion has one."""
     h, w = down_in.shape[-2:]
@@ -76,13 +76,11 @@ def _eps(module: Optional[nn.Module]) -> float:
     return (module.channel_reschedule[1] if hasattr(module, "channel_reschedule") else module[1]).eps
 
 
-def fusion_arguments(fusion: nn.Module, casts: Optional[dict] = None) -> tuple:
-    """(down, up, up2, eps) of ``fusion_forward`` for a ``Fusion`` module; ``casts``: tensors
-    to pass in place of some of its parameters, by ``id`` (their casts, made once per step)."""
-    parts = (_part(fusion.down), _part(fusion.up), _part(fusion.up2))
-    if casts:
-        parts = tuple(None if part is None else tuple(casts.get(id(t), t) for t in part) for part in parts)
-    return (*parts, (_eps(fusion.down), _eps(fusion.up), _eps(fusion.up2)))
+def fusion_arguments(fusion: nn.Module, down_in: torch.Tensor, up_in: Optional[torch.Tensor],
+                     up2_in: Optional[torch.Tensor]) -> tuple:
+    """(down, up, up2, eps, index) of ``fusion_forward`` for a ``Fusion`` module on these inputs."""
+    return (_part(fusion.down), _part(fusion.up), _part(fusion.up2),
+            (_eps(fusion.down), _eps(fusion.up), _eps(fusion.up2)), _resize_indices(fusion, down_in, up_in, up2_in))
 
 
 def cast_targets(fusion: nn.Module) -> Tuple[torch.Tensor, ...]:

@@ -156,6 +156,18 @@ def cast_tensors(cache: dict, tensors, dtype: torch.dtype) -> None:
         cache[(id(p), dtype)] = flat[o : o + p.numel()].view(p.shape)
 
 
+def swapped(args, casts: dict):
+    """``args`` (nested tuples) with each tensor that has a cast in ``casts`` (by ``id`` of the
+    tensor it replaces) replaced by it."""
+    if not casts:
+        return args
+    if isinstance(args, torch.Tensor):
+        return casts.get(id(args), args)
+    if isinstance(args, tuple) and not hasattr(args, "_fields"):
+        return tuple(swapped(a, casts) for a in args)
+    return args
+
+
 def cast_weights(cache: dict, blocks, dtype: torch.dtype, extra=()) -> None:
     """The conv and matmul weights of ``blocks`` (and the tensors ``extra``) in ``dtype``,
     into ``cache`` at once (``cast_tensors``)."""
