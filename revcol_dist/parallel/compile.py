@@ -53,8 +53,11 @@ RECOMPILE_LIMIT = 64
 # convolution's backward but no forward convolution (a block's backward) otherwise leaves it off,
 # and torch 2.13 then realises the convolution's input and gradient in NCHW for cuDNN: two
 # transposing copies per block backward and a transposed residual add, where the maps arrive
-# channels-last (benchmarks/triton_codegen.py reads it off the generated code).
-INDUCTOR_OPTIONS = {"force_layout_optimization": True}
+# channels-last (benchmarks/triton_codegen.py reads it off the generated code). Stride padding
+# off: a fusion's LayerNorm backward wrote its gradient with each image row padded to 128 bytes
+# (RevCol-B's 28 x 72 channels: 2,016 -> 2,048 elements), and the Linear's matmul behind it then
+# needed a contiguous copy of that gradient, a kernel per up part's backward.
+INDUCTOR_OPTIONS = {"force_layout_optimization": True, "comprehensive_padding": False}
 
 # ``train.compile_autotune``: inductor's matmul search. Each matmul (and convolution) is timed on
 # the device at compile time as cuBLAS/cuDNN against Triton templates with their pointwise
