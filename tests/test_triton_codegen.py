@@ -125,9 +125,8 @@ def test_calls_carried_to_a_size_equal_the_calls_recorded_there():
     carried = tc.step_calls("revcol_tiny", 4, 128, 64, TINY)
     recorded = Counter(tc.record_step("revcol_tiny", 4, 128, TINY, target=(4, 128)))
     assert carried == recorded
-    names = {c.name for c in carried}
-    assert names >= {"forward_full", "block_grads", "fusion", "decoder_stage", "decoder_output"}
-    assert not names & {"tail_grads", "body_grads"}  # a block's backward one graph, the plain column's too
+    assert {c.name for c in carried} >= {"forward_full", "block_grads", "tail_grads", "body_grads", "fusion",
+                                         "decoder_stage", "decoder_output"}
     # each decoder stage's backward, and its output's, runs once per step (of three forward
     # calls: the forward, the checkpointed decoder's recomputation, the checkpointed stage's)
     ran = Counter()

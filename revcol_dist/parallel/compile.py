@@ -144,11 +144,13 @@ def compile_loss(loss_fn, setting: Union[str, bool], device: torch.device) -> No
 
 def _plain_runner(keep_hidden: bool):
     """A block outside the reversible engine: lean (compiled forward, hand-written backward)
-    under autograd, the compiled forward alone without it; weights from the forward's casts."""
+    under autograd, the compiled forward alone without it; weights from the forward's casts.
+    One autograd node per block, its backward one graph: a plain forward is the policy for
+    memory to spare."""
     def run(block, y):
         with lean_block.weight_casts(_FORWARD_CASTS):
             if torch.is_grad_enabled():
-                return lean_block.lean_block(block, y, keep_hidden=keep_hidden)
+                return lean_block.lean_block(block, y, keep_hidden=keep_hidden, one_node=True)
             return lean_block.forward(block, y)[0]
     return run
 

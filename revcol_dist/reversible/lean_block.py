@@ -352,7 +352,7 @@ def saved_for_vjp(block: nn.Module, x: torch.Tensor) -> Saved:
     return Saved(x, d, mean, rstd, None, mask, cdt)
 
 
-TAIL = ("gamma", "pwconv2.weight", "pwconv2.bias")  # gradients backward_tail returns
+TAIL = ("gamma", "pwconv2.weight", "pwconv2.bias")  # gradients the tail node returns
 BODY = ("dwconv.weight", "dwconv.bias", "norm.weight", "norm.bias", "pwconv1.weight", "pwconv1.bias")
 
 
@@ -515,7 +515,8 @@ def tail_params(block: nn.Module) -> Tuple[torch.Tensor, ...]:
 
 
 class _Holder:
-    """What the block's node saved for its backward, and the forward's weight casts."""
+    """What the forward saved for the backward (one node, or the body node's for the tail node that
+    runs first), and the forward's weight casts."""
 
     def __init__(self, block: nn.Module, keep_hidden: bool) -> None:
         self.block, self.keep_hidden, self.saved = block, keep_hidden, None
@@ -532,6 +533,39 @@ def _freed(holder: Optional[_Holder]) -> _Holder:
     return holder
 
 
+class _LeanBody(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, holder: _Holder, x: torch.Tensor, *body_params: torch.Tensor):
+        out, holder.saved = forward(holder.block, x, keep=True, keep_hidden=holder.keep_hidden)
+        ctx.holder = holder
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        holder = _freed(ctx.holder)
+        with weight_casts(holder.casts):
+            g_x, grads = backward_body(holder.block, holder.saved, g)
+        holder.saved = ctx.holder = holder.casts = None
+        return (None, g_x, *[like_param(gp, p) for gp, p in zip(grads, body_params(holder.block))])
+
+
+class _LeanTail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, holder: _Holder, out: torch.Tensor, *tail_params: torch.Tensor):
+        ctx.holder = holder
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        holder = _freed(ctx.holder)
+        ctx.holder = None
+        # h not kept: recomputed once here, used by both nodes, gone after the body's backward
+        with weight_casts(holder.casts):
+            holder.saved = with_hidden(holder.block, holder.saved)
+        grads = backward_tail(holder.block, holder.saved, g)
+        return (None, g, *[like_param(gp, p) for gp, p in zip(grads, tail_params(holder.block))])
+
+
 class _LeanBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, holder: _Holder, x: torch.Tensor, *params: torch.Tensor):
@@ -544,16 +578,21 @@ class _LeanBlock(torch.autograd.Function):
         holder = _freed(ctx.holder)
         block = holder.block
         with weight_casts(holder.casts):
-            # h not kept: recomputed once here (one matmul), gone with this node's backward
             g_x, grads = backward_both(block, with_hidden(block, holder.saved), g)
         holder.saved = ctx.holder = holder.casts = None
         return (None, g_x, *[like_param(gp, p) for gp, p in zip(grads, body_params(block) + tail_params(block))])
 
 
-def lean_block(block: nn.Module, x: torch.Tensor, keep_hidden: bool = True) -> torch.Tensor:
+def lean_block(block: nn.Module, x: torch.Tensor, keep_hidden: bool = True, one_node: bool = False) -> torch.Tensor:
     """The block under ordinary autograd, keeping six channel-sized maps instead of twelve
     (the engine's plain columns use it), two without the hidden map h (``keep_hidden=False``:
-    pwconv1 runs again in backward). One node, its backward one compiled graph where the
-    kernels are compiled (``block_grads``), as in the reversible engine's levels."""
+    pwconv1 runs again in backward). Two nodes, pwconv2/layer-scale gradients first, so that the
+    block's two large weight gradients are never alive together; ``one_node``: one node, whose
+    backward is one compiled graph where the kernels are compiled (``block_grads``: one call
+    where there were two, g read once), for a forward that is not short of memory
+    (``memory_policy: plain``)."""
     holder = _Holder(block, keep_hidden)
-    return _LeanBlock.apply(holder, x, *body_params(block), *tail_params(block))
+    if one_node:
+        return _LeanBlock.apply(holder, x, *body_params(block), *tail_params(block))
+    out = _LeanBody.apply(holder, x, *body_params(block))
+    return _LeanTail.apply(holder, out, *tail_params(block))
