@@ -132,6 +132,95 @@ def parse_launches(code: str, extern_gb: Optional[dict] = None) -> Launches:
     return out
 
 
+@dataclass
+class Binary:
+    """A generated Triton kernel as Triton and ptxas compiled it for the device (each of its
+    configurations that inductor's autotuner would time there), and what ptxas gave it."""
+    name: str
+    registers: List[int] = field(default_factory=list)  # per thread, per configuration
+    local_bytes: List[int] = field(default_factory=list)  # local memory per thread (spills, stack arrays)
+    error: Optional[str] = None
+
+    @property
+    def spills(self) -> bool:
+        """Local memory in every configuration: whichever the autotuner keeps is slowed by it."""
+        return bool(self.local_bytes) and min(self.local_bytes) > 0
+
+
+_TRITON_SOURCE = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str='cuda'\)", re.S)
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+
+
+def kernel_sources(code: str) -> List[Tuple[str, str]]:
+    """(name, source) of each Triton kernel in inductor's wrapper code."""
+    return _TRITON_SOURCE.findall(code)
+
+
+def _cubin(result) -> Optional[bytes]:
+    kernel = getattr(result, "kernel", None)
+    raw = getattr(kernel, "cubin_raw", None)
+    if raw is None:
+        raw = (getattr(kernel, "asm", None) or {}).get("cubin")
+    if raw is None and getattr(kernel, "cubin_path", None):
+        with open(kernel.cubin_path, "rb") as f:
+            raw = f.read()
+    return raw
+
+
+def _resources(cubin: bytes) -> Tuple[int, int]:
+    """(registers, local bytes) of a cubin's kernel, as the CUDA toolkit's cuobjdump reads them."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        raise RuntimeError("no cuobjdump: neither in the triton wheel nor on PATH")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = _RESOURCES.search(out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage: no resource line in {out[-300:]!r}")
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
+
+
+def compile_kernels(sources: Sequence[Tuple[str, str]]) -> List[Binary]:
+    """Each Triton kernel (``kernel_sources`` of wrapper code generated here) compiled for the device it was generated
+    for (the architecture in the kernel's metadata: sm_90 for the H200) by Triton's compiler and
+    the ptxas its wheel carries, as inductor compiles them on the GPU before their first launch;
+    no driver and no GPU needed. What a CPU can check of the generated code: that it compiles,
+    and the registers and local memory ptxas gives it (spills make a kernel slow); not that it
+    computes the right values."""
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime import triton_helpers
+
+    out = []
+    with mock.patch.object(triton_helpers, "set_driver_to_gpu", lambda: None), \
+            mock.patch.object(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, create=True):
+        for name, source in sources:
+            binary = Binary(name)
+            try:
+                kernel = getattr(PyCodeCache.load(source), name)
+                kernel.precompile(warm_cache_only=True)
+                for result in kernel.compile_results:
+                    cubin = _cubin(result)
+                    if cubin is None:
+                        raise RuntimeError("no cubin among the compile results")
+                    regs, local = _resources(cubin)
+                    binary.registers.append(regs)
+                    binary.local_bytes.append(local)
+            except Exception as e:  # noqa: BLE001  (reported per kernel: the caller counts failures)
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                binary.error = f"{type(e).__name__}: {first}"
+            out.append(binary)
+    return out
+
+
 def _retarget(gm: torch.fx.GraphModule, device: str) -> torch.fx.GraphModule:
     """A copy of an aten graph whose ops make their tensors on ``device`` (no node metadata)."""
     graph, env = torch.fx.Graph(), {}

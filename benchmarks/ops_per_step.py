@@ -161,8 +161,8 @@ def count_compiled() -> None:
     """Every compiled function ``train.compile`` set (blocks, fusions, decoders, loss) callable while
     an OpCounter counts (after ``apply_compile``)."""
     lean_block.use_kernels(counted(lean_block.use_kernels(None)))
-    key = compile_setting._AUTOTUNE
-    compile_setting._DECODER[key] = tuple(_outside_mode(f) for f in compile_setting.compiled_decoder(key))
+    key = compile_setting._CHOICE
+    compile_setting._DECODER[key] = tuple(_outside_mode(f) for f in compile_setting.compiled_decoder(*key))
     LOSS.terms = _outside_mode(LOSS.terms)
 
 

@@ -271,30 +271,61 @@ def _materialise(cuda: fake_cuda.FakeCuda, call: Call, eager: bool = False):
     return [build(a) for a in call.args]
 
 
-def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: bool = False) -> Dict[str, dict]:
+def default_options() -> dict:
+    """The options ``train.compile``'s graphs compile with by default (an older commit's
+    ``INDUCTOR_OPTIONS`` where it has no ``inductor_options``)."""
+    if hasattr(compile_setting, "inductor_options"):
+        return compile_setting.inductor_options()
+    return dict(getattr(compile_setting, "INDUCTOR_OPTIONS", {}))
+
+
+def _compile_for_device(codes, row: dict, binaries: Dict[str, "fake_cuda.Binary"]) -> None:
+    """``codes``: (wrapper code, launches per step) pairs: each distinct Triton kernel compiled
+    once (``binaries``, by source; a failure counted once); per step, the launches of kernels that
+    spill to local memory in every configuration; the most registers of a kernel's leanest one."""
+    for code, k in codes:
+        names = Counter(launch.name for launch in fake_cuda.parse_launches(code).launches if launch.triton)
+        for name, source in fake_cuda.kernel_sources(code):
+            if source not in binaries:
+                binaries[source] = fake_cuda.compile_kernels([(name, source)])[0]
+                row["cubin_failed"] += binaries[source].error is not None  # each distinct kernel once
+            b = binaries[source]
+            row["launches_spilling"] += k * names[name] if b.spills else 0
+            row["max_registers"] = max(row["max_registers"], min(b.registers, default=0))
+
+
+def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: bool = False,
+             cubin: bool = False) -> Dict[str, dict]:
     """Per function: calls, and compiled and eager launches and GB per step (``options``:
-    inductor's, as ``train.compile`` passes them; ``matmul_templates``: see ``fake_cuda.FakeCuda``)."""
-    options = getattr(compile_setting, "INDUCTOR_OPTIONS", {}) if options is None else options
+    inductor's, as ``train.compile`` passes them; ``matmul_templates``: see ``fake_cuda.FakeCuda``;
+    ``cubin``: every generated kernel also compiled for the device, ``fake_cuda.compile_kernels``)."""
+    options = default_options() if options is None else options
     rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0,
                                                      compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0,
-                                                     eager_extern_gb=0.0, extern=Counter()))
+                                                     eager_extern_gb=0.0, extern=Counter(),
+                                                     **(dict(cubin_failed=0, launches_spilling=0, max_registers=0)
+                                                        if cubin else {})))
+    binaries: Dict[str, fake_cuda.Binary] = {}
     with fake_cuda.FakeCuda(matmul_templates=matmul_templates) as cuda:
         for call, n in calls.items():
             fn = FUNCTIONS[call.name]
             grads = _requires_grad(call.args)
             training = call.grad and any(grads)  # torch.compile makes it a forward and a backward graph
+            runs = (n, n if call.backward else 0)  # the forward per call; the backward where it ran
             try:
                 if training:
-                    compiled = cuda.training_launches(fn, _materialise(cuda, call), call.autocast, options, grads)
+                    codes = cuda.training_codes(fn, _materialise(cuda, call), call.autocast, options, grads)
                     eager = cuda.eager_training_launches(fn, _materialise(cuda, call, eager=True), call.autocast, grads)
                 else:
-                    compiled = (cuda.compiled_launches(fn, _materialise(cuda, call), call.autocast, options),)
+                    codes = (cuda.code(fn, _materialise(cuda, call), call.autocast, options),)
                     eager = (cuda.eager_launches(fn, _materialise(cuda, call, eager=True), call.autocast),)
+                compiled = [cuda.launches(code) for code in codes]
             except Exception as e:
                 raise RuntimeError(f"{call.name} on {[getattr(a, 'shape', a) for a in call.args]}: {e}") from e
             row = rows[call.name]
+            if cubin:
+                _compile_for_device(zip(codes, runs), row, binaries)
             row["calls"] += n
-            runs = (n, n if call.backward else 0)  # the forward per call; the backward where it ran
             row["backward_calls"] += runs[1] if training else 0
             for c, e, k in zip(compiled, eager, runs):
                 row["compiled_kernels"] += k * c.kernels
@@ -320,7 +351,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="triton: every matmul inductor can template as a Triton template with its neighbours "
                         "fused in (what max-autotune would generate where it times the templates faster)")
     p.add_argument("--inductor-options", default=None,
-                   help="JSON: inductor's options instead of train.compile's (parallel/compile.INDUCTOR_OPTIONS)")
+                   help="JSON: inductor's options instead of train.compile's (parallel/compile.inductor_options())")
+    p.add_argument("--cubin", action="store_true",
+                   help="also compile every generated kernel for the device (Triton and ptxas, sm_90; minutes): "
+                        "failures, the launches of kernels that spill, the most registers")
     args = p.parse_args(argv)
     why = fake_cuda.available()
     if why:
@@ -328,13 +362,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     options = None if args.inductor_options is None else json.loads(args.inductor_options)
     rows = generate(step_calls(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args)), options,
-                    args.matmuls == "triton")
+                    args.matmuls == "triton", args.cubin)
     ms = lambda gb: round(gb / args.peak_gbs * 1e3, 3)  # noqa: E731
     gbs = ("compiled_gb", "eager_gb", "compiled_extern_gb", "eager_extern_gb")
-    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, **{k: 0.0 for k in gbs})
+    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, **{k: 0.0 for k in gbs},
+                 **(dict(cubin_failed=0, launches_spilling=0) if args.cubin else {}))
     for name, row in sorted(rows.items()):
         for k in total:
             total[k] += row[k]
+        if args.cubin:
+            total["max_registers"] = max(total.get("max_registers", 0), row["max_registers"])
         print(json.dumps({"bench": "triton_codegen", "function": name, **{k: v for k, v in row.items() if k != "extern"},
                           **{k: round(row[k], 3) for k in gbs},
                           "compiled_ms_at_peak": ms(row["compiled_gb"]), "eager_ms_at_peak": ms(row["eager_gb"]),
@@ -343,7 +380,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                           "extern_per_step": dict(row["extern"])}))
     print(json.dumps({"bench": "triton_codegen", "model": args.model, "batch": args.batch, "res": args.res,
                       "device": fake_cuda.H200.name, "torch": torch.__version__,
-                      "inductor_options": getattr(compile_setting, "INDUCTOR_OPTIONS", {}) if options is None else options,
+                      "inductor_options": default_options() if options is None else options,
                       "matmuls": args.matmuls, **total, **{k: round(total[k], 3) for k in gbs},
                       "kernels_compiled_over_eager": round(total["compiled_kernels"] / total["eager_kernels"], 3),
                       "gb_compiled_over_eager": round(total["compiled_gb"] / total["eager_gb"], 3),

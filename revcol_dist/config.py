@@ -99,6 +99,10 @@ class TrainSection:
     # max-autotune GEMM search; parallel/compile.AUTOTUNE_OPTIONS). Off until measured on a GPU;
     # the first steps wait minutes longer.
     compile_autotune: bool = False
+    # With compile: launch a graph's independent pointwise kernels (weight-gradient casts, the
+    # passes that finish reductions) as one kernel each group (inductor's combo kernels,
+    # parallel/compile.COMBO_OPTIONS); the same arithmetic. Off if inductor's combining fails.
+    compile_combo: bool = True
     # Capture the step's forward and backward as one CUDA graph after three eager steps and
     # replay it (parallel/cuda_graph.py): one launch for thousands of kernels, for models and
     # batches bound by the host's launches. One process on a CUDA device.

@@ -159,7 +159,7 @@ class Trainer:
         self.streams = random_streams(self.model)  # drop path's draws, all at once per micro-batch
         self.keeps = stream_keeps(self.model, self.streams)  # and its masks
         self.backend = self._build_backend()
-        compiled = apply_compile(self.model, t.compile, self.device, t.compile_autotune)
+        compiled = apply_compile(self.model, t.compile, self.device, t.compile_autotune, t.compile_combo)
         if compiled:
             self.say(compiled)
         if t.cuda_graph:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import weakref
 from functools import partial
 from types import MethodType
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Union, Tuple
 
 import torch
 
@@ -59,6 +59,13 @@ RECOMPILE_LIMIT = 64
 # needed a contiguous copy of that gradient, a kernel per up part's backward.
 INDUCTOR_OPTIONS = {"force_layout_optimization": True, "comprehensive_padding": False}
 
+# ``train.compile_combo`` (default on): independent pointwise kernels of a graph launched as one
+# (inductor's combo kernels, pointwise only: the same arithmetic, so the same values), such as
+# the small casts of weight gradients and the finishing passes beside them. Every kernel of a
+# RevCol-B and -T step compiles for sm_90 with them, none spilling registers
+# (benchmarks/triton_codegen.py --cubin); combining the reductions too spilled.
+COMBO_OPTIONS = {"combo_kernels": True, "combo_kernels_pointwise_only": True}
+
 # ``train.compile_autotune``: inductor's matmul search. Each matmul (and convolution) is timed on
 # the device at compile time as cuBLAS/cuDNN against Triton templates with their pointwise
 # neighbours fused in as epilogues (GELU into pwconv1, layer scale and the residual into
@@ -68,14 +75,19 @@ INDUCTOR_OPTIONS = {"force_layout_optimization": True, "comprehensive_padding": 
 # template taken). What the timing decides needs a GPU; the first steps wait minutes for it.
 AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
 
-_COMPILED: Dict[bool, lean_block.Kernels] = {}  # by autotune
-_DECODER: Dict[bool, tuple] = {}
-_AUTOTUNE = False  # apply_compile's choice, read by the decoders' compiled stages when called
+Choice = Tuple[bool, bool]  # (train.compile_autotune, train.compile_combo)
+_COMPILED: Dict[Choice, lean_block.Kernels] = {}
+_DECODER: Dict[Choice, tuple] = {}
+_CHOICE: Choice = (False, True)  # apply_compile's, read by the decoders' compiled stages when called
 
 
-def inductor_options(autotune: bool = False) -> dict:
+def inductor_options(autotune: bool = False, combo: bool = True) -> dict:
     """The options every graph here compiles with."""
-    return {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if autotune else {})}
+    return {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if autotune else {}), **(COMBO_OPTIONS if combo else {})}
+
+
+def _choice(autotune: Optional[bool], combo: Optional[bool]) -> Choice:
+    return (_CHOICE[0] if autotune is None else bool(autotune), _CHOICE[1] if combo is None else bool(combo))
 
 
 def wants_compile(setting: Union[str, bool], device: torch.device) -> bool:
@@ -86,26 +98,26 @@ def wants_compile(setting: Union[str, bool], device: torch.device) -> bool:
     return bool(setting)
 
 
-def compiled_kernels(autotune: Optional[bool] = None) -> lean_block.Kernels:
-    """The block kernels under ``torch.compile`` (built once per process and ``autotune``, by
-    default apply_compile's; graphs compile on first use, per shape)."""
-    key = _AUTOTUNE if autotune is None else bool(autotune)
+def compiled_kernels(autotune: Optional[bool] = None, combo: Optional[bool] = None) -> lean_block.Kernels:
+    """The block kernels under ``torch.compile`` (built once per process and choice of
+    ``autotune`` and ``combo``, by default apply_compile's; graphs compile on first use, per shape)."""
+    key = _choice(autotune, combo)
     if key not in _COMPILED:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(key))
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(*key))
         _COMPILED[key] = lean_block.Kernels(*(compile_(f) for f in (
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
             fusion_kernels.fusion_forward, coupling.shortcut_backward, block_kernels.block_grads)))
     return _COMPILED[key]
 
 
-def compiled_decoder(autotune: Optional[bool] = None) -> tuple:
+def compiled_decoder(autotune: Optional[bool] = None, combo: Optional[bool] = None) -> tuple:
     """(stage, output) of ``decoder_kernels`` under ``torch.compile``, built once per process
-    and ``autotune`` (by default apply_compile's)."""
-    key = _AUTOTUNE if autotune is None else bool(autotune)
+    and choice of ``autotune`` and ``combo`` (by default apply_compile's)."""
+    key = _choice(autotune, combo)
     if key not in _DECODER:
-        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(key))
+        compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(*key))
         _DECODER[key] = (compile_(decoder_kernels.stage_forward), compile_(decoder_kernels.output_forward))
     return _DECODER[key]
 
@@ -231,11 +243,12 @@ def _partitioned(model: torch.nn.Module) -> bool:
 
 
 def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: torch.device,
-                  autotune: bool = False) -> Optional[str]:
+                  autotune: bool = False, combo: bool = True) -> Optional[str]:
     """Switch the process's lean blocks to compiled kernels where ``setting`` asks for it (and
     back to eager where not), with inductor's matmul search where ``autotune``
-    (``train.compile_autotune``); returns a line for the log, or None when nothing is compiled."""
-    global _AUTOTUNE
+    (``train.compile_autotune``), pointwise kernels combined where ``combo``
+    (``train.compile_combo``); returns a line for the log, or None when nothing is compiled."""
+    global _CHOICE
     if not wants_compile(setting, device):
         lean_block.use_kernels(None)
         _set_fusions(model, False)
@@ -250,7 +263,7 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         return ("train.compile: not applied under ZeRO-3 (its partitioned parameters run the blocks' own "
                 "forward under DeepSpeed's hooks); blocks run eagerly, the loss is still compiled"
                 + (" (train.compile_autotune with it)" if autotune else ""))
-    _AUTOTUNE = bool(autotune)
+    _CHOICE = (bool(autotune), bool(combo))
     lean_block.use_kernels(compiled_kernels())
     _set_fusions(model, True)
     _set_decoders(model, True)
@@ -263,5 +276,6 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         " (recompute: block: the reversible columns' blocks stay eager, their chunked recomputation is not compiled)")
     search = (", each matmul timed against Triton templates with their neighbours fused (train.compile_autotune: "
               "the first steps wait minutes longer)") if autotune else ""
+    search += "" if combo else ", independent pointwise kernels left apart (train.compile_combo: false)"
     return ("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs (forward, recomputation and "
             "backward; the first steps wait for compilation" + search + ")" + mode)

@@ -396,13 +396,20 @@ def test_trainer_applies_the_switch(tmp_path):
     finally:
         compile_setting._COMPILED.update(saved[0])
         compile_setting._DECODER.update(saved[1])
-        compile_setting._AUTOTUNE = False
+        compile_setting._CHOICE = (False, True)
     # every block, fusion and decoder function compiled with the search on
     kernels = {"forward_full", "hidden", "tail_grads", "body_grads", "block_grads", "fusion_forward",
                "shortcut_backward", "stage_forward", "output_forward"}
     assert kernels <= {name for name, _ in compiles}
-    assert all(options["max_autotune_gemm"] and options["force_layout_optimization"]
+    assert all(options["max_autotune_gemm"] and options["force_layout_optimization"] and options["combo_kernels"]
                for name, options in compiles if name in kernels)
+    # train.compile_combo=false: the same graphs without combined kernels, a cache of their own
+    Trainer(load_config(None, base + ["train.compile=true", "train.compile_combo=false"]), log=lines.append)
+    assert compile_setting._CHOICE == (False, False)
+    assert lean_block.kernels() is compile_setting.compiled_kernels(False, False)
+    assert lean_block.kernels() is not compile_setting.compiled_kernels(False, True)
+    assert "combo_kernels" not in compile_setting.inductor_options(False, False)
+    compile_setting._CHOICE = (False, True)
     assert any("train.compile_autotune" in line for line in lines)
     assert apply_compile(torch.nn.Module(), "auto", CPU, autotune=True).startswith(
         "train.compile_autotune: ignored, nothing is compiled here")
