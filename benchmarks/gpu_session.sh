@@ -18,7 +18,7 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } >>"$LOG" 2>&1
 
 # ONLY=a,b runs those parts alone; without it every part runs but the optional ones (OPTIONAL).
-OPTIONAL=",gpu_step_autotune,codegen_on_device,"
+OPTIONAL=",gpu_step_autotune,gpu_step_combo,codegen_on_device,"
 part() {  # part NAME LIMIT_S COMMAND...: its stdout to NAME.jsonl, its exit and last stderr lines to the log
   local name=$1 limit=$2 t0=$SECONDS status
   shift 2
@@ -49,6 +49,11 @@ part kernel_table 45 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table
 # matmul search (train.compile_autotune) beside without it; the search's compilation takes minutes
 part gpu_step_autotune 540 sh -c 'python3 benchmarks/gpu_step.py --models revcol_base --policies reversible \
   --compile on && python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on --autotune'
+# Optional (ONLY=gpu_step_combo): RevCol-T (launch-bound) and RevCol-B plain, compiled, without inductor's
+# combined pointwise kernels (train.compile_combo=false) beside the default with them
+part gpu_step_combo 300 sh -c 'for m in "revcol_tiny reversible" "revcol_base plain"; do set -- $m; \
+  python3 benchmarks/gpu_step.py --models $1 --policies $2 --compile on --no-combo && \
+  python3 benchmarks/gpu_step.py --models $1 --policies $2 --compile on || exit $?; done'
 # Optional (ONLY=codegen_on_device): the block kernels as torch.compile generates them on this device,
 # their launches against triton_codegen.py's fake device (the same commit's rows), and their time
 part codegen_on_device 240 python3 benchmarks/codegen_on_device.py --functions forward_full,block_grads,shortcut \

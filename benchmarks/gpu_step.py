@@ -63,11 +63,11 @@ class Setting:
 # ---- the two kinds of step ------------------------------------------------------------------
 
 def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, graphed: bool = False,
-                autotune: bool = False):
+                autotune: bool = False, combo: bool = True):
     """The trainer's step (as ops_per_step builds it), its blocks compiled or eager
     (``train.compile``), its forward and backward replayed as one CUDA graph or not
     (``train.cuda_graph``; captured within the warm-up); returns (step, model config, chosen
-    policy, reason). ``autotune``: ``train.compile_autotune``."""
+    policy, reason). ``autotune``, ``combo``: ``train.compile_autotune``, ``train.compile_combo``."""
     torch.manual_seed(0)
     args = CPU_ARGS if s.cpu else {}
     reason = None
@@ -75,7 +75,7 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
         policy, reason = auto_policy(name, s, args)
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).train()
     model.reversible = policy == "reversible"
-    apply_compile(model, compiled, s.device, autotune)
+    apply_compile(model, compiled, s.device, autotune, combo)
     compile_loss(ops.LOSS, compiled, s.device)
     if compiled and s.cpu:
         ops.count_compiled()  # the graphs callable under the CPU's op counter (dynamo refuses a dispatch mode)
@@ -98,7 +98,8 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
     return step, model.config, policy, reason
 
 
-def alone_step(name: str, policy: str, s: Setting, compiled: bool = False, autotune: bool = False):
+def alone_step(name: str, policy: str, s: Setting, compiled: bool = False, autotune: bool = False,
+               combo: bool = True):
     """The model alone with the same heads and decoders, as issue 25 measured it: no drop path,
     torch's fused AdamW over one group, the sum of every head's logits and reconstructions as
     the loss; no layer decay, clipping, finite check, keys or EMA. What the trainer's step costs
@@ -107,7 +108,7 @@ def alone_step(name: str, policy: str, s: Setting, compiled: bool = False, autot
     args = dict(CPU_ARGS if s.cpu else {}, drop_path=0.0)
     model = ops.create_model(name, num_classes=ops.CLASSES, inter_supv=True, **args).to(s.device).train()
     model.reversible = policy == "reversible"
-    apply_compile(model, compiled, s.device, autotune)
+    apply_compile(model, compiled, s.device, autotune, combo)
     if compiled and s.cpu:
         ops.count_compiled()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -258,8 +259,11 @@ def main(argv=None) -> int:
     ap.add_argument("--autotune", action="store_true",
                     help="compiled rows with inductor's matmul search (train.compile_autotune: each matmul timed "
                          "as cuBLAS against Triton templates with their neighbours fused; compiling takes minutes)")
+    ap.add_argument("--no-combo", action="store_true",
+                    help="compiled rows without inductor's combined pointwise kernels (train.compile_combo=false)")
     a = ap.parse_args(argv)
     cpu = a.mode == "cpu"
+    combo = not a.no_combo
     if cpu and a.graph != "off":
         print("error: --graph needs CUDA (a CUDA graph); on a CPU leave it off", file=sys.stderr)
         return 2
@@ -280,9 +284,10 @@ def main(argv=None) -> int:
             kinds = [(c, False) for c in compiles if not (c and a.graph == "on")] + \
                 ([(True, True)] if a.graph != "off" else [])
             for compiled, graphed in kinds:
-                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed, a.autotune)
+                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed, a.autotune, combo)
                 r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason,
                                             "compiled": compiled, "compile_autotune": compiled and a.autotune,
+                                            "compile_combo": compiled and combo,
                                             "cuda_graph": graphed}, measure(step, s),
                         train_flops_per_image(config, s.res))
                 print(json.dumps(r), flush=True)
@@ -292,9 +297,10 @@ def main(argv=None) -> int:
                 if not cpu:
                     torch.cuda.empty_cache()
                 if a.alone and not graphed and chosen in ("reversible", "plain"):
-                    step, config = alone_step(name, chosen, s, compiled, a.autotune)
+                    step, config = alone_step(name, chosen, s, compiled, a.autotune, combo)
                     alone = row("alone", name, s, {"memory_policy": chosen, "compiled": compiled,
-                                                   "compile_autotune": compiled and a.autotune}, measure(step, s),
+                                                   "compile_autotune": compiled and a.autotune,
+                                                   "compile_combo": compiled and combo}, measure(step, s),
                                 train_flops_per_image(config, s.res))
                     alone["trainer_step_over_alone"] = alone["images_per_sec"] / r["images_per_sec"]
                     alone["trainer_kernels_over_alone"] = r["kernels_per_step"] / alone["kernels_per_step"]

@@ -291,6 +291,8 @@ def _compile_for_device(codes, row: dict, binaries: Dict[str, "fake_cuda.Binary"
                 row["cubin_failed"] += binaries[source].error is not None  # each distinct kernel once
             b = binaries[source]
             row["launches_spilling"] += k * names[name] if b.spills else 0
+            if b.spills and k:
+                row["spilling"].add(f"{name}: {min(b.local_bytes)} B local")
             row["max_registers"] = max(row["max_registers"], min(b.registers, default=0))
 
 
@@ -303,7 +305,7 @@ def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: b
     rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0,
                                                      compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0,
                                                      eager_extern_gb=0.0, extern=Counter(),
-                                                     **(dict(cubin_failed=0, launches_spilling=0, max_registers=0)
+                                                     **(dict(cubin_failed=0, launches_spilling=0, max_registers=0, spilling=set())
                                                         if cubin else {})))
     binaries: Dict[str, fake_cuda.Binary] = {}
     with fake_cuda.FakeCuda(matmul_templates=matmul_templates) as cuda:
@@ -367,12 +369,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     gbs = ("compiled_gb", "eager_gb", "compiled_extern_gb", "eager_extern_gb")
     total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, **{k: 0.0 for k in gbs},
                  **(dict(cubin_failed=0, launches_spilling=0) if args.cubin else {}))
+    if args.cubin:
+        total["max_registers"] = max(row["max_registers"] for row in rows.values())
     for name, row in sorted(rows.items()):
         for k in total:
-            total[k] += row[k]
-        if args.cubin:
-            total["max_registers"] = max(total.get("max_registers", 0), row["max_registers"])
-        print(json.dumps({"bench": "triton_codegen", "function": name, **{k: v for k, v in row.items() if k != "extern"},
+            if k != "max_registers":
+                total[k] += row[k]
+        print(json.dumps({"bench": "triton_codegen", "function": name,
+                          **{k: v for k, v in row.items() if k not in ("extern", "spilling")},
+                          **({"spilling": sorted(row["spilling"])} if args.cubin else {}),
                           **{k: round(row[k], 3) for k in gbs},
                           "compiled_ms_at_peak": ms(row["compiled_gb"]), "eager_ms_at_peak": ms(row["eager_gb"]),
                           "compiled_all_ms_at_peak": ms(row["compiled_gb"] + row["compiled_extern_gb"]),
