@@ -607,14 +607,15 @@ def check_data_finish(s: Setting) -> dict:
             "res": res, "host_ms_first": times[0], "host_ms_warm": warm_ms, "host_ms_limit": 1.0}
 
 
-def graph_run(s: Setting, graphed: bool, steps: int = 8, compiled: bool = False):
+def graph_run(s: Setting, graphed: bool, steps: int = 8, compiled: bool = False, combo: bool = False):
     """``steps`` training steps of a narrow RevCol-T (keyed drop path, inter_supv, AdamW,
     clipping), eager or with the forward and backward captured after two eager steps
     (``train.cuda_graph``); each step's loss and the final weights. After the fourth step one
     alpha is set below the reconstruction threshold: the eager steps keep that level's input
     from the sixth step on (the minima reach the host a step late), a graph must capture anew.
     Each step's loss is read after the next step's forward and backward are queued, as the
-    Trainer reads it (``Trainer.settle``): the host is never ahead by more than a step."""
+    Trainer reads it (``Trainer.settle``): the host is never ahead by more than a step.
+    ``combo``: ``train.compile_combo`` for the compiled graphs."""
     from revcol_dist.models.layers import random_streams, stream_keeps
     from revcol_dist.parallel.compile import apply_compile, compile_loss
     from revcol_dist.parallel.cuda_graph import graph_forward_backward
@@ -623,7 +624,7 @@ def graph_run(s: Setting, graphed: bool, steps: int = 8, compiled: bool = False)
     model = create_model("revcol_tiny", channels=(16, 24, 32, 40), layers=(1, 1, 2, 1), num_classes=7,
                          drop_path=0.3, inter_supv=True).train()
     loss_fn = RevColLoss((0.5,) * 3, (0.25,) * 3)
-    apply_compile(model, compiled, s.device)
+    apply_compile(model, compiled, s.device, combo=combo)
     compile_loss(loss_fn, compiled, s.device)
     b = LocalBackend(model, DistInfo(0, 1, 0), lambda m: make_optimizer(m, "adamw", 0.05, 0.9), s.device, "fp32",
                      clip_grad=1.0)
@@ -677,6 +678,25 @@ def check_cuda_graph(s: Setting) -> dict:
     return {"ok": ok, **entry}
 
 
+def check_compile_combo(s: Setting) -> dict:
+    """``train.compile_combo``: eight compiled steps with the graphs' independent pointwise
+    kernels combined train as without (every loss, the final weights; deterministic kernels,
+    fp32): the same arithmetic, so the same values within what two runs without it differ by
+    (the kernels with atomics)."""
+    if not s.gpu:
+        return {"ok": True, "skipped": True, "reason": "needs CUDA (on a CPU inductor combines nothing)"}
+    loss_gap = lambda a, b: max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))  # noqa: E731
+    with kernel_flags(deterministic=True):
+        ref_losses, ref_weights, _ = graph_run(s, graphed=False, compiled=True)
+        again_losses, again_weights, _ = graph_run(s, graphed=False, compiled=True)
+        losses, weights, _ = graph_run(s, graphed=False, compiled=True, combo=True)
+    spread = max(loss_gap(ref_losses, again_losses), worst_relative(ref_weights, again_weights))
+    tol = max(1e-6, 10 * spread)
+    loss_diff, weight_diff = loss_gap(ref_losses, losses), worst_relative(ref_weights, weights)
+    return {"ok": loss_diff <= tol and weight_diff <= tol, "losses": losses, "spread_without": spread,
+            "tolerance": tol, "worst_rel_loss_diff": loss_diff, "worst_rel_weight_diff": weight_diff}
+
+
 def check_late_read(s: Setting) -> dict:
     """``Trainer.settle``'s read (``engine/step_values.py``): a step's values, read after more
     work was queued behind it, wait for that step only, so the device is still busy when they
@@ -714,6 +734,7 @@ CHECKS: Dict[str, Callable[[Setting], dict]] = {
     "throughput": check_throughput,
     "data_finish": check_data_finish,
     "cuda_graph": check_cuda_graph,
+    "compile_combo": check_compile_combo,
     "late_read": check_late_read,
 }
 

@@ -49,11 +49,13 @@ part kernel_table 45 env BENCH_MODEL=revcol_base python3 benchmarks/kernel_table
 # matmul search (train.compile_autotune) beside without it; the search's compilation takes minutes
 part gpu_step_autotune 540 sh -c 'python3 benchmarks/gpu_step.py --models revcol_base --policies reversible \
   --compile on && python3 benchmarks/gpu_step.py --models revcol_base --policies reversible --compile on --autotune'
-# Optional (ONLY=gpu_step_combo): RevCol-T (launch-bound) and RevCol-B plain, compiled, without inductor's
-# combined pointwise kernels (train.compile_combo=false) beside the default with them
-part gpu_step_combo 300 sh -c 'for m in "revcol_tiny reversible" "revcol_base plain"; do set -- $m; \
-  python3 benchmarks/gpu_step.py --models $1 --policies $2 --compile on --no-combo && \
-  python3 benchmarks/gpu_step.py --models $1 --policies $2 --compile on || exit $?; done'
+# Optional (ONLY=gpu_step_combo): inductor's combined pointwise kernels (train.compile_combo): the same
+# values as without (gpu_check's compile_combo), then RevCol-T (launch-bound) and RevCol-B plain, compiled,
+# with them beside without
+part gpu_step_combo 300 sh -c 'python3 benchmarks/gpu_check.py --only compile_combo --budget-s 60 || exit $?; \
+  for m in "revcol_tiny reversible" "revcol_base plain"; do set -- $m; \
+  python3 benchmarks/gpu_step.py --models $1 --policies $2 --compile on && \
+  python3 benchmarks/gpu_step.py --models $1 --policies $2 --compile on --combo || exit $?; done'
 # Optional (ONLY=codegen_on_device): the block kernels as torch.compile generates them on this device,
 # their launches against triton_codegen.py's fake device (the same commit's rows), and their time
 part codegen_on_device 240 python3 benchmarks/codegen_on_device.py --functions forward_full,block_grads,shortcut \

@@ -63,7 +63,7 @@ class Setting:
 # ---- the two kinds of step ------------------------------------------------------------------
 
 def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, graphed: bool = False,
-                autotune: bool = False, combo: bool = True):
+                autotune: bool = False, combo: bool = False):
     """The trainer's step (as ops_per_step builds it), its blocks compiled or eager
     (``train.compile``), its forward and backward replayed as one CUDA graph or not
     (``train.cuda_graph``; captured within the warm-up); returns (step, model config, chosen
@@ -99,7 +99,7 @@ def revcol_step(name: str, policy: str, s: Setting, compiled: bool = False, grap
 
 
 def alone_step(name: str, policy: str, s: Setting, compiled: bool = False, autotune: bool = False,
-               combo: bool = True):
+               combo: bool = False):
     """The model alone with the same heads and decoders, as issue 25 measured it: no drop path,
     torch's fused AdamW over one group, the sum of every head's logits and reconstructions as
     the loss; no layer decay, clipping, finite check, keys or EMA. What the trainer's step costs
@@ -259,11 +259,11 @@ def main(argv=None) -> int:
     ap.add_argument("--autotune", action="store_true",
                     help="compiled rows with inductor's matmul search (train.compile_autotune: each matmul timed "
                          "as cuBLAS against Triton templates with their neighbours fused; compiling takes minutes)")
-    ap.add_argument("--no-combo", action="store_true",
-                    help="compiled rows without inductor's combined pointwise kernels (train.compile_combo=false)")
+    ap.add_argument("--combo", action="store_true",
+                    help="compiled rows with inductor's combined pointwise kernels (train.compile_combo=true)")
     a = ap.parse_args(argv)
     cpu = a.mode == "cpu"
-    combo = not a.no_combo
+    combo = a.combo
     if cpu and a.graph != "off":
         print("error: --graph needs CUDA (a CUDA graph); on a CPU leave it off", file=sys.stderr)
         return 2

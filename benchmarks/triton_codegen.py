@@ -284,6 +284,8 @@ def _compile_for_device(codes, row: dict, binaries: Dict[str, "fake_cuda.Binary"
     once (``binaries``, by source; a failure counted once); per step, the launches of kernels that
     spill to local memory in every configuration; the most registers of a kernel's leanest one."""
     for code, k in codes:
+        if k == 0:  # a backward that never ran: compiled on the device only when it first runs
+            continue
         names = Counter(launch.name for launch in fake_cuda.parse_launches(code).launches if launch.triton)
         for name, source in fake_cuda.kernel_sources(code):
             if source not in binaries:

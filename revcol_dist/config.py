@@ -101,8 +101,9 @@ class TrainSection:
     compile_autotune: bool = False
     # With compile: launch a graph's independent pointwise kernels (weight-gradient casts, the
     # passes that finish reductions) as one kernel each group (inductor's combo kernels,
-    # parallel/compile.COMBO_OPTIONS); the same arithmetic. Off if inductor's combining fails.
-    compile_combo: bool = True
+    # parallel/compile.COMBO_OPTIONS); the same arithmetic. Off until a GPU run has compared the
+    # values and timed it (gpu_check.py's compile_combo, gpu_session.sh's gpu_step_combo).
+    compile_combo: bool = False
     # Capture the step's forward and backward as one CUDA graph after three eager steps and
     # replay it (parallel/cuda_graph.py): one launch for thousands of kernels, for models and
     # batches bound by the host's launches. One process on a CUDA device.

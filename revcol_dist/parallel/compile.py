@@ -59,7 +59,8 @@ RECOMPILE_LIMIT = 64
 # needed a contiguous copy of that gradient, a kernel per up part's backward.
 INDUCTOR_OPTIONS = {"force_layout_optimization": True, "comprehensive_padding": False}
 
-# ``train.compile_combo`` (default on): independent pointwise kernels of a graph launched as one
+# ``train.compile_combo`` (default off until a GPU run compares its values and times it):
+# independent pointwise kernels of a graph launched as one
 # (inductor's combo kernels, pointwise only: the same arithmetic, so the same values), such as
 # the small casts of weight gradients and the finishing passes beside them. Every kernel of a
 # RevCol-B and -T step compiles for sm_90 with them, none spilling registers
@@ -78,10 +79,10 @@ AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "AT
 Choice = Tuple[bool, bool]  # (train.compile_autotune, train.compile_combo)
 _COMPILED: Dict[Choice, lean_block.Kernels] = {}
 _DECODER: Dict[Choice, tuple] = {}
-_CHOICE: Choice = (False, True)  # apply_compile's, read by the decoders' compiled stages when called
+_CHOICE: Choice = (False, False)  # apply_compile's, read by the decoders' compiled stages when called
 
 
-def inductor_options(autotune: bool = False, combo: bool = True) -> dict:
+def inductor_options(autotune: bool = False, combo: bool = False) -> dict:
     """The options every graph here compiles with."""
     return {**INDUCTOR_OPTIONS, **(AUTOTUNE_OPTIONS if autotune else {}), **(COMBO_OPTIONS if combo else {})}
 
@@ -243,7 +244,7 @@ def _partitioned(model: torch.nn.Module) -> bool:
 
 
 def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: torch.device,
-                  autotune: bool = False, combo: bool = True) -> Optional[str]:
+                  autotune: bool = False, combo: bool = False) -> Optional[str]:
     """Switch the process's lean blocks to compiled kernels where ``setting`` asks for it (and
     back to eager where not), with inductor's matmul search where ``autotune``
     (``train.compile_autotune``), pointwise kernels combined where ``combo``
@@ -276,6 +277,6 @@ def apply_compile(model: torch.nn.Module, setting: Union[str, bool], device: tor
         " (recompute: block: the reversible columns' blocks stay eager, their chunked recomputation is not compiled)")
     search = (", each matmul timed against Triton templates with their neighbours fused (train.compile_autotune: "
               "the first steps wait minutes longer)") if autotune else ""
-    search += "" if combo else ", independent pointwise kernels left apart (train.compile_combo: false)"
+    search += ", independent pointwise kernels launched as one (train.compile_combo)" if combo else ""
     return ("train.compile: ConvNeXt blocks, fusions and decoders run as compiled graphs (forward, recomputation and "
             "backward; the first steps wait for compilation" + search + ")" + mode)

@@ -226,8 +226,10 @@ def make_plan(inp: PlanInput) -> Dict:
     stem = inp.batch * cfg.channels[0] * math.ceil(inp.res / 4) ** 2 * 4 + inp.batch * 3 * inp.res**2 * 4
     # The plain last column(s) free their activations in their own backward, before the
     # reconstructed columns recompute: the two never coexist.
-    # one weight gradient in flight before it is accumulated (the largest: pwconv of level 3)
-    grad_transient = 4 * cfg.channels[3] ** 2 * b["grad"]
+    # one weight gradient in flight before it is accumulated (the largest: pwconv of level 3);
+    # two in a plain forward, whose compiled blocks return both pwconv gradients from one node
+    in_flight = 2 if n_plain >= cols_in_stage else 1
+    grad_transient = in_flight * 4 * cfg.channels[3] ** 2 * b["grad"]
     activations = ((0 if inp.offload_boundaries else boundaries) + max(transient, plain) + kept_level_bytes + stem
                    + grad_transient)
     if inp.offload_boundaries:

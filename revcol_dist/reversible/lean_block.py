@@ -467,6 +467,7 @@ def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
     return _as(g_x, g.dtype).add_(g), grads
 
 
+@torch.no_grad()
 def backward_both(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL). Compiled,
     one graph (``block_grads``); eager, each part lays out g itself: sharing that copy would keep
@@ -527,8 +528,8 @@ def _freed(holder: Optional[_Holder]) -> _Holder:
     if holder is None or holder.saved is None:
         raise RuntimeError(
             "lean ConvNeXt block: what its forward kept was freed by an earlier backward. A second backward "
-            "through the same graph (retain_graph=True) is not supported by the reversible engine; set "
-            "model.reversible = False for that use."
+            "through the same graph (retain_graph=True) is not supported by the lean blocks; set "
+            "model.reversible = False and train.compile = false for that use."
         )
     return holder
 

@@ -376,11 +376,12 @@ def test_trainer_applies_the_switch(tmp_path):
     # inductor's matmul search (a CPU run offers it cuBLAS's counterpart alone: nothing to time)
     from revcol_dist.parallel import compile as compile_setting
 
-    compiles = []
+    recorded = {"autotune": [], "combo": []}
+    phase = ["autotune"]
     real_compile = torch.compile
 
     def recording_compile(fn, **kwargs):
-        compiles.append((getattr(fn, "__name__", fn), kwargs.get("options")))
+        recorded[phase[0]].append((getattr(fn, "__name__", fn), kwargs.get("options")))
         return real_compile(fn, **kwargs)
 
     saved = dict(compile_setting._COMPILED), dict(compile_setting._DECODER)
@@ -391,25 +392,33 @@ def test_trainer_applies_the_switch(tmp_path):
             mp.setattr(torch, "compile", recording_compile)
             Trainer(load_config(None, base + ["train.compile=true", "train.compile_autotune=true"]), log=lines.append)
             compile_setting.compiled_decoder()
-        assert lean_block.kernels() is compile_setting.compiled_kernels(True)
-        assert compile_setting.compiled_decoder() is compile_setting.compiled_decoder(True)
+            assert lean_block.kernels() is compile_setting.compiled_kernels(True)
+            assert compile_setting.compiled_decoder() is compile_setting.compiled_decoder(True)
+            # train.compile_combo=true: the same functions compiled with inductor's combo kernels,
+            # a cache of their own
+            phase[0] = "combo"
+            Trainer(load_config(None, base + ["train.compile=true", "train.compile_combo=true"]), log=lines.append)
+            compile_setting.compiled_decoder()
+            assert compile_setting._CHOICE == (False, True)
+            assert lean_block.kernels() is compile_setting.compiled_kernels(False, True)
     finally:
+        compile_setting._COMPILED.clear()
+        compile_setting._DECODER.clear()
         compile_setting._COMPILED.update(saved[0])
         compile_setting._DECODER.update(saved[1])
-        compile_setting._CHOICE = (False, True)
-    # every block, fusion and decoder function compiled with the search on
+        compile_setting._CHOICE = (False, False)
+        lean_block.use_kernels(None)
+    # every block, fusion and decoder function compiled with the search on, combo kernels off
+    # (the default); and with them where asked
     kernels = {"forward_full", "hidden", "tail_grads", "body_grads", "block_grads", "fusion_forward",
                "shortcut_backward", "stage_forward", "output_forward"}
-    assert kernels <= {name for name, _ in compiles}
-    assert all(options["max_autotune_gemm"] and options["force_layout_optimization"] and options["combo_kernels"]
+    compiles, combo_compiles = recorded["autotune"], recorded["combo"]
+    assert kernels <= {name for name, _ in compiles} and kernels <= {name for name, _ in combo_compiles}
+    assert all(options["max_autotune_gemm"] and options["force_layout_optimization"] and "combo_kernels" not in options
                for name, options in compiles if name in kernels)
-    # train.compile_combo=false: the same graphs without combined kernels, a cache of their own
-    Trainer(load_config(None, base + ["train.compile=true", "train.compile_combo=false"]), log=lines.append)
-    assert compile_setting._CHOICE == (False, False)
-    assert lean_block.kernels() is compile_setting.compiled_kernels(False, False)
-    assert lean_block.kernels() is not compile_setting.compiled_kernels(False, True)
-    assert "combo_kernels" not in compile_setting.inductor_options(False, False)
-    compile_setting._CHOICE = (False, True)
+    assert all(options["combo_kernels"] and options["combo_kernels_pointwise_only"] and "max_autotune_gemm" not in options
+               for name, options in combo_compiles if name in kernels)
+    assert any("train.compile_combo" in line for line in lines)
     assert any("train.compile_autotune" in line for line in lines)
     assert apply_compile(torch.nn.Module(), "auto", CPU, autotune=True).startswith(
         "train.compile_autotune: ignored, nothing is compiled here")
