@@ -567,12 +567,9 @@ class _LeanTail(torch.autograd.Function):
         return (None, g, *[like_param(gp, p) for gp, p in zip(grads, tail_params(holder.block))])
 
 
-class _LeanBlock(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, holder: _Holder, x: torch.Tensor, *params: torch.Tensor):
-        out, holder.saved = forward(holder.block, x, keep=True, keep_hidden=holder.keep_hidden)
-        ctx.holder = holder
-        return out
+class _LeanBlock(_LeanBody):
+    """The body's forward, and in one backward the body's and the tail's gradients (its
+    parameters: the body's, then the tail's)."""
 
     @staticmethod
     def backward(ctx, g):

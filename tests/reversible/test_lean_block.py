@@ -77,12 +77,14 @@ def test_recomputed_backward_matches_autograd(monkeypatch, chunk):
     assert worst(ref_x, ref_p, gx, gp) < 1e-12
 
 
-def test_autograd_function_and_autograd_grad():
+@pytest.mark.parametrize("one_node", [False, True], ids=["two_nodes", "one_node"])
+@pytest.mark.parametrize("keep_hidden", [True, False], ids=["h_kept", "h_recomputed"])
+def test_autograd_function_and_autograd_grad(one_node, keep_hidden):
     block, x, g = make(16)
     rng = torch.get_rng_state()
     out, ref_x, ref_p = autograd_grads(block, x, g, rng)
     torch.set_rng_state(rng)
-    y = lean_block.lean_block(block, x)
+    y = lean_block.lean_block(block, x, keep_hidden=keep_hidden, one_node=one_node)
     assert torch.equal(y, out)
     gx, *gp = torch.autograd.grad(y, [x, *block.parameters()], g)
     names = [n for n, _ in block.named_parameters()]
