@@ -68,6 +68,7 @@ class Launch:
     name: str
     triton: bool
     gb: float = 0.0
+    counted: bool = True  # a Triton kernel whose code carries its byte count (kernel_num_gb)
 
 
 @dataclass
@@ -81,6 +82,12 @@ class Launches:
     @property
     def triton(self) -> int:
         return sum(k.triton for k in self.launches)
+
+    @property
+    def uncounted(self) -> int:
+        """Triton launches whose bytes inductor did not write into their code (torch 2.11's
+        combined kernels): counted as none in ``gb``."""
+        return sum(not k.counted for k in self.launches)
 
     @property
     def extern(self) -> List[str]:
@@ -123,7 +130,7 @@ def parse_launches(code: str, extern_gb: Optional[dict] = None) -> Launches:
     out = Launches()
     for m in re.finditer(r"\b(triton_\w+)\.run\(|\b(extern_kernels\.\w+|torch\.ops\.aten\.[\w.]+)\(", call):
         if m.group(1):
-            out.launches.append(Launch(m.group(1), True, gb.get(m.group(1), 0.0)))
+            out.launches.append(Launch(m.group(1), True, gb.get(m.group(1), 0.0), m.group(1) in gb))
         else:
             line = call[call.rfind("\n", 0, m.start()) + 1:call.find("\n", m.end())]
             written = re.search(r"out=(?:reinterpret_tensor\()?(buf\d+)", line) or re.match(r"\s*(buf\d+) = ", line)

@@ -305,7 +305,7 @@ def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: b
     ``cubin``: every generated kernel also compiled for the device, ``fake_cuda.compile_kernels``)."""
     options = default_options() if options is None else options
     rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0,
-                                                     compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0,
+                                                     kernels_without_gb=0, compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0,
                                                      eager_extern_gb=0.0, extern=Counter(),
                                                      **(dict(cubin_failed=0, launches_spilling=0, max_registers=0, spilling=set())
                                                         if cubin else {})))
@@ -333,6 +333,7 @@ def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: b
             row["backward_calls"] += runs[1] if training else 0
             for c, e, k in zip(compiled, eager, runs):
                 row["compiled_kernels"] += k * c.kernels
+                row["kernels_without_gb"] += k * c.uncounted
                 row["eager_kernels"] += k * e.kernels
                 row["compiled_gb"] += k * c.gb
                 row["eager_gb"] += k * e.gb
@@ -369,7 +370,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                     args.matmuls == "triton", args.cubin)
     ms = lambda gb: round(gb / args.peak_gbs * 1e3, 3)  # noqa: E731
     gbs = ("compiled_gb", "eager_gb", "compiled_extern_gb", "eager_extern_gb")
-    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, **{k: 0.0 for k in gbs},
+    total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, kernels_without_gb=0,
+                 **{k: 0.0 for k in gbs},
                  **(dict(cubin_failed=0, launches_spilling=0) if args.cubin else {}))
     if args.cubin:
         total["max_registers"] = max(row["max_registers"] for row in rows.values())

@@ -164,6 +164,8 @@ def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monke
     assert total["calls"] == sum(r["calls"] for r in functions)
     assert 0 < total["backward_calls"] == sum(r["backward_calls"] for r in functions)
     assert total["compiled_kernels"] == sum(r["compiled_kernels"] for r in functions)
+    # every generated kernel's bytes counted (torch 2.11's combined kernels carry none; off here)
+    assert total["kernels_without_gb"] == 0 and all(r["kernels_without_gb"] == 0 for r in functions)
     assert 0 < total["kernels_compiled_over_eager"] < 1 and 0 < total["gb_compiled_over_eager"] < 1
     assert total["compiled_ms_at_peak"] == pytest.approx(total["compiled_gb"] / 4000 * 1e3, abs=1e-3)
     # the same matmuls and convolutions counted twice, independently: inductor's scheduler on the
@@ -253,6 +255,8 @@ def test_generated_kernels_compile_for_sm90_and_combined_pointwise_kernels_launc
             launches = [cuda.launches(code) for code in codes[combo]]
             codes[combo, "kernels"] = sum(k.kernels for k in launches)
             codes[combo, "gb"] = sum(k.gb for k in launches)
+            codes[combo, "uncounted"] = sum(k.uncounted for k in launches)
+    assert codes[False, "uncounted"] == 0  # every kernel's bytes in its code
     assert codes[True, "kernels"] < codes[False, "kernels"]
     # the same bytes as inductor counts them on torch 2.13; on 2.11 a combined kernel carries no
     # byte count (kernel_num_gb), so it counts none here
