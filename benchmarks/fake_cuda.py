@@ -197,12 +197,12 @@ def _resources(cubin: bytes) -> Tuple[int, int]:
 
 
 def compile_kernels(sources: Sequence[Tuple[str, str]]) -> List[Binary]:
-    """Each Triton kernel (``kernel_sources`` of wrapper code generated here) compiled for the device it was generated
-    for (the architecture in the kernel's metadata: sm_90 for the H200) by Triton's compiler and
-    the ptxas its wheel carries, as inductor compiles them on the GPU before their first launch;
-    no driver and no GPU needed. What a CPU can check of the generated code: that it compiles,
-    and the registers and local memory ptxas gives it (spills make a kernel slow); not that it
-    computes the right values."""
+    """Each Triton kernel (``kernel_sources`` of wrapper code generated here) compiled for the
+    device it was generated for (the architecture in the kernel's metadata: sm_90 for the H200)
+    by Triton's compiler and the ptxas its wheel carries, as inductor compiles them on the GPU
+    before their first launch; no driver and no GPU needed. What a CPU can check of the
+    generated code: that it compiles, and the registers and local memory ptxas gives it (spills
+    make a kernel slow); not that it computes the right values."""
     from torch._inductor.codecache import PyCodeCache
     from torch._inductor.runtime import triton_helpers
 

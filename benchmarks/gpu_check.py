@@ -33,7 +33,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -607,6 +607,11 @@ def check_data_finish(s: Setting) -> dict:
             "res": res, "host_ms_first": times[0], "host_ms_warm": warm_ms, "host_ms_limit": 1.0}
 
 
+def _loss_gap(a: Sequence[float], b: Sequence[float]) -> float:
+    """The largest relative difference between two runs' losses, step by step."""
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+
+
 def graph_run(s: Setting, graphed: bool, steps: int = 8, compiled: bool = False, combo: bool = False):
     """``steps`` training steps of a narrow RevCol-T (keyed drop path, inter_supv, AdamW,
     clipping), eager or with the forward and backward captured after two eager steps
@@ -657,18 +662,17 @@ def check_cuda_graph(s: Setting) -> dict:
     if not s.gpu:
         return {"ok": True, "skipped": True, "reason": "needs CUDA (tests/parallel/test_cuda_graph.py covers the rest)"}
     entry, ok = {}, True
-    loss_gap = lambda a, b: max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))  # noqa: E731
     with kernel_flags(deterministic=True):
         for compiled in (False, True):
             ref_losses, ref_weights, _ = graph_run(s, graphed=False, compiled=compiled)
             again_losses, again_weights, _ = graph_run(s, graphed=False, compiled=compiled)
             losses, weights, wrapper = graph_run(s, graphed=True, compiled=compiled)
             # eager against eager: the spread of kernels with atomics (the decoders' upsampling backward)
-            spread = max(loss_gap(ref_losses, again_losses), worst_relative(ref_weights, again_weights))
+            spread = max(_loss_gap(ref_losses, again_losses), worst_relative(ref_weights, again_weights))
             # the graph's step 6 still reconstructs the level the eager step 6 keeps (its check reads
             # a step older minima): the reversible engine's own tolerance, 1e-5, covers that
             tol = max(1e-5, 10 * spread)
-            loss_diff, weight_diff = loss_gap(ref_losses, losses), worst_relative(ref_weights, weights)
+            loss_diff, weight_diff = _loss_gap(ref_losses, losses), worst_relative(ref_weights, weights)
             good = (wrapper.captures, wrapper.replays) == (2, 5) and loss_diff <= tol and weight_diff <= tol
             ok &= good
             entry["compiled" if compiled else "eager"] = {
@@ -685,14 +689,13 @@ def check_compile_combo(s: Setting) -> dict:
     (the kernels with atomics)."""
     if not s.gpu:
         return {"ok": True, "skipped": True, "reason": "needs CUDA (on a CPU inductor combines nothing)"}
-    loss_gap = lambda a, b: max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))  # noqa: E731
     with kernel_flags(deterministic=True):
         ref_losses, ref_weights, _ = graph_run(s, graphed=False, compiled=True)
         again_losses, again_weights, _ = graph_run(s, graphed=False, compiled=True)
         losses, weights, _ = graph_run(s, graphed=False, compiled=True, combo=True)
-    spread = max(loss_gap(ref_losses, again_losses), worst_relative(ref_weights, again_weights))
+    spread = max(_loss_gap(ref_losses, again_losses), worst_relative(ref_weights, again_weights))
     tol = max(1e-6, 10 * spread)
-    loss_diff, weight_diff = loss_gap(ref_losses, losses), worst_relative(ref_weights, weights)
+    loss_diff, weight_diff = _loss_gap(ref_losses, losses), worst_relative(ref_weights, weights)
     return {"ok": loss_diff <= tol and weight_diff <= tol, "losses": losses, "spread_without": spread,
             "tolerance": tol, "worst_rel_loss_diff": loss_diff, "worst_rel_weight_diff": weight_diff}
 

@@ -263,7 +263,6 @@ def main(argv=None) -> int:
                     help="compiled rows with inductor's combined pointwise kernels (train.compile_combo=true)")
     a = ap.parse_args(argv)
     cpu = a.mode == "cpu"
-    combo = a.combo
     if cpu and a.graph != "off":
         print("error: --graph needs CUDA (a CUDA graph); on a CPU leave it off", file=sys.stderr)
         return 2
@@ -284,10 +283,10 @@ def main(argv=None) -> int:
             kinds = [(c, False) for c in compiles if not (c and a.graph == "on")] + \
                 ([(True, True)] if a.graph != "off" else [])
             for compiled, graphed in kinds:
-                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed, a.autotune, combo)
+                step, config, chosen, reason = revcol_step(name, policy, s, compiled, graphed, a.autotune, a.combo)
                 r = row("revcol", name, s, {"memory_policy": policy, "ran": chosen, "reason": reason,
                                             "compiled": compiled, "compile_autotune": compiled and a.autotune,
-                                            "compile_combo": compiled and combo,
+                                            "compile_combo": compiled and a.combo,
                                             "cuda_graph": graphed}, measure(step, s),
                         train_flops_per_image(config, s.res))
                 print(json.dumps(r), flush=True)
@@ -297,10 +296,10 @@ def main(argv=None) -> int:
                 if not cpu:
                     torch.cuda.empty_cache()
                 if a.alone and not graphed and chosen in ("reversible", "plain"):
-                    step, config = alone_step(name, chosen, s, compiled, a.autotune, combo)
+                    step, config = alone_step(name, chosen, s, compiled, a.autotune, a.combo)
                     alone = row("alone", name, s, {"memory_policy": chosen, "compiled": compiled,
                                                    "compile_autotune": compiled and a.autotune,
-                                                   "compile_combo": compiled and combo}, measure(step, s),
+                                                   "compile_combo": compiled and a.combo}, measure(step, s),
                                 train_flops_per_image(config, s.res))
                     alone["trainer_step_over_alone"] = alone["images_per_sec"] / r["images_per_sec"]
                     alone["trainer_kernels_over_alone"] = r["kernels_per_step"] / alone["kernels_per_step"]

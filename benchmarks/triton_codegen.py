@@ -292,8 +292,8 @@ def _compile_for_device(codes, row: dict, binaries: Dict[str, "fake_cuda.Binary"
                 binaries[source] = fake_cuda.compile_kernels([(name, source)])[0]
                 row["cubin_failed"] += binaries[source].error is not None  # each distinct kernel once
             b = binaries[source]
-            row["launches_spilling"] += k * names[name] if b.spills else 0
-            if b.spills and k:
+            if b.spills:
+                row["launches_spilling"] += k * names[name]
                 row["spilling"].add(f"{name}: {min(b.local_bytes)} B local")
             row["max_registers"] = max(row["max_registers"], min(b.registers, default=0))
 
@@ -304,11 +304,14 @@ def generate(calls: Counter, options: Optional[dict] = None, matmul_templates: b
     inductor's, as ``train.compile`` passes them; ``matmul_templates``: see ``fake_cuda.FakeCuda``;
     ``cubin``: every generated kernel also compiled for the device, ``fake_cuda.compile_kernels``)."""
     options = default_options() if options is None else options
-    rows: Dict[str, dict] = defaultdict(lambda: dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0,
-                                                     kernels_without_gb=0, compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0,
-                                                     eager_extern_gb=0.0, extern=Counter(),
-                                                     **(dict(cubin_failed=0, launches_spilling=0, max_registers=0, spilling=set())
-                                                        if cubin else {})))
+    def fresh_row() -> dict:
+        row = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, kernels_without_gb=0,
+                   compiled_gb=0.0, eager_gb=0.0, compiled_extern_gb=0.0, eager_extern_gb=0.0, extern=Counter())
+        if cubin:
+            row.update(cubin_failed=0, launches_spilling=0, max_registers=0, spilling=set())
+        return row
+
+    rows: Dict[str, dict] = defaultdict(fresh_row)
     binaries: Dict[str, fake_cuda.Binary] = {}
     with fake_cuda.FakeCuda(matmul_templates=matmul_templates) as cuda:
         for call, n in calls.items():

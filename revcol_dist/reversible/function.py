@@ -222,8 +222,7 @@ class _Fusion(torch.autograd.Function):
         if rec.leaves:  # gradients of the cast weights, in the parameters' dtype (as autocast's casts give them)
             n = len(wrt_ins)
             grads[n:] = [gp if gp is None or gp.dtype == p.dtype else gp.to(p.dtype) for gp, p in zip(grads[n:], wrt_p)]
-            for p in fusion_kernels.cast_targets(fusion):
-                st.casts.pop((id(p), st.autocast.dtype), None)  # the step's last use
+            lean_block.release_casts(st.casts, fusion_kernels.cast_targets(fusion), st.autocast.dtype)
         it_in, it_p = iter(grads[: len(wrt_ins)]), iter(grads[len(wrt_ins) :])
         g_ins = [next(it_in) if n else None for n in in_needs]
         g_params = [next(it_p) if needs[6 + i] else None for i in range(len(params))]
@@ -265,7 +264,7 @@ class _Block(torch.autograd.Function):
             else:
                 with lean_block.weight_casts(st.casts):
                     g_x, grads = lean_block.backward_both(block, saved, g)
-                lean_block.release_casts(st.casts, block, saved.cdt)
+                lean_block.release_casts(st.casts, lean_block.cast_targets(block), saved.cdt)
             del saved
             return (None, None, None, None, g_x, *[lean_block.like_param(gp, p) for gp, p in zip(grads, params)])
         if rec.ys is not None:  # backprop through this block's part of the recomputed graph

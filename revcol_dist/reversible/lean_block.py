@@ -180,9 +180,10 @@ def cast_targets(block: nn.Module) -> Tuple[torch.Tensor, ...]:
             block.pwconv2.weight, block.pwconv2.bias)
 
 
-def release_casts(cache: dict, block: nn.Module, dtype: torch.dtype) -> None:
-    """Drop a block's casts from ``cache`` once its backward is done (the step's last use)."""
-    for p in (*body_params(block), *tail_params(block)):
+def release_casts(cache: dict, tensors, dtype: torch.dtype) -> None:
+    """Drop the casts of ``tensors`` (a block's or a fusion's ``cast_targets``) from ``cache``
+    once their backward is done (the step's last use)."""
+    for p in tensors:
         cache.pop((id(p), dtype), None)
 
 
