@@ -281,15 +281,23 @@ class _EagerCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        results = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-        if func.is_view or not results or name in ("empty", "empty_strided", "empty_like", "new_empty_strided",
-                                                     "_local_scalar_dense", "lift_fresh", "detach"):
-            return out
-        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        moved = sum(_touched(t) for t in inputs) + sum(_touched(t) for t in results)
-        self.out.launches.append(Launch(name, name.rstrip("_") not in MATMULS, moved / 1e9))
+        launch = eager_launch(func, args, kwargs, out)
+        if launch is not None:
+            self.out.launches.append(launch)
         return out
+
+
+def eager_launch(func, args, kwargs, out) -> Optional[Launch]:
+    """The launch an eager op makes on a GPU, with the bytes of its tensor inputs and outputs;
+    None for an op that launches nothing (a view, an allocation, a host read)."""
+    name = func.overloadpacket.__name__
+    results = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if func.is_view or not (results or func._schema.is_mutable) or name in ("empty", "empty_strided", "empty_like", "new_empty_strided",
+                                                 "_local_scalar_dense", "lift_fresh", "detach"):
+        return None
+    inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    moved = sum(_touched(t) for t in inputs) + sum(_touched(t) for t in results)
+    return Launch(name, name.rstrip("_") not in MATMULS, moved / 1e9)
 
 
 def _contiguous(self: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:

@@ -48,6 +48,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,7 +69,8 @@ FUNCTIONS = {"forward_full": block_kernels.forward_full, "hidden": block_kernels
              "tail_grads": block_kernels.tail_grads, "body_grads": block_kernels.body_grads,
              "block_grads": getattr(block_kernels, "block_grads", None),
              "fusion": fusion_kernels.fusion_forward, "shortcut": coupling.shortcut_backward,
-             "decoder_stage": decoder_kernels.stage_forward, "decoder_output": decoder_kernels.output_forward}
+             "decoder_stage": decoder_kernels.stage_forward, "decoder_output": decoder_kernels.output_forward,
+             "loss": ops.LOSS.eager_terms}
 WARMUP = 2
 FUNCTIONS = {name: fn for name, fn in FUNCTIONS.items() if fn is not None}  # (an older engine: fewer)
 _LAYER_NORM = F.layer_norm
@@ -126,14 +128,56 @@ def _describe(a):
     return a
 
 
+class GlueCount(TorchDispatchMode):
+    """The step's eager launches outside the compiled functions (the autograd engine's sums and
+    casts, the couplings, the heads, the optimizer's casts' gradients): on a GPU, kernels beside
+    the compiled graphs'. A recorded call runs outside the mode, and the autograd nodes it made
+    (its eager backward) are told apart by identity (``own``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = fake_cuda.Launches()
+        self._nodes: list = []  # the recorded calls' nodes, held so that no id is reused
+        self._ids: set = set()
+
+    def own(self, outputs, inputs) -> None:
+        """The autograd nodes between a recorded call's outputs and its inputs: its backward."""
+        leaves = lambda x: [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]  # noqa: E731
+        before = {id(t.grad_fn) for t in leaves(inputs) if t.grad_fn is not None}
+        todo = [t.grad_fn for t in leaves(outputs) if t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in self._ids or id(node) in before or type(node).__name__ == "AccumulateGrad":
+                continue  # (a parameter's accumulation is the step's, as on the GPU)
+            self._nodes.append(node)
+            self._ids.add(id(node))
+            todo.extend(f for f, _ in node.next_functions)
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        node = torch._C._current_autograd_node()
+        if node is None or id(node) not in self._ids:
+            launch = fake_cuda.eager_launch(func, args, kwargs, out)
+            if launch is not None:
+                self.out.launches.append(launch)
+        return out
+
+
+_GLUE: List[GlueCount] = []  # the count in effect while a step is recorded
+
+
 def _recorder(name: str, fn, calls: list):
-    """fn, recording each call in ``calls`` as [Call, whether its backward ran]."""
+    """fn, recording each call in ``calls`` as [Call, whether its backward ran]; outside the glue
+    count, which is told of the call's autograd nodes."""
     def run(*args):
         on = torch.is_autocast_enabled("cpu")
         entry = [Call(name, _describe(args), torch.get_autocast_dtype("cpu") if on else None,
                       torch.is_grad_enabled()), False]
         calls.append(entry)
-        out = fn(*args)
+        with _disable_current_modes() if _GLUE else contextlib.nullcontext():
+            out = fn(*args)
+        if _GLUE:
+            _GLUE[-1].own(out, args)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.grad_fn is not None:
                 t.register_hook(lambda g: entry.__setitem__(1, True))  # fires when its gradient is computed
@@ -153,10 +197,10 @@ def _requires_grad(args) -> List[bool]:
 
 
 def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict] = None,
-                target: Tuple[int, int] = (0, 0)) -> List[Call]:
+                target: Tuple[int, int] = (0, 0), glue: Optional[GlueCount] = None) -> List[Call]:
     """The compiled functions' calls in one training step at this batch and resolution (CPU),
     with the engine's one size-dependent choice (``lean_block.keeps_output``) made as at
-    ``target`` (batch, resolution) where given."""
+    ``target`` (batch, resolution) where given; the step's eager launches counted in ``glue``."""
     calls: list = []  # [Call, its backward ran]
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(F, "layer_norm", _layer_norm_as_on_cuda))
@@ -173,6 +217,7 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
     saved = compile_setting.compiled_kernels, compile_setting.compiled_decoder
     compile_setting.compiled_kernels = lambda: kernels
     compile_setting.compiled_decoder = lambda: (rec["decoder_stage"], rec["decoder_output"])
+    ops.LOSS.terms = rec["loss"]
     try:
         stack.enter_context(decision)
         torch.manual_seed(0)
@@ -189,7 +234,13 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
             if i == WARMUP:
                 calls.clear()
                 _CAST_BUFFERS.clear()
-            backend.forward_backward([(x, y, SampleKeys(0, i, torch.arange(batch), streams, keeps))], ops.LOSS)
+            counting = glue if glue is not None and i == WARMUP else None
+            if counting is not None:
+                _GLUE.append(counting)
+            with counting if counting is not None else contextlib.nullcontext():
+                backend.forward_backward([(x, y, SampleKeys(0, i, torch.arange(batch), streams, keeps))], ops.LOSS)
+            if counting is not None:
+                _GLUE.pop()
             if i < WARMUP:
                 backend.step(lr=1e-4)
         compile_setting.apply_compile(model, False, torch.device("cpu"))
@@ -197,6 +248,8 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
         stack.close()
         _CAST_BUFFERS.clear()
         compile_setting.compiled_kernels, compile_setting.compiled_decoder = saved
+        ops.LOSS.terms = ops.LOSS.eager_terms
+        _GLUE.clear()
         lean_block.use_kernels(None)
     return [call._replace(backward=ran) for call, ran in calls]
 
@@ -232,19 +285,48 @@ def _nones(a) -> tuple:
     return tuple(_nones(x) if isinstance(x, tuple) and not isinstance(x, Tensor) else x is None for x in a)
 
 
-def step_calls(model_name: str, batch: int, res: int, res_small: int, model_args: Optional[dict] = None) -> Counter:
-    """Calls per step at (batch, res), each with its count, from three small recordings (the
-    deepest map at least 2x2 in each: a 1x1 map's memory layout cannot be told)."""
+class Glue(NamedTuple):
+    """The step's eager launches outside the compiled functions, carried to the target size."""
+    kernels: int
+    gb: float
+    extern_gb: float  # of these, matmuls' and convolutions'
+    by_name: Counter
+
+
+def _carry_gb(g1: float, g2: float, g3: float, batch: float, res: float) -> float:
+    """Bytes recorded at (1, r), (2, r), (1, 2r) at (batch, res * r), as a + b*batch +
+    c*batch*res**2 (weight-sized, pooled-sized and map-sized tensors), solved from the three."""
+    c = (g3 - g1) / 3
+    b = g2 - g1 - c
+    return g1 - b - c + b * batch + c * batch * res ** 2
+
+
+def step_record(model_name: str, batch: int, res: int, res_small: int,
+                model_args: Optional[dict] = None) -> Tuple[Counter, Glue]:
+    """Calls per step at (batch, res), each with its count, and the step's eager launches, from
+    three small recordings (the deepest map at least 2x2 in each: a 1x1 map's memory layout
+    cannot be told)."""
     if res_small < 64 or res % 32:
         raise ValueError(f"--res-small {res_small} and --res {res}: both multiples of 32, the recordings' at least 64")
-    runs = [record_step(model_name, n, r, model_args, (batch, res))
-            for n, r in ((1, res_small), (2, res_small), (1, 2 * res_small))]
+    glues = [GlueCount() for _ in range(3)]
+    runs = [record_step(model_name, n, r, model_args, (batch, res), glue)
+            for (n, r), glue in zip(((1, res_small), (2, res_small), (1, 2 * res_small)), glues)]
     if len({len(r) for r in runs}) != 1 or any(len({(c.name, _nones(c.args)) for c in cs}) != 1 for cs in zip(*runs)):
         raise RuntimeError("the engine's calls differ between the recordings' sizes: the step is not carried exactly")
     out: Counter = Counter()
     for a, b, c in zip(*runs):
         out[a._replace(args=_carry(a.args, b.args, c.args, batch, res / res_small))] += 1
-    return out
+    # the launches as at batch 2 (at batch 1 a gradient's layout can match its parameter's by
+    # accident, and the engine's copy to the parameter's layout is left out)
+    glue = Glue(glues[1].out.kernels, _carry_gb(*(g.out.gb for g in glues), batch, res / res_small),
+                _carry_gb(*(g.out.extern_gb for g in glues), batch, res / res_small),
+                Counter(k.name for k in glues[1].out.launches))
+    return out, glue
+
+
+def step_calls(model_name: str, batch: int, res: int, res_small: int, model_args: Optional[dict] = None) -> Counter:
+    """Calls per step at (batch, res), each with its count (``step_record``)."""
+    return step_record(model_name, batch, res, res_small, model_args)[0]
 
 
 def strides(a: Tensor) -> List[int]:
@@ -369,8 +451,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps({"bench": "triton_codegen", "skipped": why}))
         return
     options = None if args.inductor_options is None else json.loads(args.inductor_options)
-    rows = generate(step_calls(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args)), options,
-                    args.matmuls == "triton", args.cubin)
+    calls, glue = step_record(args.model, args.batch, args.res, args.res_small, json.loads(args.model_args))
+    rows = generate(calls, options, args.matmuls == "triton", args.cubin)
     ms = lambda gb: round(gb / args.peak_gbs * 1e3, 3)  # noqa: E731
     gbs = ("compiled_gb", "eager_gb", "compiled_extern_gb", "eager_extern_gb")
     total = dict(calls=0, backward_calls=0, compiled_kernels=0, eager_kernels=0, kernels_without_gb=0,
@@ -390,6 +472,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                           "compiled_all_ms_at_peak": ms(row["compiled_gb"] + row["compiled_extern_gb"]),
                           "eager_all_ms_at_peak": ms(row["eager_gb"] + row["eager_extern_gb"]),
                           "extern_per_step": dict(row["extern"])}))
+    print(json.dumps({"bench": "triton_codegen", "function": "eager_glue", "kernels": glue.kernels,
+                      "gb": round(glue.gb, 3), "extern_gb": round(glue.extern_gb, 3),
+                      "ms_at_peak": ms(glue.gb), "top": glue.by_name.most_common(10)}))
     print(json.dumps({"bench": "triton_codegen", "model": args.model, "batch": args.batch, "res": args.res,
                       "device": fake_cuda.H200.name, "torch": torch.__version__,
                       "inductor_options": default_options() if options is None else options,
@@ -399,6 +484,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                       "compiled_ms_at_peak": ms(total["compiled_gb"]), "eager_ms_at_peak": ms(total["eager_gb"]),
                       "compiled_all_ms_at_peak": ms(total["compiled_gb"] + total["compiled_extern_gb"]),
                       "eager_all_ms_at_peak": ms(total["eager_gb"] + total["eager_extern_gb"]),
+                      "eager_glue_kernels": glue.kernels, "eager_glue_gb": round(glue.gb, 3),
+                      "step_kernels": total["compiled_kernels"] + glue.kernels,
+                      "step_gb": round(total["compiled_gb"] + glue.gb, 3),
+                      "step_all_ms_at_peak": ms(total["compiled_gb"] + total["compiled_extern_gb"] + glue.gb + glue.extern_gb),
                       "peak_gbs": args.peak_gbs}))
 
 

@@ -118,6 +118,38 @@ def test_the_fake_device_leaves_nothing_behind():
     assert torch.arange(6).view(2, 3)[1, 1:].tolist() == [4, 5]
 
 
+def test_glue_counts_the_step_s_eager_ops_and_not_a_recorded_call_s():
+    """The step's eager launches: a recorded call's forward and its autograd backward are the
+    compiled graphs' (counted apart), the ops around it are the step's."""
+    import triton_codegen as tc
+
+    calls: list = []
+    recorded = tc._recorder("fusion", lambda x, w: (x * w).sin(), calls)
+    glue = tc.GlueCount()
+    x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    tc._GLUE.append(glue)
+    try:
+        with glue:
+            y = recorded(x * 2, w)
+            (y + 1).sum().backward()
+    finally:
+        tc._GLUE.clear()
+    names = Counter(k.name for k in glue.out.launches)
+    # x * 2 and its backward, + 1, the sum and its seed; not sin, cos or the call's products
+    assert names["mul"] == 2 and names["add"] == names["sum"] == 1 and "sin" not in names and "cos" not in names
+    assert calls[0][1]  # the call's backward ran
+    assert glue.out.gb == pytest.approx(sum(k.gb for k in glue.out.launches)) and glue.out.gb > 0
+
+
+def test_glue_bytes_carried_exactly_where_they_scale_with_batch_and_area():
+    import triton_codegen as tc
+
+    def by_hand(n, r):  # weight-sized, pooled (per sample) and map-sized (per sample and pixel)
+        return 5.0 + 3.0 * n + 2.0 * n * r * r
+
+    assert tc._carry_gb(by_hand(1, 1), by_hand(2, 1), by_hand(1, 2), 128, 3.5) == pytest.approx(by_hand(128, 3.5))
+
+
 @pytest.mark.slow
 def test_calls_carried_to_a_size_equal_the_calls_recorded_there():
     import triton_codegen as tc
@@ -159,8 +191,8 @@ def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monke
     tc.main(["--model", "revcol_tiny", "--model-args", json.dumps(TINY), "--batch", "4", "--res", "128",
              "--res-small", "64"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    functions, total = rows[:-1], rows[-1]
-    assert {r["function"] for r in functions} >= {"forward_full", "block_grads", "fusion", "decoder_stage"}
+    functions, total = [r for r in rows[:-1] if r["function"] != "eager_glue"], rows[-1]
+    assert {r["function"] for r in functions} >= {"forward_full", "block_grads", "fusion", "decoder_stage", "loss"}
     assert total["calls"] == sum(r["calls"] for r in functions)
     assert 0 < total["backward_calls"] == sum(r["backward_calls"] for r in functions)
     assert total["compiled_kernels"] == sum(r["compiled_kernels"] for r in functions)
@@ -171,6 +203,11 @@ def test_cli_prints_a_line_per_function_and_the_step_against_eager(capsys, monke
     # the same matmuls and convolutions counted twice, independently: inductor's scheduler on the
     # compiled side, the eager ops' tensors on the other (a convolution's bias apart)
     assert total["compiled_extern_gb"] == pytest.approx(total["eager_extern_gb"], rel=0.02)
+    # the step's eager launches outside the compiled functions, carried to the size, in the step
+    glue = next(r for r in rows if r["function"] == "eager_glue")
+    assert 0 < glue["kernels"] == total["eager_glue_kernels"] and 0 < glue["gb"] == total["eager_glue_gb"]
+    assert total["step_kernels"] == total["compiled_kernels"] + glue["kernels"]
+    assert total["step_gb"] == pytest.approx(total["compiled_gb"] + glue["gb"], abs=2e-3)
 
 
 @pytest.mark.slow
