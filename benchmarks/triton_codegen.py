@@ -293,12 +293,12 @@ class Glue(NamedTuple):
     by_name: Counter
 
 
-def _carry_gb(g1: float, g2: float, g3: float, batch: float, res: float) -> float:
-    """Bytes recorded at (1, r), (2, r), (1, 2r) at (batch, res * r), as a + b*batch +
-    c*batch*res**2 (weight-sized, pooled-sized and map-sized tensors), solved from the three."""
-    c = (g3 - g1) / 3
-    b = g2 - g1 - c
-    return g1 - b - c + b * batch + c * batch * res ** 2
+def _carry_gb(g1: float, g2: float, g3: float, batch: float, res: float, base: int = 1) -> float:
+    """Bytes recorded at (base, r), (2 base, r), (base, 2r) at (batch, res * r), as a + b*batch
+    + c*batch*res**2 (weight-sized, pooled-sized and map-sized tensors), solved from the three."""
+    c = (g3 - g1) / (3 * base)
+    b = (g2 - g1) / base - c
+    return g1 - base * (b + c) + b * batch + c * batch * res ** 2
 
 
 def step_record(model_name: str, batch: int, res: int, res_small: int,
@@ -308,19 +308,24 @@ def step_record(model_name: str, batch: int, res: int, res_small: int,
     cannot be told)."""
     if res_small < 64 or res % 32:
         raise ValueError(f"--res-small {res_small} and --res {res}: both multiples of 32, the recordings' at least 64")
+    # the eager launches at batches 2 and 4 (at batch 1 a gradient's layout can match its
+    # parameter's by accident, and the engine's copy to the parameter's layout is left out)
     glues = [GlueCount() for _ in range(3)]
     runs = [record_step(model_name, n, r, model_args, (batch, res), glue)
-            for (n, r), glue in zip(((1, res_small), (2, res_small), (1, 2 * res_small)), glues)]
+            for (n, r), glue in zip(((1, res_small), (2, res_small), (1, 2 * res_small)), (None, glues[0], None))]
     if len({len(r) for r in runs}) != 1 or any(len({(c.name, _nones(c.args)) for c in cs}) != 1 for cs in zip(*runs)):
         raise RuntimeError("the engine's calls differ between the recordings' sizes: the step is not carried exactly")
     out: Counter = Counter()
     for a, b, c in zip(*runs):
         out[a._replace(args=_carry(a.args, b.args, c.args, batch, res / res_small))] += 1
-    # the launches as at batch 2 (at batch 1 a gradient's layout can match its parameter's by
-    # accident, and the engine's copy to the parameter's layout is left out)
-    glue = Glue(glues[1].out.kernels, _carry_gb(*(g.out.gb for g in glues), batch, res / res_small),
-                _carry_gb(*(g.out.extern_gb for g in glues), batch, res / res_small),
-                Counter(k.name for k in glues[1].out.launches))
+    for (n, r), g in zip(((4, res_small), (2, 2 * res_small)), glues[1:]):
+        record_step(model_name, n, r, model_args, (batch, res), g)
+    names = [Counter(k.name for k in g.out.launches) for g in glues]
+    if names[0] != names[1] or names[0] != names[2]:
+        raise RuntimeError("the step's eager launches differ between the recordings' sizes: not carried exactly")
+    carried = lambda gbs: _carry_gb(*gbs, batch, res / res_small, base=2)  # noqa: E731
+    glue = Glue(glues[0].out.kernels, carried([g.out.gb for g in glues]), carried([g.out.extern_gb for g in glues]),
+                names[0])
     return out, glue
 
 

@@ -148,6 +148,7 @@ def test_glue_bytes_carried_exactly_where_they_scale_with_batch_and_area():
         return 5.0 + 3.0 * n + 2.0 * n * r * r
 
     assert tc._carry_gb(by_hand(1, 1), by_hand(2, 1), by_hand(1, 2), 128, 3.5) == pytest.approx(by_hand(128, 3.5))
+    assert tc._carry_gb(by_hand(2, 1), by_hand(4, 1), by_hand(2, 2), 128, 3.5, base=2) == pytest.approx(by_hand(128, 3.5))
 
 
 @pytest.mark.slow

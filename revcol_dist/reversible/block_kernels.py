@@ -8,7 +8,8 @@ the block's tensors and a few constants instead, so that
   never on a module), with the elementwise chains between the matmuls fused;
 - the forward and the reversible recomputation call the same graph, so they run the same
   generated kernels and the recomputed level output is bitwise the forward's (reconstruction
-  stays exact, as in eager mode).
+  stays exact, as in eager mode). The forward's last block of a level adds the coupling in its
+  last pass (``prev``): the same arithmetic for the block output, then one multiply-add.
 
 The arithmetic is ``lean_block``'s, whole (no token chunks: a GPU wants few large GEMMs).
 ``parallel/compile.py`` compiles them; uncompiled they run as ordinary eager code (tests).
@@ -35,12 +36,18 @@ def _norm(d: torch.Tensor, lw: torch.Tensor, lb: torch.Tensor, eps: float):
     return torch.native_layer_norm(_to(d.permute(0, 2, 3, 1), dt), [d.shape[1]], _to(lw, dt), _to(lb, dt), eps)
 
 
-def forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask: Optional[torch.Tensor], conv: Conv, eps: float):
+def forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask: Optional[torch.Tensor], conv: Conv, eps: float,
+                 alpha: Optional[torch.Tensor] = None, prev: Optional[torch.Tensor] = None):
     """(out, conv output d, mean, rstd, h, a = gelu(h), o, xc): the block's output and
     everything its backward may need. The forward keeps none of it; returning it costs no extra
     kernel (each is the output of a matmul, a convolution or a fused reduction anyway). ``xc``
     is x as the convolution reads it (cast to the weight's dtype, as autocast would cast it):
-    the backward's convolution gradient reads it again instead of casting x a second time."""
+    the backward's convolution gradient reads it again instead of casting x a second time.
+
+    With ``prev``, out is a level's coupling ``alpha * prev + out`` (``coupling.shortcut``)
+    in the pass that writes the block's output: the reversible forward's last block of a level,
+    whose own output is never needed (the recomputation, without ``prev``, computes it by the
+    same arithmetic, which the inverse subtracts)."""
     xc = _to(x, cw.dtype) if cw.dtype in (torch.bfloat16, torch.float16) else x
     d = F.conv2d(xc, cw, cb, *conv)
     n, mean, rstd = _norm(d, lw, lb, eps)
@@ -49,6 +56,8 @@ def forward_full(x, cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask: Optional[torch.
     o = F.linear(a, w2, b2)
     y = (gamma * o).permute(0, 3, 1, 2)
     out = x + (y * mask if mask is not None else y)
+    if prev is not None:
+        out = torch.addcmul(out, alpha, prev)
     return out, d, mean, rstd, h, a, o, xc
 
 

@@ -83,6 +83,12 @@ def shortcut(alpha: torch.Tensor, prev: Optional[torch.Tensor], f: torch.Tensor)
     return _Coupling.apply(_stream(alpha), _stream(prev), f)
 
 
+def coupling_operands(alpha: torch.Tensor, prev: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, prev) as ``shortcut`` multiplies them (in the stream's precision), for a block
+    that computes the coupling itself (``block_kernels.forward_full``)."""
+    return _stream(alpha), _stream(prev)
+
+
 class _Coupling(torch.autograd.Function):
     """alpha * prev + f in one pass over the map (addcmul), and a backward of three kernels
     (alpha's gradient a product and a sum, prev's a product; f's is g) where addcmul's own
@@ -113,16 +119,25 @@ def drift_check(rec: torch.Tensor, kept: torch.Tensor) -> Tuple[torch.Tensor, to
     return torch.linalg.vector_norm(rec - kept, float("inf")), torch.linalg.vector_norm(kept, float("inf"))
 
 
-def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
-                      kept: Optional[torch.Tensor], want_prev: bool, want_alpha: bool):
+def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g: Optional[torch.Tensor],
+                      kept: Optional[torch.Tensor], want_prev: bool, want_alpha: bool,
+                      carried: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """The reversible backward of c = alpha * prev + f, given c's gradient ``g``: prev
     reconstructed (``invert_shortcut``), or where prev was ``kept`` the kept value and the
     reconstruction's drift against it (max |error|, max |kept|); prev's gradient alpha * g and
     alpha's sum(g * prev) over batch and space, where wanted.
 
+    ``carried`` (alpha', g'): the part of c's gradient that the next column's coupling
+    c' = alpha' * c + f' sends, alpha' * g', added here (g None: the only part) in the pass that
+    reads g anyway, instead of written out by that column's node and summed into g by autograd
+    (two passes over the map). Returns (prev, g_prev, g_alpha, error, scale, g): g with that
+    part added, the gradient of f.
+
     One function of tensors, so that ``train.compile`` runs it as one graph (a pointwise pass
     and a reduction over the map, where it took six to nine kernels); eager, the same ops as
-    written out in the engine before. Returns (prev, g_prev, g_alpha, error, scale)."""
+    written out in the engine before."""
+    if carried is not None:
+        g = carried[0] * carried[1] if g is None else torch.addcmul(g, carried[0], carried[1])
     rec = invert_shortcut(alpha, cur, f)
     error = scale = None
     if kept is not None:
@@ -130,4 +145,4 @@ def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g
         rec = kept
     g_prev = alpha * g if want_prev else None
     g_alpha = (g * rec).sum(dim=(0, 2, 3), keepdim=True) if want_alpha else None
-    return rec, g_prev, g_alpha, error, scale
+    return rec, g_prev, g_alpha, error, scale, g

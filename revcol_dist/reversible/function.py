@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .coupling import clamp_alpha, clamp_alphas, drift_check, shortcut, shortcut_backward
+from .coupling import clamp_alpha, clamp_alphas, coupling_operands, drift_check, shortcut, shortcut_backward
 from . import fusion_kernels, lean_block
 from .host_copy import HostCopy
 from .offload import Offloader
@@ -69,6 +69,13 @@ class _StepState:
         # the blocks' weights in the compute dtype, cast once for the forward, recomputation and
         # backward of compiled blocks (``lean_block.weight_casts``), gone with the step
         self.casts: dict = {}
+        # (alpha, prev) of a level whose last compiled block computes the coupling in its last
+        # pass (``block_kernels.forward_full``), taken by that block; the levels it did so for
+        self.couplings: Dict[Key, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.coupled: set = set()
+        # (alpha, c's gradient) of column j's shortcut node, for column j-1's at the same level
+        # to add alpha * g to its own gradient (``coupling.shortcut_backward``'s carried)
+        self.carried: Dict[Key, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def replay(self, key, keep: bool = False):
         """Run a block with the RNG state its forward saw (drop path masks)."""
@@ -242,8 +249,11 @@ class _Block(torch.autograd.Function):
         if st.lean and st.block_mode:
             return lean_block.forward_chunked(block, y)
         if st.lean and lean_block.kernels_in_use():  # the compiled graph the recomputation runs too
+            couple = st.couplings.pop((j, l), None) if b == len(getattr(st.columns[j], f"level{l}").blocks) - 1 else None
+            if couple is not None:
+                st.coupled.add((j, l))
             with lean_block.weight_casts(st.casts):
-                return lean_block.forward(block, y)[0]
+                return lean_block.forward(block, y, couple=couple)[0]
         return block(y)
 
     @staticmethod
@@ -314,12 +324,16 @@ class _Shortcut(torch.autograd.Function):
     def forward(ctx, st: _StepState, j: int, l: int, f, prev, alpha):
         ctx.st, ctx.j, ctx.l = st, j, l
         ctx.has_prev = prev is not None
+        ctx.set_materialize_grads(False)  # c's gradient may come carried alone (``_StepState.carried``)
         if alpha is None:  # ZeRO-3: the partitioned parameter lives on the column
             alpha = getattr(st.columns[j], f"alpha{l}")
             with _gathered([alpha]):
                 return shortcut(clamp_alpha(alpha), prev, f)
         ctx.save_for_backward(alpha)
         ctx.a = st.alphas[(j, l)]  # the clamped value the backward inverts with
+        if (j, l) in st.coupled:  # the level's last block computed it (``_StepState.couplings``)
+            st.coupled.discard((j, l))
+            return f.view_as(f)
         return shortcut(ctx.a, prev, f)
 
     @staticmethod
@@ -371,19 +385,29 @@ class _Shortcut(torch.autograd.Function):
         with _gathered([alpha] if st.accumulate else []):
             a = ctx.a if not st.accumulate else clamp_alpha(alpha.detach())
             with torch.no_grad():
+                carried = st.carried.pop((j, l), None)
+                if g is None and carried is None:  # nothing downstream used this map
+                    g = torch.zeros_like(out)
                 if ctx.has_prev:
                     key = (j - 1, l)
                     kept = st.get(key) if key in st.kept else None
-                    prev, g_prev, g_alpha, error, scale = _shortcut_backward(st)(
-                        a, out, f, g, kept, bool(needs[4]), bool(want_alpha))
+                    # column j-1's node (this engine's, run after this one) adds alpha * g itself
+                    defer = j >= 1 and bool(needs[4])
+                    prev, g_prev, g_alpha, error, scale, g = _shortcut_backward(st)(
+                        a, out, f, g, kept, bool(needs[4]) and not defer, bool(want_alpha), carried)
+                    if defer:
+                        st.carried[key] = (a, g)
                     if kept is None:
                         st.reconstructed(key, prev)
                     else:
                         st.record_check(error, scale)
                     if g_alpha is not None:
                         g_alpha = g_alpha.to(alpha.dtype)
-                elif want_alpha:
-                    g_alpha = torch.zeros_like(a)
+                else:
+                    if carried is not None:
+                        g = carried[0] * carried[1] if g is None else torch.addcmul(g, *carried)
+                    if want_alpha:
+                        g_alpha = torch.zeros_like(a)
             if st.accumulate and g_alpha is not None:
                 with torch.enable_grad():
                     torch.autograd.backward(clamp_alpha(alpha), g_alpha, inputs=[alpha])
@@ -643,6 +667,8 @@ def run_reversible(
             level = getattr(col, f"level{l}")
             st.fusion_needs[(j, l)] = [t.requires_grad for t in ins]
             fparams = [] if st.accumulate else list(level.fusion.parameters())
+            if p is not None and st.lean and not st.block_mode and lean_block.kernels_in_use() and level.blocks:
+                st.couplings[(j, l)] = coupling_operands(st.alphas[(j, l)], p)
             y = _Fusion.apply(st, j, l, down, up, up2, *fparams)
             for b, block in enumerate(level.blocks):
                 if st.lean and st.block_mode:  # two nodes: the two large weight gradients one at a time

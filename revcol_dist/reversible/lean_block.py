@@ -233,12 +233,16 @@ def _normalized(block: nn.Module, s: Saved) -> torch.Tensor:
 
 @torch.no_grad()
 def forward(block: nn.Module, x: torch.Tensor, keep: bool = False, keep_gelu: bool = False,
-            keep_hidden: bool = True):
+            keep_hidden: bool = True, couple: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """The block's output, computed as its module does; with keep, also what ``backward`` needs
     (with keep_gelu also the GELU output, saving its recomputation: for transient graphs;
-    without keep_hidden not even h, which ``with_hidden`` recomputes before backward)."""
+    without keep_hidden not even h, which ``with_hidden`` recomputes before backward). With
+    ``couple`` (alpha, prev), the output is the level's coupling ``alpha * prev + output``,
+    in the compiled graph's last pass (``block_kernels.forward_full``)."""
     if _KERNELS is not None:
-        return _forward_kernels(block, x, keep, keep_gelu, keep_hidden)
+        return _forward_kernels(block, x, keep, keep_gelu, keep_hidden, couple)
+    if couple is not None:
+        return torch.addcmul(forward(block, x)[0], *couple), None
     d = _conv(block, x)
     n, mean, rstd = _layer_norm(block, d)
     h = F.linear(n, block.pwconv1.weight, block.pwconv1.bias)
@@ -266,7 +270,8 @@ def _conv_args(block: nn.Module) -> block_kernels.Conv:
     return tuple(c.stride), tuple(c.padding), tuple(c.dilation), c.groups
 
 
-def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: bool, keep_hidden: bool):
+def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: bool, keep_hidden: bool,
+                     couple: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """``forward`` through the compiled kernels: the drop-path mask is drawn here (same draw,
     dtype and shape as the module's), the rest is one compiled call."""
     dev = x.device.type
@@ -281,7 +286,8 @@ def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: b
     # one, and a compiled function guards on requires_grad: the two would compile (and, with
     # train.compile_autotune, time) two graphs, where exact reconstruction needs one
     out, d, mean, rstd, h, a, o, xc = _KERNELS.forward_full(x.detach(), cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
-                                                            _conv_args(block), block.norm.eps)
+                                                            _conv_args(block), block.norm.eps,
+                                                            *(couple if couple is not None else ()))
     if not keep:
         return out, None
     return out, Saved(xc, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype,

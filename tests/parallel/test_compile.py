@@ -87,18 +87,21 @@ def test_compiled_blocks_under_bf16_autocast_round_no_worse_than_eager(model, ba
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, monkeypatch, autocast):
-    """Each level output the forward hands to the coupling, and each the backward recomputes to
-    invert it, is the output of the compiled block kernel (and each level's fusion the compiled
-    fusion's) (so the two run the same generated
-    kernels: on a CPU eager and generated kernels often agree bitwise, so equality alone would
-    not show it), and the recomputed one equals the forward's bit for bit. Every boundary is
-    kept here, so each recomputation starts from the forward's own inputs (between kept
-    boundaries the inputs are reconstructions, which differ by the inverse's rounding)."""
+    """Each level output the backward recomputes to invert the coupling is the output of the
+    compiled block kernel (and each level's fusion the compiled fusion's), and the forward
+    computed the same value bit for bit: the forward's last block of a level computes the
+    coupling alpha * prev + f in its graph's last pass, so its f is checked through that graph
+    with alpha = 1 and prev = 0 (exactly f); and its coupling is alpha * prev + f to rounding.
+    (On a CPU eager and generated kernels often agree bitwise, so equality alone would not show
+    that the kernels ran.) Every boundary is kept here, so each recomputation starts from the
+    forward's own inputs (between kept boundaries the inputs are reconstructions, which differ
+    by the inverse's rounding)."""
     monkeypatch.setattr(model, "policy", dataclasses.replace(model.policy, boundary_interval=1))
     apply_compile(model, True, CPU)
     compiled = lean_block.use_kernels(None)
     latest = {}
     guards = {}  # per call's shapes, dtypes and strides: the requires_grad flags it came with
+    coupled = []  # (arguments, the forward's coupled output) of each call that coupled
 
     def forward_full(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -106,6 +109,8 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
             tuple(t.requires_grad for t in tensors))
         out = compiled.forward_full(*args)
         latest["ptr"] = out[0].data_ptr()
+        if len(args) > 13:
+            coupled.append((args, out[0].detach().clone()))
         return out
 
     fusion_out = []
@@ -115,29 +120,29 @@ def test_forward_and_recomputation_run_the_same_compiled_graph(model, batch, mon
         fusion_out.append(out.detach().clone())
         return out
 
-    forward_f, recomputed_f = [], []
-    shortcut = function.shortcut
-
-    def recording_shortcut(alpha, prev, f):
-        forward_f.append((f.detach().clone(), f.data_ptr() == latest.get("ptr")))
-        return shortcut(alpha, prev, f)
+    recomputed_f = []
 
     def recording_invert(alpha, out, f, *rest):  # the shortcut node's compiled backward
         recomputed_f.append((f.detach().clone(), f.data_ptr() == latest.get("ptr")))
         return compiled.shortcut(alpha, out, f, *rest)
 
     lean_block.use_kernels(compiled._replace(forward_full=forward_full, fusion=fusion, shortcut=recording_invert))
-    monkeypatch.setattr(function, "shortcut", recording_shortcut)
     step(model, batch, None, True, autocast=autocast)
+    lean_block.use_kernels(compiled)
     # columns 1-2 of the three reversible ones (column 0 has nothing to invert) x levels 0-2
-    # (RevCol-T keeps level 3 with ordinary autograd)
-    assert len(recomputed_f) == 6
-    assert all(from_kernel for _, from_kernel in forward_f + recomputed_f)
+    # (RevCol-T keeps level 3 with ordinary autograd): each coupled in the forward's last block
+    assert len(recomputed_f) == len(coupled) == 6
+    assert all(from_kernel for _, from_kernel in recomputed_f)
     # one compiled graph per shape: the forward and the recomputation call it with the same
     # requires_grad flags, which torch.compile guards on (two graphs could pick different kernels)
     assert guards and all(len(flags) == 1 for flags in guards.values())
-    for f, _ in recomputed_f:
-        assert any(f.shape == g.shape and torch.equal(f, g) for g, _ in forward_f)
+    for args, out in coupled:
+        *block_args, alpha, prev = args
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):  # as the forward ran it
+            f = compiled.forward_full(*block_args, torch.ones_like(alpha), torch.zeros_like(prev))[0]
+        same = [g for g, _ in recomputed_f if g.shape == f.shape and torch.equal(f, g)]
+        assert same, "the coupled graph's block output differs from the recomputation's"
+        torch.testing.assert_close(out, torch.addcmul(same[0], alpha, prev), rtol=1e-6, atol=1e-6)
     # the fusions too: each of the 9 reversible levels (3 columns x levels 0-2) in the forward
     # and again in the recomputation, through the compiled graph, bit for bit the same twice;
     # the 7 levels under plain autograd (the plain column's 4, the kept level 3 of the others)
@@ -312,14 +317,23 @@ def test_shortcut_backward_compiled_matches_eager(kept):
     cur = torch.addcmul(f.float(), alpha, prev)
     grad = torch.randn(2, 24, 16, 16, generator=g)
     held = prev + 1e-4 * torch.randn(prev.shape, generator=g) if kept else None
-    for want_prev, want_alpha in ((True, True), (False, True), (True, False)):
-        eager = shortcut_backward(alpha, cur, f, grad, held, want_prev, want_alpha)
-        comp = compiled_kernels().shortcut(alpha, cur, f, grad, held, want_prev, want_alpha)
+    # the next column's coupling's part of c's gradient, alpha' * g', added in the same pass
+    carried = (torch.rand(1, 24, 1, 1, generator=g) + 0.1, torch.randn(2, 24, 16, 16, generator=g))
+    cases = [(grad, None, True, True), (grad, None, False, True), (grad, None, True, False),
+             (grad, carried, False, True), (None, carried, False, True)]
+    for given, carry, want_prev, want_alpha in cases:
+        eager = shortcut_backward(alpha, cur, f, given, held, want_prev, want_alpha, carry)
+        comp = compiled_kernels().shortcut(alpha, cur, f, given, held, want_prev, want_alpha, carry)
         for e, c in zip(eager, comp):
             assert (e is None) == (c is None)
             if e is not None:
                 assert ((e - c).norm() / e.norm()).item() < 1e-6, (e - c).abs().max()  # fp32 rounding
         assert (eager[1] is None) != want_prev and (eager[2] is None) != want_alpha
+        # the gradient of c (and of f) handed back: g, plus alpha' * g' where carried
+        total = (0 if given is None else given) + (0 if carry is None else carry[0] * carry[1])
+        torch.testing.assert_close(comp[5], total, rtol=1e-6, atol=1e-6)
+        if want_alpha:
+            torch.testing.assert_close(eager[2], (total * eager[0]).sum(dim=(0, 2, 3), keepdim=True))
         assert torch.equal(comp[0], held) if kept else torch.allclose(comp[0], prev, rtol=1e-4, atol=1e-5)
         if kept:  # the drift: the reconstruction's distance from the kept map, ~1e-4 here
             assert 1e-5 < (comp[3] / comp[4]).item() < 1e-3
