@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reversible.coupling import ALPHA_INIT, clamp_alphas, shortcut
+from ..reversible.coupling import ALPHA_INIT, clamp_alphas, coupling_operands, shortcut
 from .layers import ConvNeXtBlock, Conv2d, LayerNorm, LayerNorm2d, Linear
 
 class UpSample(nn.Module):
@@ -78,12 +78,16 @@ class Level(nn.Module):
             ]
         )
 
-    def forward(self, down_in, up_in=None, up2_in=None, run_block=None) -> torch.Tensor:
+    def forward(self, down_in, up_in=None, up2_in=None, run_block=None, couple=None) -> torch.Tensor:
+        """The fusion, then the blocks (each through ``run_block`` where given); ``couple``
+        (alpha, prev): handed to the last block's runner, whose output is then the coupling
+        (a runner with ``couples`` set)."""
         y = self.fusion(down_in, up_in, up2_in)
         if run_block is None:
             return self.blocks(y)
-        for block in self.blocks:
-            y = run_block(block, y)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            y = run_block(block, y, couple=couple) if couple is not None and i == last else run_block(block, y)
         return y
 
 
@@ -133,18 +137,24 @@ class Column(nn.Module):
             return (down, prev[1], prev[3])
         return (down, prev[l + 1])
 
-    def level_forward(self, l: int, *inputs: torch.Tensor, run_block=None) -> torch.Tensor:
-        return getattr(self, f"level{l}")(*inputs, run_block=run_block)
+    def level_forward(self, l: int, *inputs: torch.Tensor, run_block=None, couple=None) -> torch.Tensor:
+        return getattr(self, f"level{l}")(*inputs, run_block=run_block, couple=couple)
 
     def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None, run_block=None) -> List[torch.Tensor]:
         """Plain autograd forward (the non-reversible path). ``run_block(block, y)`` lets an
         execution engine run the ConvNeXt blocks its own way (default: ``block(y)``); a
-        sequence gives one per level."""
+        sequence gives one per level. A runner with ``couples`` set also takes a level's last
+        block with ``couple=(alpha, prev)`` and returns the coupling alpha * prev + block(y)
+        (the same value ``shortcut`` computes, in fewer passes over the map)."""
         alphas = self.alphas()
         runners = run_block if isinstance(run_block, (list, tuple)) else [run_block] * 4
         cur: List[torch.Tensor] = []
         for l in range(4):
             inputs = self.level_inputs(l, x, cur, prev if prev is not None else [None] * 4)
+            p = None if prev is None else prev[l]
+            if p is not None and getattr(runners[l], "couples", False) and len(getattr(self, f"level{l}").blocks):
+                cur.append(self.level_forward(l, *inputs, run_block=runners[l], couple=coupling_operands(alphas[l], p)))
+                continue
             f = self.level_forward(l, *inputs, run_block=runners[l])
-            cur.append(shortcut(alphas[l], None if prev is None else prev[l], f))
+            cur.append(shortcut(alphas[l], p, f))
         return cur

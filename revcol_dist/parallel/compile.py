@@ -159,12 +159,14 @@ def _plain_runner(keep_hidden: bool):
     """A block outside the reversible engine: lean (compiled forward, hand-written backward)
     under autograd, the compiled forward alone without it; weights from the forward's casts.
     One autograd node per block, its backward one graph: a plain forward is the policy for
-    memory to spare."""
-    def run(block, y):
+    memory to spare. A level's last block also computes the level's coupling (``couple``):
+    forward and gradients in the block's own graphs."""
+    def run(block, y, couple=None):
         with lean_block.weight_casts(_FORWARD_CASTS):
             if torch.is_grad_enabled():
-                return lean_block.lean_block(block, y, keep_hidden=keep_hidden, one_node=True)
-            return lean_block.forward(block, y)[0]
+                return lean_block.lean_block(block, y, keep_hidden=keep_hidden, one_node=True, couple=couple)
+            return lean_block.forward(block, y, couple=couple)[0]
+    run.couples = True  # a level's last block takes its coupling (``Column.forward``)
     return run
 
 

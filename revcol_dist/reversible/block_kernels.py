@@ -136,12 +136,19 @@ def body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2, gamm
 
 
 def block_grads(g, x, d, mean, rstd, h, a, o, n, mask, cw, cb, lw, lb, w1, b1, w2c, w2, b2, gamma, cdt: torch.dtype,
-                conv: Conv, eps: float, pdt: Optional[torch.dtype] = None):
+                conv: Conv, eps: float, pdt: Optional[torch.dtype] = None,
+                alpha: Optional[torch.Tensor] = None, prev: Optional[torch.Tensor] = None):
     """``tail_grads`` and ``body_grads`` as one graph, for a backward that takes both at once
     (the reversible engine's levels): (gradient of the block input, BODY's gradients + TAIL's).
     One compiled call where there were two, and what both read of g (its token layout, the
     drop-path mask) is read once. ``w2c``: pwconv2's weight in the compute dtype (the body's
-    matmul), ``w2``: the parameter (the tail's gradient dtype and layer-scale identity)."""
+    matmul), ``w2``: the parameter (the tail's gradient dtype and layer-scale identity).
+
+    With ``prev``, the block's output was the coupling c = alpha * prev + out (``forward_full``)
+    and g is c's gradient (so also out's): (alpha's gradient, prev's) follow BODY's and TAIL's,
+    its sum over batch and space beside the graph's other sums over the tokens of g."""
     tail = tail_grads(g, mask, h, a, o, w2, b2, gamma, cdt)
     g_x, body = body_grads(g, x, d, mean, rstd, h, n, mask, cw, cb, lw, lb, w1, b1, w2c, gamma, cdt, conv, eps, pdt)
-    return g_x, body + tail
+    if prev is None:
+        return g_x, body + tail
+    return g_x, body + tail + ((g * prev).sum(dim=(0, 2, 3), keepdim=True), alpha * g)

@@ -242,7 +242,8 @@ def forward(block: nn.Module, x: torch.Tensor, keep: bool = False, keep_gelu: bo
     if _KERNELS is not None:
         return _forward_kernels(block, x, keep, keep_gelu, keep_hidden, couple)
     if couple is not None:
-        return torch.addcmul(forward(block, x)[0], *couple), None
+        out, saved = forward(block, x, keep, keep_gelu, keep_hidden)
+        return torch.addcmul(out, *couple), saved
     d = _conv(block, x)
     n, mean, rstd = _layer_norm(block, d)
     h = F.linear(n, block.pwconv1.weight, block.pwconv1.bias)
@@ -475,20 +476,23 @@ def backward_body(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Te
 
 
 @torch.no_grad()
-def backward_both(block: nn.Module, s: Saved, g: torch.Tensor) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+def backward_both(block: nn.Module, s: Saved, g: torch.Tensor,
+                  couple: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Both parts in one call: (gradient of the block input, gradients of BODY + TAIL). Compiled,
     one graph (``block_grads``); eager, each part lays out g itself: sharing that copy would keep
-    it alive through the body's LN and conv backward."""
+    it alive through the body's LN and conv backward. With ``couple`` (alpha, prev): the block's
+    output was the coupling alpha * prev + out, and (alpha's gradient, prev's) follow."""
     if _KERNELS is not None and _KERNELS.block_grads is not None and s.h is not None:
         cw, cb, lw, lb, w1, b1 = body_params(block)
         w2 = block.pwconv2.weight
         return _KERNELS.block_grads(g, s.x, s.d, s.mean, s.rstd, s.h, s.a, s.o, s.n, s.mask, _cast(cw, s.d.dtype),
                                     _cast(cb, s.d.dtype), lw, lb, _cast(w1, s.cdt), _cast(b1, s.cdt), _cast(w2, s.cdt),
                                     w2, block.pwconv2.bias, block.gamma, s.cdt, _conv_args(block), block.norm.eps,
-                                    w1.dtype)
+                                    w1.dtype, *(couple if couple is not None else ()))
+    coupling = () if couple is None else ((g * couple[1]).sum(dim=(0, 2, 3), keepdim=True), couple[0] * g)
     tail = backward_tail(block, s, g)
     g_x, body = backward_body(block, s, g)
-    return g_x, body + tail
+    return g_x, body + tail + coupling
 
 
 def _acc(total: Optional[torch.Tensor], part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -588,15 +592,43 @@ class _LeanBlock(_LeanBody):
         return (None, g_x, *[like_param(gp, p) for gp, p in zip(grads, body_params(block) + tail_params(block))])
 
 
-def lean_block(block: nn.Module, x: torch.Tensor, keep_hidden: bool = True, one_node: bool = False) -> torch.Tensor:
+class _LeanCoupledBlock(torch.autograd.Function):
+    """A level's last block and its coupling c = alpha * prev + block(x) as one node: the
+    coupling in the block's last forward pass, its gradients (alpha's sum over batch and space,
+    prev's alpha * g) in the block's backward graph, which reads g anyway."""
+
+    @staticmethod
+    def forward(ctx, holder: _Holder, x: torch.Tensor, alpha: torch.Tensor, prev: torch.Tensor, *params: torch.Tensor):
+        out, holder.saved = forward(holder.block, x, keep=True, keep_hidden=holder.keep_hidden, couple=(alpha, prev))
+        ctx.holder = holder
+        ctx.save_for_backward(alpha, prev)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        holder = _freed(ctx.holder)
+        block = holder.block
+        with weight_casts(holder.casts):
+            g_x, grads = backward_both(block, with_hidden(block, holder.saved), g, couple=ctx.saved_tensors)
+        holder.saved = ctx.holder = holder.casts = None
+        *grads, g_alpha, g_prev = grads
+        return (None, g_x, g_alpha, g_prev,
+                *[like_param(gp, p) for gp, p in zip(grads, body_params(block) + tail_params(block))])
+
+
+def lean_block(block: nn.Module, x: torch.Tensor, keep_hidden: bool = True, one_node: bool = False,
+               couple: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """The block under ordinary autograd, keeping six channel-sized maps instead of twelve
     (the engine's plain columns use it), two without the hidden map h (``keep_hidden=False``:
     pwconv1 runs again in backward). Two nodes, pwconv2/layer-scale gradients first, so that the
     block's two large weight gradients are never alive together; ``one_node``: one node, whose
     backward is one compiled graph where the kernels are compiled (``block_grads``: one call
     where there were two, g read once), for a forward that is not short of memory
-    (``memory_policy: plain``)."""
+    (``memory_policy: plain``). ``couple`` (alpha, prev; one node): the output is the level's
+    coupling alpha * prev + block(x), in the block's own kernels (``_LeanCoupledBlock``)."""
     holder = _Holder(block, keep_hidden)
+    if couple is not None:
+        return _LeanCoupledBlock.apply(holder, x, *couple, *body_params(block), *tail_params(block))
     if one_node:
         return _LeanBlock.apply(holder, x, *body_params(block), *tail_params(block))
     out = _LeanBody.apply(holder, x, *body_params(block))

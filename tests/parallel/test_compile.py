@@ -14,7 +14,7 @@ from revcol_dist.models import create_model
 from revcol_dist.models.column import Fusion
 from revcol_dist.models.heads import Decoder
 from revcol_dist.parallel.compile import apply_compile, wants_compile
-from revcol_dist.reversible import function, fusion_kernels, lean_block
+from revcol_dist.reversible import coupling, function, fusion_kernels, lean_block
 
 # compiles ~a dozen graphs, shared by the tests of this module (suite.py keeps a module on one worker)
 pytestmark = pytest.mark.slow
@@ -300,6 +300,34 @@ def test_each_block_backward_runs_once_in_one_graph(model, batch, reversible):
     assert calls["tail_grads"] == calls["body_grads"] and calls["block_grads"] > 0, calls
     assert calls["block_grads"] + calls["body_grads"] == blocks, (calls, blocks)
     assert (calls["body_grads"] > 0) == reversible, calls  # two nodes: the plain column and kept levels
+
+
+def test_plain_levels_couple_in_their_last_block(model, batch):
+    """Under plain autograd each level with a previous column computes its coupling in its last
+    block's compiled forward and takes alpha's and prev's gradients from that block's backward
+    graph (no eager coupling left); the gradients are checked against eager in the tests above."""
+    apply_compile(model, True, CPU)
+    compiled = lean_block.use_kernels(None)
+    coupled = Counter()
+
+    def counting(name, fn, n_args):
+        def run(*args):
+            coupled[name] += len(args) > n_args and args[-1] is not None
+            return fn(*args)
+        return run
+
+    lean_block.use_kernels(compiled._replace(forward_full=counting("forward", compiled.forward_full, 13),
+                                             block_grads=counting("backward", compiled.block_grads, 24)))
+    eager_couplings = []
+    original = coupling._Coupling.forward
+    try:
+        coupling._Coupling.forward = staticmethod(lambda ctx, *a: eager_couplings.append(1) or original(ctx, *a))
+        step(model, batch, None, False)
+    finally:
+        coupling._Coupling.forward = staticmethod(original)
+        lean_block.use_kernels(compiled)
+    levels = 4 * (model.num_columns - 1)  # column 0 has no previous column
+    assert coupled["forward"] == coupled["backward"] == levels and not eager_couplings
 
 
 @pytest.mark.parametrize("kept", [False, True], ids=["reconstructed", "kept"])

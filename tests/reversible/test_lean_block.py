@@ -91,6 +91,28 @@ def test_autograd_function_and_autograd_grad(one_node, keep_hidden):
     assert worst(ref_x, ref_p, gx, dict(zip(names, gp))) < 1e-12
 
 
+@pytest.mark.parametrize("keep_hidden", [True, False], ids=["h_kept", "h_recomputed"])
+def test_coupled_block_matches_the_block_then_the_coupling_under_autograd(keep_hidden):
+    """A level's last block with its coupling c = alpha * prev + block(x) as one node: the
+    same c, and the gradients of x, alpha, prev and the block's parameters autograd gives for
+    the block followed by ``coupling.shortcut``."""
+    from revcol_dist.reversible.coupling import coupling_operands, shortcut
+
+    block, x, g = make(16)
+    gen = torch.Generator().manual_seed(7)
+    alpha = (torch.rand(1, 16, 1, 1, generator=gen, dtype=torch.float64) + 0.2).requires_grad_()
+    prev = torch.randn(x.shape, generator=gen, dtype=torch.float64).requires_grad_()
+    wrt = [x, alpha, prev, *block.parameters()]
+    rng = torch.get_rng_state()
+    ref = shortcut(alpha, prev, block(x))
+    ref_grads = torch.autograd.grad(ref, wrt, g)
+    torch.set_rng_state(rng)
+    c = lean_block.lean_block(block, x, keep_hidden=keep_hidden, one_node=True, couple=coupling_operands(alpha, prev))
+    assert torch.equal(c, ref)
+    for r, o in zip(ref_grads, torch.autograd.grad(c, wrt, g)):
+        assert ((o - r).norm() / r.norm()).item() < 1e-12
+
+
 def test_bf16_autocast_close_to_autograd():
     block, x, g = make(32, torch.float32, drop_path=0.1, spatial=(10, 10))
     rng = torch.get_rng_state()
