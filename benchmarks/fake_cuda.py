@@ -292,8 +292,9 @@ def eager_launch(func, args, kwargs, out) -> Optional[Launch]:
     None for an op that launches nothing (a view, an allocation, a host read)."""
     name = func.overloadpacket.__name__
     results = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    if func.is_view or not (results or func._schema.is_mutable) or name in ("empty", "empty_strided", "empty_like", "new_empty_strided",
-                                                 "_local_scalar_dense", "lift_fresh", "detach"):
+    if func.is_view or not (results or func._schema.is_mutable) or name in (
+            "empty", "empty_strided", "empty_like", "new_empty_strided", "_local_scalar_dense", "lift_fresh", "detach",
+            "_unsafe_view"):  # (a view the schema does not mark as one: reshape's result after a copy)
         return None
     inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     moved = sum(_touched(t) for t in inputs) + sum(_touched(t) for t in results)
