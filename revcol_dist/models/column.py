@@ -140,13 +140,15 @@ class Column(nn.Module):
     def level_forward(self, l: int, *inputs: torch.Tensor, run_block=None, couple=None) -> torch.Tensor:
         return getattr(self, f"level{l}")(*inputs, run_block=run_block, couple=couple)
 
-    def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None, run_block=None) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor, prev: Optional[Sequence[torch.Tensor]] = None, run_block=None,
+                alphas: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Plain autograd forward (the non-reversible path). ``run_block(block, y)`` lets an
         execution engine run the ConvNeXt blocks its own way (default: ``block(y)``); a
         sequence gives one per level. A runner with ``couples`` set also takes a level's last
         block with ``couple=(alpha, prev)`` and returns the coupling alpha * prev + block(y)
-        (the same value ``shortcut`` computes, in fewer passes over the map)."""
-        alphas = self.alphas()
+        (the same value ``shortcut`` computes, in fewer passes over the map). ``alphas``: the
+        four clamped alphas (``alphas()``), where the caller clamped several columns' at once."""
+        alphas = self.alphas() if alphas is None else alphas
         runners = run_block if isinstance(run_block, (list, tuple)) else [run_block] * 4
         cur: List[torch.Tensor] = []
         for l in range(4):

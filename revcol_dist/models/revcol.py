@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..reversible import DriftStats, run_reversible
+from ..reversible.coupling import column_alphas
 from .column import Column
 from .config import RevColConfig
 from .heads import Classifier, Decoder, SimDecoder
@@ -97,8 +98,9 @@ class RevCol(nn.Module):
             state, tapped = run_reversible(cols, x, taps, policy, self.drift, initial=initial, **engine)
         else:
             state, tapped = initial, {}
+            alphas = column_alphas(cols)  # every column's in one pass, where not partitioned
             for j, col in enumerate(cols):
-                state = col(x, state, run_block=self.block_runner)
+                state = col(x, state, run_block=self.block_runner, alphas=None if alphas is None else alphas[j])
                 if j in taps:
                     tapped[j] = state[3]
         return state, {j + start: t for j, t in tapped.items()}

@@ -3,7 +3,7 @@ computes it forward; the engine inverts it in backward."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +40,17 @@ class _ClampAlphas(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return (None, *grads)
+
+
+def column_alphas(columns: Sequence[torch.nn.Module]) -> Optional[List[Tuple[torch.Tensor, ...]]]:
+    """Each column's four clamped alphas, every column's in one pass (five kernels, where a
+    pass per column takes five each); None where ZeRO-3 partitions them (each column's are
+    gathered only inside its own forward)."""
+    alphas = [getattr(c, f"alpha{l}") for c in columns for l in range(4)]
+    if not alphas or any(hasattr(a, "ds_id") for a in alphas):
+        return None
+    flat = clamp_alphas(alphas)
+    return [flat[4 * j:4 * j + 4] for j in range(len(columns))]
 
 
 def split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:

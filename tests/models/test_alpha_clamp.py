@@ -41,3 +41,36 @@ def test_alphas_clamped_together_equal_each_clamped_alone():
     sum((t * w).sum() for t, w in zip(together, weights)).backward()
     for a, w in zip(alphas, weights):
         assert torch.equal(a.grad, w)
+
+
+def test_plain_forward_clamps_every_column_in_one_pass(monkeypatch):
+    """Outside the reversible engine the columns' alphas are clamped together, once per forward:
+    the same outputs and alpha gradients as each column clamping its own four."""
+    from revcol_dist.models import revcol
+    from revcol_dist.reversible import coupling
+
+    torch.manual_seed(0)
+    m = create_model("revcol_tiny", channels=(8, 8, 8, 8), layers=(1, 1, 1, 1), num_columns=3, num_classes=3).double()
+    m.reversible = False
+    with torch.no_grad():
+        m.columns[1].alpha2.fill_(-1e-5)  # clamped to -1e-3 either way
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    passes = []
+    original = coupling._ClampAlphas.forward
+    monkeypatch.setattr(coupling._ClampAlphas, "forward",
+                        staticmethod(lambda ctx, *a: passes.append(len(a) - 1) or original(ctx, *a)))
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        out = m.forward_features(x)
+        sum(o.square().sum() for o in out).backward()
+        return [o.detach() for o in out], [c.alpha2.grad.clone() for c in m.columns]
+
+    together = run()
+    assert passes == [12]  # three columns' four alphas, one pass
+    monkeypatch.setattr(revcol, "column_alphas", lambda cols: None)  # each column its own
+    passes.clear()
+    alone = run()
+    assert passes == [4, 4, 4]
+    for a, b in zip(together[0] + together[1], alone[0] + alone[1]):
+        assert torch.equal(a, b)
