@@ -154,7 +154,7 @@ def _outside_mode(fn):
 
 def counted(kernels: lean_block.Kernels) -> lean_block.Kernels:
     """The compiled kernels (``train.compile``), callable while an OpCounter counts."""
-    return lean_block.Kernels(*(_outside_mode(f) if f is not None else None for f in kernels))
+    return lean_block.Kernels(*(_outside_mode(f) if callable(f) else f for f in kernels))
 
 
 def count_compiled() -> None:

@@ -131,32 +131,41 @@ def _describe(a):
 class GlueCount(TorchDispatchMode):
     """The step's eager launches outside the compiled functions (the autograd engine's sums and
     casts, the couplings, the heads, the optimizer's casts' gradients): on a GPU, kernels beside
-    the compiled graphs'. A recorded call runs outside the mode, and the autograd nodes it made
-    (its eager backward) are told apart by identity (``own``)."""
+    the compiled graphs'. A recorded call runs outside the mode, and while one of the autograd
+    nodes it made runs (its eager backward) nothing is counted (``own``: hooks on each node,
+    which fire as the node starts and ends; the engine's sum of the node's gradient into the next
+    node's input, after it ends, is the step's)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.out = fake_cuda.Launches()
-        self._nodes: list = []  # the recorded calls' nodes, held so that no id is reused
-        self._ids: set = set()
+        self._seen: set = set()
+        self._inside = 0  # recorded calls' backward nodes running now
 
     def own(self, outputs, inputs) -> None:
-        """The autograd nodes between a recorded call's outputs and its inputs: its backward."""
+        """Hooks on the autograd nodes between a recorded call's outputs and its inputs: its
+        backward, run in the compiled graph on the device."""
         leaves = lambda x: [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]  # noqa: E731
         before = {id(t.grad_fn) for t in leaves(inputs) if t.grad_fn is not None}
         todo = [t.grad_fn for t in leaves(outputs) if t.grad_fn is not None]
         while todo:
             node = todo.pop()
-            if node is None or id(node) in self._ids or id(node) in before or type(node).__name__ == "AccumulateGrad":
+            if node is None or id(node) in self._seen or id(node) in before or type(node).__name__ == "AccumulateGrad":
                 continue  # (a parameter's accumulation is the step's, as on the GPU)
-            self._nodes.append(node)
-            self._ids.add(id(node))
+            self._seen.add(id(node))
+            node.register_prehook(self._enter)
+            node.register_hook(self._leave)
             todo.extend(f for f, _ in node.next_functions)
+
+    def _enter(self, grad_outputs):
+        self._inside += 1
+
+    def _leave(self, grad_inputs, grad_outputs):
+        self._inside -= 1
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        node = torch._C._current_autograd_node()
-        if node is None or id(node) not in self._ids:
+        if not self._inside:
             launch = fake_cuda.eager_launch(func, args, kwargs, out)
             if launch is not None:
                 self.out.launches.append(launch)
@@ -213,7 +222,7 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
     else:
         decision = contextlib.nullcontext()
     rec = {n: _recorder(n, f, calls) for n, f in FUNCTIONS.items()}
-    kernels = lean_block.Kernels(**{f: rec[f] for f in lean_block.Kernels._fields})
+    kernels = lean_block.Kernels(**{f: rec[f] for f in lean_block.Kernels._fields if f in rec})
     saved = compile_setting.compiled_kernels, compile_setting.compiled_decoder
     compile_setting.compiled_kernels = lambda: kernels
     compile_setting.compiled_decoder = lambda: (rec["decoder_stage"], rec["decoder_output"])

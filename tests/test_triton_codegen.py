@@ -130,13 +130,15 @@ def test_glue_counts_the_step_s_eager_ops_and_not_a_recorded_call_s():
     tc._GLUE.append(glue)
     try:
         with glue:
-            y = recorded(x * 2, w)
+            z = x * 2
+            y = recorded(z, w) + z  # z's gradient: the call's part and the add's, summed by the engine
             (y + 1).sum().backward()
     finally:
         tc._GLUE.clear()
     names = Counter(k.name for k in glue.out.launches)
-    # x * 2 and its backward, + 1, the sum and its seed; not sin, cos or the call's products
-    assert names["mul"] == 2 and names["add"] == names["sum"] == 1 and "sin" not in names and "cos" not in names
+    # x * 2 and its backward, the two adds, the engine's sum of z's two parts, the sum and its
+    # seed; not sin, cos or the call's products
+    assert names["mul"] == 2 and names["add"] == 3 and names["sum"] == 1 and "sin" not in names and "cos" not in names
     assert calls[0][1]  # the call's backward ran
     assert glue.out.gb == pytest.approx(sum(k.gb for k in glue.out.launches)) and glue.out.gb > 0
 

@@ -46,8 +46,9 @@ from ..reversible import block_kernels, coupling, fusion_kernels, lean_block
 from . import decoder_kernels, step_casts
 
 # Graphs per compiled function: 4 levels x (drop path on/off) x (training, evaluation) x
-# (h kept, recomputed) and precision changes stay well below this.
-RECOMPILE_LIMIT = 64
+# (h kept, recomputed) x (a level's coupling in its last block or not) and precision changes
+# stay below this.
+RECOMPILE_LIMIT = 128
 
 # Inductor's options for every graph here. Layout optimisation forced: a graph with a depthwise
 # convolution's backward but no forward convolution (a block's backward) otherwise leaves it off,
@@ -109,7 +110,7 @@ def compiled_kernels(autotune: Optional[bool] = None, combo: Optional[bool] = No
         compile_ = partial(torch.compile, dynamic=False, fullgraph=True, options=inductor_options(*key))
         _COMPILED[key] = lean_block.Kernels(*(compile_(f) for f in (
             block_kernels.forward_full, block_kernels.hidden, block_kernels.tail_grads, block_kernels.body_grads,
-            fusion_kernels.fusion_forward, coupling.shortcut_backward, block_kernels.block_grads)))
+            fusion_kernels.fusion_forward, coupling.shortcut_backward, block_kernels.block_grads)), couples=not key[0])
     return _COMPILED[key]
 
 

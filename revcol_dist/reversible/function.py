@@ -667,7 +667,8 @@ def run_reversible(
             level = getattr(col, f"level{l}")
             st.fusion_needs[(j, l)] = [t.requires_grad for t in ins]
             fparams = [] if st.accumulate else list(level.fusion.parameters())
-            if p is not None and st.lean and not st.block_mode and lean_block.kernels_in_use() and level.blocks:
+            if p is not None and st.lean and not st.block_mode and lean_block.kernels_in_use() and \
+                    lean_block.kernels().couples and level.blocks:
                 st.couplings[(j, l)] = coupling_operands(st.alphas[(j, l)], p)
             y = _Fusion.apply(st, j, l, down, up, up2, *fparams)
             for b, block in enumerate(level.blocks):

@@ -70,6 +70,10 @@ class Kernels(NamedTuple):
     fusion: object = None  # fusion_kernels.fusion_forward, for the reversible engine's levels
     shortcut: object = None  # coupling.shortcut_backward, for the reversible engine's shortcut nodes
     block_grads: object = None  # block_kernels.block_grads: tail and body in one call (``backward_both``)
+    # whether the reversible forward may compute a level's coupling in its last block's graph:
+    # not where each graph times its matmuls on the device (``train.compile_autotune``), as the
+    # coupled graph and the recomputation's could then pick different kernels for pwconv2
+    couples: bool = True
 
 
 _KERNELS: Optional[Kernels] = None
@@ -288,7 +292,7 @@ def _forward_kernels(block: nn.Module, x: torch.Tensor, keep: bool, keep_gelu: b
     # train.compile_autotune, time) two graphs, where exact reconstruction needs one
     out, d, mean, rstd, h, a, o, xc = _KERNELS.forward_full(x.detach(), cw, cb, lw, lb, w1, b1, w2, b2, gamma, mask,
                                                             _conv_args(block), block.norm.eps,
-                                                            *(couple if couple is not None else ()))
+                                                            *(t.detach() for t in couple or ()))
     if not keep:
         return out, None
     return out, Saved(xc, d, mean, rstd, h.flatten(0, 2) if keep_hidden else None, mask, h.dtype,
@@ -489,9 +493,9 @@ def backward_both(block: nn.Module, s: Saved, g: torch.Tensor,
                                     _cast(cb, s.d.dtype), lw, lb, _cast(w1, s.cdt), _cast(b1, s.cdt), _cast(w2, s.cdt),
                                     w2, block.pwconv2.bias, block.gamma, s.cdt, _conv_args(block), block.norm.eps,
                                     w1.dtype, *(couple if couple is not None else ()))
-    coupling = () if couple is None else ((g * couple[1]).sum(dim=(0, 2, 3), keepdim=True), couple[0] * g)
     tail = backward_tail(block, s, g)
     g_x, body = backward_body(block, s, g)
+    coupling = () if couple is None else ((g * couple[1]).sum(dim=(0, 2, 3), keepdim=True), couple[0] * g)
     return g_x, body + tail + coupling
 
 
@@ -612,7 +616,8 @@ class _LeanCoupledBlock(torch.autograd.Function):
             g_x, grads = backward_both(block, with_hidden(block, holder.saved), g, couple=ctx.saved_tensors)
         holder.saved = ctx.holder = holder.casts = None
         *grads, g_alpha, g_prev = grads
-        return (None, g_x, g_alpha, g_prev,
+        needs = ctx.needs_input_grad
+        return (None, g_x, g_alpha if needs[2] else None, g_prev if needs[3] else None,
                 *[like_param(gp, p) for gp, p in zip(grads, body_params(block) + tail_params(block))])
 
 

@@ -469,3 +469,13 @@ def test_trainer_applies_the_switch(tmp_path):
     assert trainer.loss_fn.terms is trainer.loss_fn.eager_terms
     with pytest.raises(ConfigError, match="train.compile must be auto, true or false, got 'fast'"):
         load_config(None, base + ["train.compile=fast"])
+
+
+def test_autotuned_graphs_leave_the_reversible_coupling_to_its_own_pass():
+    """Under ``train.compile_autotune`` each graph times its matmuls on the device, so a coupled
+    forward graph and the recomputation's could pick different kernels: the engine then keeps
+    the coupling out of the blocks' graphs (reconstruction needs the forward's arithmetic)."""
+    from revcol_dist.parallel.compile import compiled_kernels
+
+    assert compiled_kernels(autotune=False, combo=False).couples
+    assert not compiled_kernels(autotune=True, combo=False).couples
