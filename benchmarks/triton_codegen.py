@@ -139,6 +139,7 @@ class GlueCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.out = fake_cuda.Launches()
+        self._nodes: list = []  # the recorded calls' nodes, held so that no id is reused
         self._seen: set = set()
         self._inside = 0  # recorded calls' backward nodes running now
 
@@ -152,6 +153,7 @@ class GlueCount(TorchDispatchMode):
             node = todo.pop()
             if node is None or id(node) in self._seen or id(node) in before or type(node).__name__ == "AccumulateGrad":
                 continue  # (a parameter's accumulation is the step's, as on the GPU)
+            self._nodes.append(node)
             self._seen.add(id(node))
             node.register_prehook(self._enter)
             node.register_hook(self._leave)
