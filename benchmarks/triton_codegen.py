@@ -147,14 +147,15 @@ class GlueCount(TorchDispatchMode):
         """Hooks on the autograd nodes between a recorded call's outputs and its inputs: its
         backward, run in the compiled graph on the device."""
         leaves = lambda x: [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]  # noqa: E731
-        before = {id(t.grad_fn) for t in leaves(inputs) if t.grad_fn is not None}
+        before = {_node_key(t.grad_fn) for t in leaves(inputs) if t.grad_fn is not None}
         todo = [t.grad_fn for t in leaves(outputs) if t.grad_fn is not None]
         while todo:
             node = todo.pop()
-            if node is None or id(node) in self._seen or id(node) in before or type(node).__name__ == "AccumulateGrad":
+            key = None if node is None else _node_key(node)
+            if key is None or type(node).__name__ == "AccumulateGrad" or key in self._seen or key in before:
                 continue  # (a parameter's accumulation is the step's, as on the GPU)
             self._nodes.append(node)
-            self._seen.add(id(node))
+            self._seen.add(key)
             node.register_prehook(self._enter)
             node.register_hook(self._leave)
             todo.extend(f for f, _ in node.next_functions)
@@ -172,6 +173,12 @@ class GlueCount(TorchDispatchMode):
             if launch is not None:
                 self.out.launches.append(launch)
         return out
+
+
+def _node_key(node) -> tuple:
+    """An autograd node's identity: its Python object is made afresh at each access on some
+    torch versions (2.11), so ``id`` does not tell; its sequence number does, with its name."""
+    return node.name(), node._sequence_nr()
 
 
 _GLUE: List[GlueCount] = []  # the count in effect while a step is recorded
