@@ -139,8 +139,7 @@ class GlueCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.out = fake_cuda.Launches()
-        self._nodes: list = []  # the recorded calls' nodes, held so that no id is reused
-        self._seen: set = set()
+        self._seen: set = set()  # the recorded calls' nodes already hooked (``_node_key``)
         self._inside = 0  # recorded calls' backward nodes running now
 
     def own(self, outputs, inputs) -> None:
@@ -154,7 +153,6 @@ class GlueCount(TorchDispatchMode):
             key = None if node is None else _node_key(node)
             if key is None or type(node).__name__ == "AccumulateGrad" or key in self._seen or key in before:
                 continue  # (a parameter's accumulation is the step's, as on the GPU)
-            self._nodes.append(node)
             self._seen.add(key)
             node.register_prehook(self._enter)
             node.register_hook(self._leave)
@@ -165,6 +163,14 @@ class GlueCount(TorchDispatchMode):
 
     def _leave(self, grad_inputs, grad_outputs):
         self._inside -= 1
+
+    def __enter__(self):
+        _GLUE.append(self)  # the recorders step out of the mode and tell it of their calls
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _GLUE.remove(self)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -252,13 +258,8 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
             if i == WARMUP:
                 calls.clear()
                 _CAST_BUFFERS.clear()
-            counting = glue if glue is not None and i == WARMUP else None
-            if counting is not None:
-                _GLUE.append(counting)
-            with counting if counting is not None else contextlib.nullcontext():
+            with glue if glue is not None and i == WARMUP else contextlib.nullcontext():
                 backend.forward_backward([(x, y, SampleKeys(0, i, torch.arange(batch), streams, keeps))], ops.LOSS)
-            if counting is not None:
-                _GLUE.pop()
             if i < WARMUP:
                 backend.step(lr=1e-4)
         compile_setting.apply_compile(model, False, torch.device("cpu"))
@@ -267,7 +268,6 @@ def record_step(model_name: str, batch: int, res: int, model_args: Optional[dict
         _CAST_BUFFERS.clear()
         compile_setting.compiled_kernels, compile_setting.compiled_decoder = saved
         ops.LOSS.terms = ops.LOSS.eager_terms
-        _GLUE.clear()
         lean_block.use_kernels(None)
     return [call._replace(backward=ran) for call, ran in calls]
 

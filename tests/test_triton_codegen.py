@@ -127,14 +127,11 @@ def test_glue_counts_the_step_s_eager_ops_and_not_a_recorded_call_s():
     recorded = tc._recorder("fusion", lambda x, w: (x * w).sin(), calls)
     glue = tc.GlueCount()
     x, w = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
-    tc._GLUE.append(glue)
-    try:
-        with glue:
-            z = x * 2
-            y = recorded(z, w) + z  # z's gradient: the call's part and the add's, summed by the engine
-            (y + 1).sum().backward()
-    finally:
-        tc._GLUE.clear()
+    with glue:
+        z = x * 2
+        y = recorded(z, w) + z  # z's gradient: the call's part and the add's, summed by the engine
+        (y + 1).sum().backward()
+    assert not tc._GLUE  # the count in effect only inside its block
     names = Counter(k.name for k in glue.out.launches)
     # x * 2 and its backward, the two adds, the engine's sum of z's two parts, the sum and its
     # seed; not sin, cos or the call's products

@@ -130,6 +130,14 @@ def drift_check(rec: torch.Tensor, kept: torch.Tensor) -> Tuple[torch.Tensor, to
     return torch.linalg.vector_norm(rec - kept, float("inf")), torch.linalg.vector_norm(kept, float("inf"))
 
 
+def with_carried(g: Optional[torch.Tensor], carried: Optional[Tuple[torch.Tensor, torch.Tensor]]):
+    """A map's gradient g plus the next column's part alpha' * g' (``carried``; g None: that part
+    alone; nothing carried: g)."""
+    if carried is None:
+        return g
+    return carried[0] * carried[1] if g is None else torch.addcmul(g, *carried)
+
+
 def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g: Optional[torch.Tensor],
                       kept: Optional[torch.Tensor], want_prev: bool, want_alpha: bool,
                       carried: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
@@ -147,8 +155,7 @@ def shortcut_backward(alpha: torch.Tensor, cur: torch.Tensor, f: torch.Tensor, g
     One function of tensors, so that ``train.compile`` runs it as one graph (a pointwise pass
     and a reduction over the map, where it took six to nine kernels); eager, the same ops as
     written out in the engine before."""
-    if carried is not None:
-        g = carried[0] * carried[1] if g is None else torch.addcmul(g, carried[0], carried[1])
+    g = with_carried(g, carried)
     rec = invert_shortcut(alpha, cur, f)
     error = scale = None
     if kept is not None:

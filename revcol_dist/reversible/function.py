@@ -27,7 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .coupling import clamp_alpha, clamp_alphas, coupling_operands, drift_check, shortcut, shortcut_backward
+from .coupling import (clamp_alpha, clamp_alphas, coupling_operands, drift_check, shortcut, shortcut_backward,
+                       with_carried)
 from . import fusion_kernels, lean_block
 from .host_copy import HostCopy
 from .offload import Offloader
@@ -245,11 +246,12 @@ class _Block(torch.autograd.Function):
         ctx.save_for_backward(*params)
         if st.random:
             st.rng[(j, l, b)] = RNGState.capture(st.x.device)
-        block = getattr(st.columns[j], f"level{l}").blocks[b]
+        blocks = getattr(st.columns[j], f"level{l}").blocks
+        block = blocks[b]
         if st.lean and st.block_mode:
             return lean_block.forward_chunked(block, y)
         if st.lean and lean_block.kernels_in_use():  # the compiled graph the recomputation runs too
-            couple = st.couplings.pop((j, l), None) if b == len(getattr(st.columns[j], f"level{l}").blocks) - 1 else None
+            couple = st.couplings.pop((j, l), None) if b == len(blocks) - 1 else None
             if couple is not None:
                 st.coupled.add((j, l))
             with lean_block.weight_casts(st.casts):
@@ -404,8 +406,7 @@ class _Shortcut(torch.autograd.Function):
                     if g_alpha is not None:
                         g_alpha = g_alpha.to(alpha.dtype)
                 else:
-                    if carried is not None:
-                        g = carried[0] * carried[1] if g is None else torch.addcmul(g, *carried)
+                    g = with_carried(g, carried)
                     if want_alpha:
                         g_alpha = torch.zeros_like(a)
             if st.accumulate and g_alpha is not None:
